@@ -1,0 +1,6 @@
+"""The `reconciler` command line (click). Each module registers its commands on `main`."""
+
+from reconciler.cli import checks_cmds  # noqa: F401  (registers validate, graph, diff)
+from reconciler.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,70 @@
+"""One settings tree: every knob is a field with a default; the CLI fills it from flags and
+the environment variables fixed in DESIGN section 7. Code takes settings, never os.environ.
+Secrets are excluded from repr so they are never printed or logged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'2d', '6h', '30m', '90s' or plain seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 30m, 6h, 2d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    prefix: str = "reconciler"
+    namespace: str = "default"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = field(default=None, repr=False)
+    timeout: float = 5.0
+    """Seconds for one etcd request; a one-shot command gives up after trying every endpoint."""
+
+    @property
+    def root(self) -> str:
+        """The key prefix of this namespace, e.g. ``/reconciler/default/``."""
+        return f"/{self.prefix.strip('/')}/{self.namespace.strip('/')}/"
+
+
+@dataclass(frozen=True)
+class AirflowSettings:
+    url: str = "http://localhost:8080"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    timeout: float = 10.0
+    """Seconds for one HTTP request (connect and read)."""
+    retries: int = 4
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    window: timedelta = timedelta(days=2)
+    interval: float = 5.0
+    relist_interval: float = 600.0
+    lease_ttl: int = 10
+    http_port: int = 9102
+    """Port of /healthz, /readyz and /metrics (0 = off)."""
+    http_host: str = "127.0.0.1"
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class Settings:
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    airflow: AirflowSettings = field(default_factory=AirflowSettings)
+    loop: LoopSettings = field(default_factory=LoopSettings)

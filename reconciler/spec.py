@@ -1,0 +1,130 @@
+"""One pipeline file against the JSON Schema: from a loaded YAML document to a Pipeline.
+
+The schema (schemas/pipeline.schema.json) is the single source of the file format; this
+module only turns jsonschema's errors into messages anchored at the offending YAML node.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from reconciler.graph import Pipeline
+from reconciler.problems import Problem
+from reconciler.yamlload import Document
+
+_REPO_SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "pipeline.schema.json"
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The pipeline schema: the repository's copy when run from a checkout, else the packaged one."""
+    if _REPO_SCHEMA.is_file():
+        text = _REPO_SCHEMA.read_text(encoding="utf-8")
+    else:
+        text = (resources.files("reconciler") / "schemas" / "pipeline.schema.json").read_text(
+            encoding="utf-8")
+    return json.loads(text)
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(schema())
+    cls.check_schema(schema())
+    return cls(schema())
+
+
+_TYPE_NAMES = {"string": "a string", "boolean": "true or false", "array": "a list",
+               "object": "a mapping", "integer": "an integer", "number": "a number"}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "empty (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "the document"
+
+
+def check_document(doc: Document) -> tuple[Pipeline | None, list[Problem]]:
+    """Schema-check one document; returns the Pipeline when it is valid."""
+    problems: list[Problem] = []
+    for error in _validator().iter_errors(doc.data):
+        problems.extend(_to_problems(doc, error))
+    if problems:
+        return None, sorted(set(problems))
+    data = doc.data
+    return Pipeline(
+        dag_id=data["dag_id"],
+        owner=data["owner"],
+        description=data.get("description", ""),
+        depends_on=tuple(data.get("depends_on") or ()),
+        trigger_rule=data.get("trigger_rule", "all_success"),
+        enabled=data.get("enabled", True),
+        backfill=data.get("backfill", False),
+        conf=data.get("conf") or {},
+    ), []
+
+
+def _to_problems(doc: Document, error: jsonschema.ValidationError) -> list[Problem]:
+    path = tuple(error.absolute_path)
+    props = schema()["properties"]
+    if error.validator == "additionalProperties" and not path:
+        out = []
+        for key in sorted(k for k in error.instance if k not in props):
+            line, col = doc.key_position((key,))
+            close = difflib.get_close_matches(key, list(props), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(props)}"
+            out.append(Problem(doc.path, line, col, f"unknown key {key!r}{hint}", "unknown-key"))
+        return out
+    if error.validator == "uniqueItems" and path == ("depends_on",):
+        return []  # reported by the graph checks, at the repeated entry
+    line, col = doc.position(path)
+    name = _where(path)
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return [Problem(doc.path, line, col, f"missing required key {missing!r}", "required")]
+    if error.validator == "type":
+        expected = error.validator_value
+        expected_names = " or ".join(_TYPE_NAMES.get(t, t) for t in (
+            expected if isinstance(expected, list) else [expected]))
+        message = f"{name} must be {expected_names}, not {_describe(error.instance)}"
+        if path in doc.implicit and expected == "string":
+            message += f"; YAML read {doc.implicit[path]!r} as a non-string: quote it"
+        return [Problem(doc.path, line, col, message, "type")]
+    if error.validator == "pattern" and path and (path[0] == "dag_id" or path[0] == "depends_on"):
+        return [Problem(doc.path, line, col, f"{name} {error.instance!r} is not a valid Airflow "
+                        "DAG id: use only letters, digits, '_', '.', '-'", "dag-id")]
+    if error.validator == "enum":
+        allowed = ", ".join(map(str, error.validator_value))
+        return [Problem(doc.path, line, col, f"{name} must be one of {allowed}, not "
+                        f"{_describe(error.instance)}", "enum")]
+    if error.validator == "maxLength":
+        return [Problem(doc.path, line, col, f"{name} is {len(error.instance)} characters, "
+                        f"at most {error.validator_value} allowed", "too-long")]
+    if error.validator == "minLength":
+        return [Problem(doc.path, line, col, f"{name} must not be empty", "empty-value")]
+    if error.validator == "propertyNames":
+        line, col = doc.key_position((*path, "reconciler"))
+        return [Problem(doc.path, line, col, f"{name}: the key 'reconciler' is reserved for "
+                        "the provenance the reconciler adds to every run", "reserved")]
+    return [Problem(doc.path, line, col, f"{name}: {error.message}", "schema")]

@@ -1,0 +1,221 @@
+"""Strict YAML loading that keeps the position of every node.
+
+PyYAML composes the document into nodes (libyaml's C parser when available); this module
+turns the nodes into plain JSON-compatible data itself, so that it can refuse what a
+pipeline file must never contain (duplicate keys, aliases, several documents, YAML 1.1
+booleans such as ``yes``, custom tags) and remember where each key and value was written.
+Nothing here raises on bad input: problems come back as values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from reconciler.problems import Problem
+
+MAX_FILE_BYTES = 64 * 1024
+MAX_DEPTH = 32
+
+PathKey = tuple[str | int, ...]
+Position = tuple[int, int]  # 1-based line, column
+
+_Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_constructor = yaml.constructor.SafeConstructor()
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
+_NULL = "tag:yaml.org,2002:null"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+@dataclass
+class Document:
+    """A loaded mapping plus the position of each value and each key, by JSON path."""
+
+    path: str
+    data: dict[str, Any]
+    positions: dict[PathKey, Position] = field(default_factory=dict)
+    key_positions: dict[PathKey, Position] = field(default_factory=dict)
+    implicit: dict[PathKey, str] = field(default_factory=dict)
+    """Plain (unquoted) scalars that YAML read as something other than a string."""
+
+    def position(self, where: PathKey) -> Position:
+        """The position of the value at `where`, or of its nearest written ancestor."""
+        while where not in self.positions and where:
+            where = where[:-1]
+        return self.positions.get(where, (1, 1))
+
+    def key_position(self, where: PathKey) -> Position:
+        return self.key_positions.get(where) or self.position(where)
+
+
+class _Refused(Exception):
+    def __init__(self, position: Position, message: str, code: str) -> None:
+        super().__init__(message)
+        self.position = position
+        self.message = message
+        self.code = code
+
+
+def _pos(node: yaml.Node) -> Position:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _line_col_of_offset(text: str | bytes, offset: int) -> Position:
+    nl = "\n" if isinstance(text, str) else b"\n"
+    before = text[:offset]
+    line = before.count(nl) + 1  # type: ignore[arg-type]
+    last = before.rfind(nl)  # type: ignore[arg-type]
+    return line, offset - last
+
+
+def load_document(path: str, raw: bytes, *, max_bytes: int = MAX_FILE_BYTES) -> Document | Problem:
+    """Parse one pipeline file; returns the document or the first problem that stops parsing."""
+    if len(raw) > max_bytes:
+        return Problem(path, 1, 1, f"file is {len(raw)} bytes, over the {max_bytes} byte limit "
+                       "for a pipeline file", "too-large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, col = _line_col_of_offset(raw, exc.start)
+        return Problem(path, line, col, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                       "save the file as UTF-8", "encoding")
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        return Problem(path, 1, 1, "file is empty: expected a mapping with at least dag_id "
+                       "and owner", "empty")
+    loader = _Loader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        return _yaml_error_problem(path, exc)
+    except yaml.reader.ReaderError as exc:
+        line, col = _line_col_of_offset(text, exc.position)
+        return Problem(path, line, col, f"unacceptable character #x{exc.character:04x}: "
+                       "special characters are not allowed", "yaml-syntax")
+    except (yaml.YAMLError, RecursionError) as exc:
+        return Problem(path, 1, 1, f"YAML error: {exc}", "yaml-syntax")
+    if root is None:
+        return Problem(path, 1, 1, "file has no content (only comments): expected a mapping "
+                       "with at least dag_id and owner", "empty")
+    if not isinstance(root, yaml.MappingNode):
+        line, col = _pos(root)
+        return Problem(path, line, col, f"top level must be a mapping (key: value), not "
+                       f"{_kind(root)}", "not-a-mapping")
+    doc = Document(path=path, data={})
+    try:
+        doc.data = _build(root, (), doc, set(), 0)
+    except _Refused as exc:
+        return Problem(path, exc.position[0], exc.position[1], exc.message, exc.code)
+    return doc
+
+
+def _yaml_error_problem(path: str, exc: yaml.MarkedYAMLError) -> Problem:
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = exc.problem or "invalid YAML"
+    if "expected a single document" in (exc.context or ""):
+        return Problem(path, line, col, "several YAML documents in one file ('---'); a "
+                       "pipeline file holds exactly one", "multiple-documents")
+    if "found undefined alias" in problem or "found duplicate anchor" in problem:
+        return Problem(path, line, col, f"{problem}; anchors and aliases are not allowed in "
+                       "pipeline files", "alias")
+    context = f" ({exc.context})" if exc.context else ""
+    return Problem(path, line, col, f"YAML syntax error: {problem}{context}", "yaml-syntax")
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    return f"a scalar ({node.value!r})"
+
+
+def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth: int) -> Any:
+    if id(node) in seen:
+        at = doc.key_positions.get(where) or doc.positions.get(where) or _pos(node)
+        raise _Refused(at, "aliases (*name) are not allowed in "
+                       "pipeline files; write the value out", "alias")
+    seen.add(id(node))
+    if depth > MAX_DEPTH:
+        raise _Refused(_pos(node), f"nested deeper than {MAX_DEPTH} levels", "too-deep")
+    doc.positions.setdefault(where, _pos(node))
+    if isinstance(node, yaml.MappingNode):
+        if node.tag != _MAP:
+            raise _Refused(_pos(node), f"tag {node.tag} is not allowed", "tag")
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                raise _Refused(_pos(key_node), "merge keys (<<) are not allowed in pipeline "
+                               "files; write the keys out", "alias")
+            if id(key_node) in seen:
+                raise _Refused(_pos(key_node), "aliases (*name) are not allowed in pipeline "
+                               "files", "alias")
+            seen.add(id(key_node))
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR:
+                shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else _kind(key_node)
+                raise _Refused(_pos(key_node), f"key {shown!r} must be a string; quote it",
+                               "key-type")
+            key = key_node.value
+            if key in out:
+                first = doc.key_positions[(*where, key)]
+                raise _Refused(_pos(key_node), f"duplicate key {key!r} (first at line "
+                               f"{first[0]}); each key may appear once", "duplicate-key")
+            doc.key_positions[(*where, key)] = _pos(key_node)
+            doc.positions[(*where, key)] = _pos(value_node)
+            out[key] = _build(value_node, (*where, key), doc, seen, depth + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        if node.tag != _SEQ:
+            raise _Refused(_pos(node), f"tag {node.tag} is not allowed", "tag")
+        items = []
+        for index, item in enumerate(node.value):
+            if id(item) not in seen:
+                doc.positions[(*where, index)] = _pos(item)
+            items.append(_build(item, (*where, index), doc, seen, depth + 1))
+        return items
+    return _scalar(node, where, doc)
+
+
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _scalar(node: yaml.ScalarNode, where: PathKey, doc: Document) -> Any:
+    tag, text = node.tag, node.value
+    plain = node.style is None or node.style == ""
+    if tag == _STR:
+        return text
+    if plain:
+        doc.implicit[where] = text
+    if tag == _BOOL:
+        if text.lower() in _YAML11_BOOLS:
+            raise _Refused(_pos(node), f"{text!r} is a YAML 1.1 boolean; write true or false, "
+                           f"or quote it (\"{text}\") if you mean the text", "yaml11-bool")
+        return text.lower() == "true"
+    if tag == _NULL:
+        return None
+    if tag == _INT:
+        return _constructor.construct_yaml_int(node)
+    if tag == _FLOAT:
+        value = _constructor.construct_yaml_float(node)
+        if math.isnan(value) or math.isinf(value):
+            raise _Refused(_pos(node), f"{text!r} is not a JSON number; quote it if you mean "
+                           "the text", "not-json")
+        return value
+    if tag == _TIMESTAMP:
+        # Dates stay text: run conf is JSON, and a date string is what a DAG expects there.
+        return text
+    raise _Refused(_pos(node), f"tag {tag} is not allowed in pipeline files", "tag")
