@@ -67,16 +67,13 @@ def check_files(
             continue
         pipeline, found = check_document(loaded)
         problems.extend(found)
+        dag_id = loaded.data.get("dag_id")
+        if isinstance(dag_id, str) and dag_id != f.stem:
+            line, col = loaded.position(("dag_id",))
+            problems.append(Problem(f.path, line, col, f"dag_id {dag_id!r} does not match the "
+                                    f"file name {f.stem!r}; rename one of them", "file-name"))
         if pipeline is not None:
             specs.append(_Spec(pipeline, loaded))
-    for spec in specs:
-        f = spec.doc.path
-        stem = PurePosixPath(f).stem
-        if spec.pipeline.dag_id != stem:
-            line, col = spec.doc.position(("dag_id",))
-            problems.append(Problem(f, line, col, f"dag_id {spec.pipeline.dag_id!r} does not "
-                                    f"match the file name {stem!r}; rename one of them",
-                                    "file-name"))
     # Stems are also checked among files that failed to load, so a.yaml + a.yml is caught.
     problems.extend(_duplicate_ids(files, specs))
     by_id: dict[str, _Spec] = {}

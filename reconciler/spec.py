@@ -24,13 +24,10 @@ _REPO_SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "pipeline.sc
 
 @cache
 def schema() -> dict[str, Any]:
-    """The pipeline schema: the repository's copy when run from a checkout, else the packaged one."""
-    if _REPO_SCHEMA.is_file():
-        text = _REPO_SCHEMA.read_text(encoding="utf-8")
-    else:
-        text = (resources.files("reconciler") / "schemas" / "pipeline.schema.json").read_text(
-            encoding="utf-8")
-    return json.loads(text)
+    """The pipeline schema: the copy packaged in the wheel, else the checkout's (editable)."""
+    packaged = resources.files("reconciler") / "schemas" / "pipeline.schema.json"
+    source = packaged if packaged.is_file() else _REPO_SCHEMA
+    return json.loads(source.read_text(encoding="utf-8"))
 
 
 @cache
@@ -123,8 +120,9 @@ def _to_problems(doc: Document, error: jsonschema.ValidationError) -> list[Probl
                         f"at most {error.validator_value} allowed", "too-long")]
     if error.validator == "minLength":
         return [Problem(doc.path, line, col, f"{name} must not be empty", "empty-value")]
-    if error.validator == "propertyNames":
-        line, col = doc.key_position((*path, "reconciler"))
+    if "propertyNames" in error.relative_schema_path or error.validator == "propertyNames":
+        conf_path = path if path and path[-1] == "conf" else ("conf",)
+        line, col = doc.key_position((*conf_path, "reconciler"))
         return [Problem(doc.path, line, col, f"{name}: the key 'reconciler' is reserved for "
                         "the provenance the reconciler adds to every run", "reserved")]
     return [Problem(doc.path, line, col, f"{name}: {error.message}", "schema")]

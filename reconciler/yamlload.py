@@ -59,7 +59,7 @@ class Document:
 
 
 class _Refused(Exception):
-    def __init__(self, position: Position, message: str, code: str) -> None:
+    def __init__(self, position: Position | None, message: str, code: str) -> None:
         super().__init__(message)
         self.position = position
         self.message = message
@@ -118,8 +118,18 @@ def load_document(path: str, raw: bytes, *, max_bytes: int = MAX_FILE_BYTES) -> 
     try:
         doc.data = _build(root, (), doc, set(), 0)
     except _Refused as exc:
-        return Problem(path, exc.position[0], exc.position[1], exc.message, exc.code)
+        line, col = exc.position or _first_alias(text)
+        return Problem(path, line, col, exc.message, exc.code)
     return doc
+
+
+def _first_alias(text: str) -> Position:
+    """Composed nodes do not say where an alias was written; the event stream does.
+    Only called on the error path, so the second parse costs nothing on valid files."""
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            return event.start_mark.line + 1, event.start_mark.column + 1
+    return 1, 1
 
 
 def _yaml_error_problem(path: str, exc: yaml.MarkedYAMLError) -> Problem:
@@ -146,9 +156,8 @@ def _kind(node: yaml.Node) -> str:
 
 def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth: int) -> Any:
     if id(node) in seen:
-        at = doc.key_positions.get(where) or doc.positions.get(where) or _pos(node)
-        raise _Refused(at, "aliases (*name) are not allowed in "
-                       "pipeline files; write the value out", "alias")
+        raise _Refused(None, "aliases (*name) are not allowed in pipeline files; write the "
+                       "value out", "alias")
     seen.add(id(node))
     if depth > MAX_DEPTH:
         raise _Refused(_pos(node), f"nested deeper than {MAX_DEPTH} levels", "too-deep")
@@ -162,13 +171,14 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
                 raise _Refused(_pos(key_node), "merge keys (<<) are not allowed in pipeline "
                                "files; write the keys out", "alias")
             if id(key_node) in seen:
-                raise _Refused(_pos(key_node), "aliases (*name) are not allowed in pipeline "
-                               "files", "alias")
+                raise _Refused(None, "aliases (*name) are not allowed in pipeline files",
+                               "alias")
             seen.add(id(key_node))
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR:
-                shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else _kind(key_node)
-                raise _Refused(_pos(key_node), f"key {shown!r} must be a string; quote it",
-                               "key-type")
+                shown = (repr(key_node.value) if isinstance(key_node, yaml.ScalarNode)
+                         else _kind(key_node))
+                raise _Refused(_pos(key_node), f"keys must be strings, not {shown}; quote the "
+                               "key", "key-type")
             key = key_node.value
             if key in out:
                 first = doc.key_positions[(*where, key)]

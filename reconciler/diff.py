@@ -1,0 +1,208 @@
+"""What a change does to the graph: pipelines and edges added, removed or changed, and the
+downstream pipelines it newly affects. Pure; the CLI reads both graphs from git.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reconciler.graph import Graph
+from reconciler.render import mermaid_id, mermaid_label
+
+# Above this many nodes the picture shows only the changed part and its neighbours.
+MAX_PICTURE_NODES = 150
+_BEHAVIOUR_FIELDS = ("enabled", "trigger_rule", "backfill", "conf")
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    field: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
+class PipelineChange:
+    dag_id: str
+    changes: tuple[FieldChange, ...]
+
+
+@dataclass(frozen=True)
+class Affected:
+    """A pipeline that exists on both sides and now runs after a different set of pipelines,
+    or downstream of one whose behaviour changed."""
+
+    dag_id: str
+    gained_upstreams: tuple[str, ...] = ()
+    lost_upstreams: tuple[str, ...] = ()
+    changed_upstreams: tuple[str, ...] = ()
+
+    def reason(self) -> str:
+        parts = []
+        if self.gained_upstreams:
+            parts.append("now runs after " + ", ".join(self.gained_upstreams))
+        if self.lost_upstreams:
+            parts.append("no longer runs after " + ", ".join(self.lost_upstreams))
+        if self.changed_upstreams:
+            parts.append("upstream changed: " + ", ".join(self.changed_upstreams))
+        return "; ".join(parts)
+
+
+@dataclass
+class GraphDiff:
+    base: str | None = None
+    head: str | None = None
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[PipelineChange] = field(default_factory=list)
+    edges_added: list[tuple[str, str]] = field(default_factory=list)
+    edges_removed: list[tuple[str, str]] = field(default_factory=list)
+    affected: list[Affected] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.edges_added
+                    or self.edges_removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["edges_added"] = [{"upstream": u, "downstream": d} for u, d in self.edges_added]
+        data["edges_removed"] = [{"upstream": u, "downstream": d} for u, d in self.edges_removed]
+        data["affected"] = [dict(asdict(a), reason=a.reason()) for a in self.affected]
+        return data
+
+
+def diff_graphs(base: Graph, head: Graph, *, base_rev: str | None = None,
+                head_rev: str | None = None) -> GraphDiff:
+    out = GraphDiff(base=base_rev, head=head_rev)
+    head_order = {d: i for i, d in enumerate(head.topological_order())}
+    base_order = {d: i for i, d in enumerate(base.topological_order())}
+    out.added = sorted((d for d in head.pipelines if d not in base), key=head_order.__getitem__)
+    out.removed = sorted((d for d in base.pipelines if d not in head), key=base_order.__getitem__)
+    for dag_id in sorted((d for d in head.pipelines if d in base), key=head_order.__getitem__):
+        old, new = base[dag_id].to_dict(), head[dag_id].to_dict()
+        changes = tuple(FieldChange(k, old[k], new[k]) for k in old if old[k] != new[k])
+        if changes:
+            out.changed.append(PipelineChange(dag_id, changes))
+    base_edges, head_edges = set(base.edges()), set(head.edges())
+    out.edges_added = [e for e in head.edges() if e not in base_edges]
+    out.edges_removed = [e for e in base.edges() if e not in head_edges]
+
+    behaviour_changed = {c.dag_id for c in out.changed
+                         if any(f.field in _BEHAVIOUR_FIELDS for f in c.changes)}
+    for dag_id in sorted((d for d in head.pipelines if d in base), key=head_order.__getitem__):
+        before, after = base.ancestors(dag_id), head.ancestors(dag_id)
+        changed_ups = tuple(sorted(after & behaviour_changed))
+        if before != after or changed_ups:
+            out.affected.append(Affected(dag_id, tuple(sorted(after - before)),
+                                         tuple(sorted(before - after)), changed_ups))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+
+
+def to_text(diff: GraphDiff) -> str:
+    if diff.empty:
+        return "no change to the pipeline graph\n"
+    lines = []
+    lines += [f"+ pipeline {d}" for d in diff.added]
+    lines += [f"- pipeline {d}" for d in diff.removed]
+    for c in diff.changed:
+        for f in c.changes:
+            lines.append(f"~ pipeline {c.dag_id}: {f.field}: {_fmt(f.old)} -> {_fmt(f.new)}")
+    lines += [f"+ edge {u} -> {d}" for u, d in diff.edges_added]
+    lines += [f"- edge {u} -> {d}" for u, d in diff.edges_removed]
+    lines += [f"! affected {a.dag_id}: {a.reason()}" for a in diff.affected]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(diff: GraphDiff) -> str:
+    return json.dumps(diff.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _md_cell(value: Any) -> str:
+    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(diff: GraphDiff, base: Graph, head: Graph) -> str:
+    def short(rev):
+        return (f"`{rev[:12]}`" if rev else "working tree")
+    lines = [f"### Pipeline graph: {short(diff.base)} → {short(diff.head)}", ""]
+    if diff.empty:
+        lines.append("No change to the pipeline graph.")
+        return "\n".join(lines) + "\n"
+    lines.append(f"**{len(diff.added)}** added, **{len(diff.removed)}** removed, "
+                 f"**{len(diff.changed)}** changed pipelines; **{len(diff.edges_added)}** edges "
+                 f"added, **{len(diff.edges_removed)}** removed; **{len(diff.affected)}** "
+                 "downstream pipelines affected.")
+    lines.append("")
+    if diff.added or diff.removed or diff.changed:
+        lines += ["| | pipeline | change |", "|---|---|---|"]
+        lines += [f"| ➕ | `{d}` | added (owner {_md_cell(head[d].owner)}) |" for d in diff.added]
+        lines += [f"| ➖ | `{d}` | removed |" for d in diff.removed]
+        for c in diff.changed:
+            what = "; ".join(f"{f.field}: {_md_cell(f.old)} → {_md_cell(f.new)}"
+                             for f in c.changes)
+            lines.append(f"| ✏️ | `{c.dag_id}` | {what} |")
+        lines.append("")
+    if diff.edges_added or diff.edges_removed:
+        lines.append("**Dependencies**")
+        lines.append("")
+        lines += [f"- ➕ `{u}` → `{d}`" for u, d in diff.edges_added]
+        lines += [f"- ➖ `{u}` → `{d}`" for u, d in diff.edges_removed]
+        lines.append("")
+    if diff.affected:
+        lines.append("**Newly affected downstream pipelines**")
+        lines.append("")
+        lines += [f"- `{a.dag_id}`: {a.reason()}" for a in diff.affected]
+        lines.append("")
+    lines += ["```mermaid", _mermaid(diff, base, head).rstrip("\n"), "```", ""]
+    return "\n".join(lines)
+
+
+def _mermaid(diff: GraphDiff, base: Graph, head: Graph) -> str:
+    """The union of both graphs; added edges green and thick, removed ones red and dashed."""
+    nodes = list(dict.fromkeys([*head.topological_order(), *base.topological_order()]))
+    focus = ({*diff.added, *diff.removed, *(c.dag_id for c in diff.changed),
+              *(a.dag_id for a in diff.affected)}
+             | {n for e in (*diff.edges_added, *diff.edges_removed) for n in e})
+    if len(nodes) > MAX_PICTURE_NODES:
+        neighbours = {u for u, d in (*head.edges(), *base.edges()) if d in focus}
+        nodes = [n for n in nodes if n in focus or n in neighbours]
+    shown = set(nodes)
+    lines = ["flowchart LR"]
+    for d in nodes:
+        lines.append(f"    {mermaid_id(d)}[{mermaid_label(d)}]")
+    added_e, removed_e = set(diff.edges_added), set(diff.edges_removed)
+    edges = [e for e in head.edges() if e[0] in shown and e[1] in shown]
+    edges += [e for e in diff.edges_removed if e[0] in shown and e[1] in shown]
+    styles = []
+    for index, (u, d) in enumerate(edges):
+        if (u, d) in removed_e:
+            lines.append(f"    {mermaid_id(u)} -.-x {mermaid_id(d)}")
+            styles.append(f"    linkStyle {index} stroke:#cf222e,stroke-width:2px")
+        else:
+            lines.append(f"    {mermaid_id(u)} --> {mermaid_id(d)}")
+            if (u, d) in added_e:
+                styles.append(f"    linkStyle {index} stroke:#1a7f37,stroke-width:3px")
+    lines += styles
+    classes = {
+        "added": ("fill:#dafbe1,stroke:#1a7f37", diff.added),
+        "removed": ("fill:#ffebe9,stroke:#cf222e,stroke-dasharray: 5 5", diff.removed),
+        "changed": ("fill:#fff8c5,stroke:#9a6700", [c.dag_id for c in diff.changed]),
+        "affected": ("stroke:#9a6700,stroke-width:2px",
+                     [a.dag_id for a in diff.affected
+                      if a.dag_id not in {c.dag_id for c in diff.changed}]),
+    }
+    for name, (style, members) in classes.items():
+        members = [m for m in members if m in shown]
+        if members:
+            lines.append(f"    classDef {name} {style}")
+            lines.append(f"    class {','.join(mermaid_id(m) for m in members)} {name}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,73 @@
+"""Render a graph as Mermaid, Graphviz dot or JSON: roots first, stable order."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from reconciler.graph import Graph
+
+_SAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def mermaid_id(dag_id: str) -> str:
+    """Mermaid node ids may not contain '.' or '-'; keep them readable and unique."""
+    return "n_" + _SAFE.sub(lambda m: f"_{ord(m.group()):x}_", dag_id)
+
+
+def mermaid_label(dag_id: str) -> str:
+    return '"' + dag_id.replace('"', "#quot;") + '"'
+
+
+def to_mermaid(graph: Graph) -> str:
+    lines = ["flowchart LR"]
+    for dag_id in graph.topological_order():
+        p = graph[dag_id]
+        shape = f"([{mermaid_label(dag_id)}])" if p.is_root else f"[{mermaid_label(dag_id)}]"
+        lines.append(f"    {mermaid_id(dag_id)}{shape}")
+    for up, down in graph.edges():
+        lines.append(f"    {mermaid_id(up)} --> {mermaid_id(down)}")
+    disabled = [d for d in graph.topological_order() if not graph[d].enabled]
+    if disabled:
+        lines.append("    classDef disabled stroke-dasharray: 5 5,color:#888")
+        lines.append(f"    class {','.join(mermaid_id(d) for d in disabled)} disabled")
+    return "\n".join(lines) + "\n"
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(graph: Graph) -> str:
+    lines = ["digraph pipelines {", "    rankdir=LR;", "    node [shape=box];"]
+    for dag_id in graph.topological_order():
+        p = graph[dag_id]
+        attrs = []
+        if p.is_root:
+            attrs.append("shape=oval")
+        if not p.enabled:
+            attrs.append("style=dashed")
+        suffix = f" [{', '.join(attrs)}]" if attrs else ""
+        lines.append(f"    {_dot_quote(dag_id)}{suffix};")
+    for up, down in graph.edges():
+        lines.append(f"    {_dot_quote(up)} -> {_dot_quote(down)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(graph: Graph, commit: str | None = None) -> str:
+    order = graph.topological_order()
+    data = {
+        "commit": commit,
+        "digest": graph.digest(),
+        "roots": graph.roots(),
+        "layers": graph.layers(),
+        "pipelines": [graph[d].to_dict() for d in order],
+        "edges": [{"upstream": u, "downstream": d} for u, d in graph.edges()],
+    }
+    if commit is None:
+        del data["commit"]
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+FORMATS = {"mermaid": to_mermaid, "dot": to_dot}
