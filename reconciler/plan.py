@@ -1,0 +1,452 @@
+"""The pure planning core: desired graph + observed runs + ledger + now -> actions and status.
+
+`plan()` implements DESIGN section 5 and does no I/O at all (no etcd, no HTTP, no clock:
+`now` is a parameter). The loop observes, calls `plan()`, applies the actions (recording
+intent, calling Airflow, recording the result) and publishes the statuses.
+
+Cycles and the window
+---------------------
+A cycle is the `logical_date` of a run of a root pipeline (runs with a null logical date
+never make a cycle). A cycle is open when `now - window <= cycle` (the boundary itself is
+open); a cycle in the future (a root run whose logical date is after `now`) is open too:
+its downstreams simply wait for it. Runs, ledger entries and statuses of closed cycles are
+never looked at, so a closed cycle is never touched.
+
+The run of P for cycle C is P's run whose `logical_date == C`. Airflow 3 restored the
+unique constraint on `(dag_id, logical_date)` (AIP-83 amendment, apache/airflow#46295), so
+normally there is at most one. If several are observed anyway (Airflow 2 era data, a
+stale observation), the one chosen is, in this order: the deterministic run id
+`run_id_for(C)`, the run id recorded in the ledger, the most recently queued, the
+greatest run id.
+
+Per cycle, pipelines are walked once in topological order, so each upstream's outcome in
+this pass is known before its downstreams are decided. An upstream's outcome is one of:
+
+- ok / failed: it has a finished run, its own upstreams are satisfied, and no action is
+  planned for it in this pass;
+- pending: it has no run yet, its run is queued or running, it waits for its own
+  upstreams, it is disabled, or a trigger/re-run of it is planned in this very pass
+  (so a downstream never starts on data that is about to be replaced: this is what
+  merges several concurrent upstream re-runs into one re-run of the downstream);
+- blocked: it, or something above it, is stuck on a failed upstream (all_success);
+- absent: nothing will ever come in this cycle (a root without a run for this cycle, a
+  pipeline not scheduled by the backfill rule, or whose upstreams are all absent).
+
+A non-root enabled pipeline P is satisfied when every upstream is ok (all_success) or ok
+or failed (all_done). Then the table of DESIGN section 5 applies:
+
+| P's run | ledger entry for (C, P) | action |
+| none | none, or any (deleted run; crash after intent before the call) | trigger |
+| queued/running | confirmed for that run | wait (a stale fingerprint re-runs it once it ends) |
+| finished | confirmed, fingerprint unchanged | nothing (done, or failed stays failed) |
+| finished | confirmed, an upstream's run id or end date changed | clear (re-run) |
+| any | none, for another run id, or not confirmed (intent, failed call) | adopt / clear |
+
+"Confirmed" means `state == done` and the same run id. An unconfirmed entry is the
+trace of a crash or a failed call: the run's own timestamps decide, as for a manual run
+or a lost ledger. Adopt if the run started after all its upstreams' runs ended (a
+finished run without `start_date` is judged by `queued_at`; a queued run that has not
+started yet is adopted: it will read the current data); otherwise clear it once it is
+finished. A run still running that started too early is never interrupted: it is waited
+for and re-run when it ends. Airflow resets `start_date` and sets a new `queued_at` when
+a finished run is cleared, so a clear that did go through is adopted next pass, never
+cleared twice.
+
+The fingerprint is the sorted `(upstream id, run id, end_date ISO)` of the upstream runs
+P is started on (with all_done, failed ones included). A re-run needs an upstream present
+both in the stored and the current fingerprint with a different run id or end date: an
+upstream added to or removed from P's `depends_on` later does not re-run open cycles.
+
+Other rules and their edge cases
+--------------------------------
+- Roots are never triggered, cleared or adopted (Airflow schedules them).
+- Several roots: a downstream joins runs with the same logical date only. A pipeline
+  reachable from a root that has no run for the cycle waits, and its status says
+  "waiting for <root> (no run in this cycle)"; when none of its upstreams has anything
+  for the cycle it is `not_in_cycle` (reason NotScheduled) instead: that cycle belongs
+  to other roots.
+- `enabled: false`: never triggered, cleared or adopted; its downstreams wait for it
+  (status Disabled; downstreams WaitingFor ... (disabled)), even if someone ran it by
+  hand: git took it out of the chain, re-enabling it puts it back (its run is then
+  adopted or re-run by the rule above). A disabled root still opens cycles.
+- Backfill: P was "added after the cycle opened" when `since[P]` (when P was first
+  synced) is later than the cycle's opening time, the earliest `queued_at` (else
+  `start_date`, else the logical date) over the root runs of that cycle. `queued_at` and
+  not the logical date, because a scheduled run's logical date is the start of its data
+  interval, long before the run exists. With `backfill: false` such a P gets nothing in
+  that cycle (status NotScheduled) and its downstreams wait for it; `backfill: true`
+  ignores the rule. A P missing from `since` (or `since=None`) counts as always there.
+  A P that already has a ledger entry for the cycle is managed as usual (it was in the
+  graph then).
+- An upstream that is being re-run (cleared: queued/running again) makes its
+  downstreams wait; when it ends with a new end date, the fingerprint differs and they
+  are re-run, one after the other down the graph.
+- A blocked pipeline stays blocked until the failed run is re-run successfully; with
+  all_done, a failed upstream counts as done, but an upstream that never ran because it
+  is blocked does not (it has no run in the cycle).
+- Unknown run states are treated as not finished: waiting is the safe side.
+
+The result is idempotent: once the actions are applied and the ledger records them
+(`Action.ledger_entry(..., state=done)`), planning again on the new observation yields
+no action. Output order is deterministic: cycles oldest first, then the graph's
+topological order.
+
+Cost: one pass over the runs to index them by cycle and pipeline, then one walk of the
+topological order per open cycle, so O(runs + cycles x (pipelines + edges)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from reconciler.graph import Graph, Pipeline
+from reconciler.state import (
+    FAILED,
+    QUEUED,
+    SUCCESS,
+    Action,
+    ActionKind,
+    DagRun,
+    Fingerprint,
+    FingerprintItem,
+    LedgerEntry,
+    LedgerState,
+    PipelineStatus,
+    Plan,
+    Reason,
+    State,
+    fingerprint_item,
+    iso,
+    run_id_for,
+)
+
+__all__ = ["plan"]
+
+# Outcome kinds of a pipeline in a cycle, as seen by its downstreams.
+_OK, _FAILED, _PENDING, _BLOCKED, _ABSENT = range(5)
+
+
+class _Outcome(NamedTuple):
+    kind: int
+    run: DagRun | None = None
+    note: str = ""
+    """Pending/absent: why, for the downstream's message ("running", "disabled", ...)."""
+    causes: tuple[str, ...] = ()
+    """Blocked: the failed pipelines at the origin."""
+    item: FingerprintItem | None = None
+    """Ok/failed: the run's fingerprint item, computed once per cycle, not per downstream."""
+
+
+_NO_RUN = _Outcome(_ABSENT, None, "no run in this cycle")
+_UPSTREAMS_ABSENT = _Outcome(_ABSENT, None, "nothing upstream in this cycle")
+_NOT_SCHEDULED = _Outcome(_ABSENT, None, "not scheduled in this cycle")
+_DISABLED = _Outcome(_PENDING, None, "disabled")
+_WAITING = _Outcome(_PENDING, None, "waiting for its upstreams")
+_TRIGGER_PLANNED = _Outcome(_PENDING, None, "trigger planned")
+_RERUN_PLANNED = _Outcome(_PENDING, None, "re-run planned")
+_NOT_IN_GRAPH = _Outcome(_ABSENT, None, "not in the graph")
+
+_StatusFn = Callable[..., None]
+
+
+def plan(
+    graph: Graph,
+    runs: Iterable[DagRun],
+    ledger: Mapping[tuple[datetime, str], LedgerEntry],
+    now: datetime,
+    *,
+    window: timedelta,
+    since: Mapping[str, datetime] | None = None,
+    commit: str = "",
+) -> Plan:
+    """Decide what to do in every open cycle; see the module docstring for the rules.
+
+    `runs`: observed runs of any DAGs (others than the graph's are ignored).
+    `ledger`: entries keyed by (cycle, dag_id). `now`: aware datetime. `window`: lookback.
+    `since`: dag_id -> when it was first synced (backfill rule). `commit`: the graph's
+    commit, put in statuses, provenance and ledger entries.
+    """
+    if now.tzinfo is None:
+        raise ValueError("plan(): now must be timezone-aware")
+    horizon = now - window
+    pipelines = graph.pipelines
+
+    # Index the runs once: logical date -> dag_id -> the run of that pipeline.
+    by_date: dict[datetime, dict[str, DagRun]] = {}
+    opened: dict[datetime, datetime] = {}
+    for run in runs:
+        date = run.logical_date
+        if date is None or date < horizon:
+            continue
+        pipeline = pipelines.get(run.dag_id)
+        if pipeline is None:
+            continue
+        bucket = by_date.get(date)
+        if bucket is None:
+            bucket = by_date[date] = {}
+        previous = bucket.get(run.dag_id)
+        bucket[run.dag_id] = run if previous is None else _prefer(
+            previous, run, date, ledger.get((date, run.dag_id)))
+        if not pipeline.depends_on:
+            at = run.queued_at or run.start_date or date
+            if date not in opened or at < opened[date]:
+                opened[date] = at
+
+    cycles = sorted(opened)
+    order = graph.topological_order()
+    upstreams = {d: tuple(sorted(pipelines[d].depends_on)) for d in order}
+    actions: list[Action] = []
+    statuses: list[PipelineStatus] = []
+    for cycle in cycles:
+        _plan_cycle(
+            cycle=cycle, opened_at=opened[cycle], bucket=by_date[cycle], order=order,
+            pipelines=pipelines, upstreams=upstreams, ledger=ledger, since=since,
+            commit=commit, actions=actions, statuses=statuses,
+        )
+    return Plan(actions=tuple(actions), statuses=tuple(statuses), cycles=tuple(cycles))
+
+
+def _prefer(a: DagRun, b: DagRun, cycle: datetime, entry: LedgerEntry | None) -> DagRun:
+    """Of two runs of one pipeline with the same logical date, the one that is "the" run."""
+    wanted = run_id_for(cycle)
+    recorded = entry.run_id if entry is not None else None
+
+    def key(r: DagRun) -> tuple[bool, bool, str, str]:
+        when = r.queued_at or r.start_date
+        return (r.run_id == wanted, r.run_id == recorded, iso(when) if when else "", r.run_id)
+
+    return a if key(a) >= key(b) else b
+
+
+def _plan_cycle(
+    *,
+    cycle: datetime,
+    opened_at: datetime,
+    bucket: Mapping[str, DagRun],
+    order: list[str],
+    pipelines: Mapping[str, Pipeline],
+    upstreams: Mapping[str, tuple[str, ...]],
+    ledger: Mapping[tuple[datetime, str], LedgerEntry],
+    since: Mapping[str, datetime] | None,
+    commit: str,
+    actions: list[Action],
+    statuses: list[PipelineStatus],
+) -> None:
+    outcome: dict[str, _Outcome] = {}
+    deterministic = run_id_for(cycle)
+
+    def status(dag_id: str, state: State, reason: Reason, message: str,
+               run: DagRun | None = None, waiting_for: tuple[str, ...] = (),
+               blocked_by: tuple[str, ...] = ()) -> None:
+        statuses.append(PipelineStatus(
+            dag_id=dag_id, cycle=cycle, state=state, reason=reason, message=message,
+            run_id=run.run_id if run is not None else None, waiting_for=waiting_for,
+            blocked_by=blocked_by, commit=commit))
+
+    for dag_id in order:
+        pipeline = pipelines[dag_id]
+        run = bucket.get(dag_id)
+        ups = upstreams[dag_id]
+
+        if not pipeline.enabled:
+            extra = f"; run {run.run_id} is {run.state} but is not used" if run else ""
+            status(dag_id, State.DISABLED, Reason.DISABLED,
+                   "disabled in the graph (enabled: false): never triggered, "
+                   f"downstreams wait{extra}", run)
+            outcome[dag_id] = _DISABLED
+            continue
+
+        if not ups:
+            outcome[dag_id] = _root(dag_id, run, status)
+            continue
+
+        entry = ledger.get((cycle, dag_id))
+        if entry is None and not pipeline.backfill and since is not None:
+            first = since.get(dag_id)
+            if first is not None and first > opened_at:
+                status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
+                       f"added to the graph at {iso(first)}, after this cycle opened at "
+                       f"{iso(opened_at)} (backfill: false)", run)
+                outcome[dag_id] = _NOT_SCHEDULED
+                continue
+
+        # Where do the upstreams stand?
+        all_done = pipeline.trigger_rule == "all_done"
+        inputs: list[DagRun] = []
+        items: list[FingerprintItem] = []
+        waiting: list[str] = []
+        notes: list[str] = []
+        blocked: list[str] = []
+        blocked_notes: list[str] = []
+        causes: set[str] = set()
+        absent = 0
+        for up in ups:
+            o = outcome.get(up, _NOT_IN_GRAPH)
+            kind = o.kind
+            if kind == _OK or (kind == _FAILED and all_done):
+                inputs.append(o.run)  # type: ignore[arg-type]  # ok/failed carry a run
+                items.append(o.item)  # type: ignore[arg-type]
+            elif kind == _FAILED:
+                blocked.append(up)
+                blocked_notes.append(f"failed {up}")
+                causes.add(up)
+            elif kind == _BLOCKED:
+                blocked.append(up)
+                blocked_notes.append(f"{up} (blocked by {_failed_list(o.causes)})")
+                causes.update(o.causes)
+            else:
+                waiting.append(up)
+                notes.append(f"{up} ({o.note})")
+                absent += kind == _ABSENT
+
+        if blocked:
+            status(dag_id, State.BLOCKED, Reason.BLOCKED_BY,
+                   "blocked by " + ", ".join(blocked_notes)
+                   + (f"; also waiting for {', '.join(notes)}" if notes else ""),
+                   run, waiting_for=tuple(waiting), blocked_by=tuple(blocked))
+            outcome[dag_id] = _Outcome(_BLOCKED, None, "blocked", tuple(sorted(causes)))
+            continue
+        if waiting:
+            if absent == len(ups):
+                status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
+                       "no upstream has a run in this cycle: " + ", ".join(notes), run,
+                       waiting_for=tuple(waiting))
+                outcome[dag_id] = _UPSTREAMS_ABSENT
+            else:
+                status(dag_id, State.WAITING, Reason.WAITING_FOR,
+                       "waiting for " + ", ".join(notes), run, waiting_for=tuple(waiting))
+                outcome[dag_id] = _WAITING
+            continue
+
+        # Satisfied: the table of DESIGN section 5.
+        fingerprint = Fingerprint.presorted(items)  # `ups` is sorted
+        ends = [r.end_date for r in inputs if r.end_date is not None]
+        latest_end = max(ends) if ends else None
+
+        if run is None:
+            if entry is None:
+                why = "all upstreams " + ("done" if all_done else "succeeded")
+            else:
+                why = (f"the ledger has {entry.action} ({entry.state}) of {entry.run_id} "
+                       "but Airflow has no run for this cycle: triggering again")
+            actions.append(Action(
+                kind=ActionKind.TRIGGER, dag_id=dag_id, cycle=cycle, run_id=deterministic,
+                fingerprint=fingerprint, reason=why, commit=commit,
+                conf=_conf(pipeline.conf, commit, cycle, fingerprint)))
+            status(dag_id, State.TRIGGERING, Reason.TRIGGERING,
+                   f"triggering {deterministic}: {why}")
+            outcome[dag_id] = _TRIGGER_PLANNED
+            continue
+
+        confirmed = (entry is not None and entry.state is LedgerState.DONE
+                     and entry.run_id == run.run_id)
+        if confirmed:
+            assert entry is not None
+            changed = entry.fingerprint.changed(fingerprint)
+            if not run.finished:
+                later = (f"; {', '.join(changed)} re-ran meanwhile: it will be re-run when "
+                         "it ends") if changed else ""
+                _own_run_status(dag_id, run, status, later)
+                outcome[dag_id] = _Outcome(_PENDING, run, run.state)
+            elif changed:
+                why = f"{', '.join(changed)} re-ran since run {run.run_id} was started"
+                actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
+                status(dag_id, State.RERUNNING, Reason.RERUNNING, f"re-running: {why}", run)
+                outcome[dag_id] = _RERUN_PLANNED
+            else:
+                _own_run_status(dag_id, run, status, "")
+                outcome[dag_id] = _finished(run)
+            continue
+
+        # A run the ledger does not vouch for: a manual run, a lost ledger, or the
+        # trace of a crash or failed call. The run's own timestamps decide.
+        if entry is None:
+            origin = "not in the ledger"
+        elif entry.run_id != run.run_id:
+            origin = f"the ledger records {entry.run_id} instead"
+        else:
+            origin = f"the ledger's {entry.action} is unconfirmed ({entry.state})"
+        started = run.start_date
+        if not run.finished:
+            if started is None or latest_end is None or started > latest_end:
+                why = (f"adopting {run.run_id} ({origin}): it "
+                       + ("has not started yet" if started is None
+                          else "started after all upstreams ended"))
+                actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
+                _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
+            else:
+                _own_run_status(dag_id, run, status,
+                                f"; it started before its upstreams ended ({origin}): "
+                                "it will be re-run when it ends")
+            outcome[dag_id] = _Outcome(_PENDING, run, run.state)
+            continue
+        started = started or run.queued_at
+        if started is not None and (latest_end is None or started > latest_end):
+            why = f"adopting {run.run_id} ({origin}): it started after all upstreams ended"
+            actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
+            _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
+            outcome[dag_id] = _finished(run)
+        else:
+            why = (f"run {run.run_id} ({origin}) started before its upstreams ended"
+                   if started is not None else
+                   f"run {run.run_id} ({origin}) has no start date to vouch for it")
+            actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
+            status(dag_id, State.RERUNNING, Reason.RERUNNING, f"re-running: {why}", run)
+            outcome[dag_id] = _RERUN_PLANNED
+
+
+def _root(dag_id: str, run: DagRun | None, status: _StatusFn) -> _Outcome:
+    if run is None:
+        status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
+               "root without a run for this cycle (Airflow schedules roots)")
+        return _NO_RUN
+    _own_run_status(dag_id, run, status, "")
+    return _finished(run) if run.finished else _Outcome(_PENDING, run, run.state)
+
+
+def _finished(run: DagRun) -> _Outcome:
+    return _Outcome(_OK if run.state == SUCCESS else _FAILED, run, item=fingerprint_item(run))
+
+
+def _own_run_status(dag_id: str, run: DagRun, status: _StatusFn, suffix: str, *,
+                    reason: Reason | None = None, text: str = "") -> None:
+    """Status from the pipeline's own run: done, failed, queued or running."""
+    if run.state == SUCCESS:
+        state, default = State.DONE, Reason.DONE
+    elif run.state == FAILED:
+        state, default = State.FAILED, Reason.FAILED
+    elif run.state == QUEUED:
+        state, default = State.QUEUED, Reason.QUEUED
+    else:
+        state, default = State.RUNNING, Reason.RUNNING
+    status(dag_id, state, reason or default, (text or f"run {run.run_id} is {run.state}")
+           + suffix, run)
+
+
+def _failed_list(causes: tuple[str, ...]) -> str:
+    return "failed " + ", ".join(causes)
+
+
+def _clear(dag_id: str, cycle: datetime, run: DagRun, fingerprint: Fingerprint, why: str,
+           commit: str) -> Action:
+    return Action(kind=ActionKind.CLEAR, dag_id=dag_id, cycle=cycle, run_id=run.run_id,
+                  fingerprint=fingerprint, reason=why, commit=commit)
+
+
+def _adopt(dag_id: str, cycle: datetime, run: DagRun, fingerprint: Fingerprint, why: str,
+           commit: str) -> Action:
+    return Action(kind=ActionKind.ADOPT, dag_id=dag_id, cycle=cycle, run_id=run.run_id,
+                  fingerprint=fingerprint, reason=why, commit=commit)
+
+
+def _conf(conf: Mapping[str, Any], commit: str, cycle: datetime,
+          fingerprint: Fingerprint) -> dict[str, Any]:
+    """The pipeline's conf plus the provenance of this run (which wins on a key clash)."""
+    provenance = {
+        "commit": commit,
+        "cycle": iso(cycle),
+        "upstreams": [{"dag_id": u, "run_id": r, "end_date": e} for u, r, e in fingerprint],
+    }
+    return {**conf, "reconciler": provenance}
