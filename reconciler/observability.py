@@ -55,9 +55,10 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root.propagate = False
 
 
-def event(message: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(text: str, level: int = logging.INFO, *, exc_info: bool = False,
+          **fields: Any) -> None:
     """One structured log line: `fields` become JSON keys or key=value pairs."""
-    log.log(level, message, extra={"fields": fields})
+    log.log(level, text, exc_info=exc_info, extra={"fields": fields})
 
 
 class Metrics:

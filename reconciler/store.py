@@ -1,39 +1,58 @@
 """The etcd store: the only module that imports etcd3 and knows the key layout.
 
-Layout under `/<prefix>/<namespace>/` (DESIGN section 4):
+Layout under `/<prefix>/<namespace>/` (EtcdSettings.root, DESIGN section 4):
 
-    desired/head              JSON {"commit", "graph_digest", "synced_at", "source",
-                              "previous", "forced"}
-    desired/graphs/<commit>   gzip canonical graph JSON, immutable
+    desired/head              JSON HeadRecord {"commit", "graph_digest", "synced_at",
+                              "source", "previous", "forced", "seq"}
+    desired/graphs/<commit>   gzip canonical graph JSON of that commit, never rewritten
     desired/since/<commit>    gzip JSON {dag_id: ISO time it first appeared in a synced head}
+    desired/history/<seq>     JSON copy of the head record of sync number <seq> (10 digits)
     ledger/<cycle>/<dag_id>   JSON ledger entry (reconciler.state.LedgerEntry)
     observed/<cycle>/<dag_id> JSON last observed Airflow state of that run
     leader                    holder id, bound to a lease
     events/<dag_id>/<run_id>  optional wake-ups (TTL'd)
 
+History is kept as `desired/history/<seq>` rather than by walking `previous`: a rollback
+can sync the same commit twice, and one range read gives the list newest first. The head,
+its history entry, the since-map and (if new) the graph blob are written in one
+transaction guarded by the head's mod revision, so they never disagree.
+
 The client is python3-etcd3, a maintained drop-in of the `etcd3` API (PyPI's etcd3 0.12
-cannot be imported with protobuf >= 4). Every call has a deadline; a failed endpoint is
-marked and the call is retried on the next one, so a one-shot command gives up after at
-most one timeout per endpoint. Errors are typed by what the caller does next:
-StoreUnavailable (retry later / exit 2), StoreConflict (re-read and re-decide).
+cannot be imported with protobuf >= 4). Every call has a deadline (EtcdSettings.timeout);
+a failed endpoint is marked and the call is retried on the next one in the order given,
+so a one-shot command gives up after at most one timeout per endpoint. Errors are typed by
+what the caller does next: StoreUnavailable (retry later / exit 2), StoreAccessDenied
+(fix the credentials), StoreConflict (re-read and re-decide). No message contains the
+password.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import json
+import os
+import re
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+# gRPC's C core logs TLS handshake and connection failures on stderr by itself; the store
+# reports them as one error instead. Set before grpc is imported; the environment wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import etcd3
 import etcd3.exceptions
 import etcd3.watch
 import grpc
+from etcd3 import etcdrpc
 
+from reconciler.graph import Graph
 from reconciler.settings import EtcdSettings
 
 T = TypeVar("T")
@@ -43,8 +62,14 @@ if not hasattr(etcd3.watch, "six"):
     # importing six; without this the watch thread dies with a NameError on reconnect.
     etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(list(d.values())))
 
-# etcd refuses transactions of more than 128 operations by default (--max-txn-ops).
+# etcd refuses transactions of more than 128 operations by default (--max-txn-ops) and
+# requests over 1.5 MiB (--max-request-bytes); refuse before sending, with a clear message.
 MAX_TXN_OPS = 128
+MAX_REQUEST_BYTES = 1536 * 1024
+# Range reads of ledger/ and observed/ can exceed gRPC's 4 MiB default for large graphs.
+_MAX_RECEIVE_BYTES = 256 * 1024 * 1024
+_SEQ_DIGITS = 10
+_HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
 
 class StoreError(Exception):
@@ -52,11 +77,61 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """No endpoint answered in time, or the cluster refused us: retry later."""
+    """No endpoint answered in time: retry later (a one-shot command exits 2)."""
+
+
+class StoreAccessDenied(StoreUnavailable):
+    """etcd refused the credentials or the permission: needs a human, not a retry."""
 
 
 class StoreConflict(StoreError):
     """A guarded transaction's comparison failed: someone else wrote first."""
+
+
+class StoreNotFound(StoreError):
+    """The key asked for does not exist (e.g. a commit that was never synced)."""
+
+
+class StoreRequestTooLarge(StoreError):
+    """A write would exceed etcd's request or transaction limits."""
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """The value of desired/head (and of each desired/history/<seq> entry)."""
+
+    commit: str
+    graph_digest: str
+    synced_at: datetime
+    source: str
+    previous: str | None = None
+    """The commit of the head this one replaced (None for the first sync)."""
+    forced: bool = False
+    """True when this sync was not a fast-forward (a rollback with --force)."""
+    seq: int = 1
+    """1 for the first sync of the namespace, then +1 per sync: the history key."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["synced_at"] = _iso(self.synced_at)
+        return data
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HeadRecord:
+        # Unknown keys are ignored so that an older reconciler can read a newer head.
+        return cls(commit=str(data["commit"]), graph_digest=str(data.get("graph_digest", "")),
+                   synced_at=_parse_iso(str(data["synced_at"])),
+                   source=str(data.get("source", "")), previous=data.get("previous"),
+                   forced=bool(data.get("forced", False)), seq=int(data.get("seq", 0)))
+
+    def __getitem__(self, name: str) -> Any:
+        # Mapping-style access for callers written against the earlier dict form of the head.
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
 
 
 @dataclass(frozen=True)
@@ -70,72 +145,127 @@ class Versioned:
         return None if self.value is None else json.loads(self.value)
 
 
-def _parse_endpoint(text: str) -> tuple[str, int]:
-    text = text.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+class WatchHandle:
+    """What `EtcdStore.watch` returns: call it to cancel; `broken` is set if the stream ended.
+
+    A broken watch only costs latency (the loop also wakes every --interval); the owner
+    re-creates it when it sees `broken`.
+    """
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self._cancel = cancel
+        self.broken = threading.Event()
+
+    def __call__(self) -> None:
+        self._cancel()
+
+
+def parse_endpoint(text: str) -> tuple[str, int, bool]:
+    """'host:port', 'http://host:port' or 'https://host:port' -> (host, port, tls)."""
+    text = text.strip().rstrip("/")
+    tls = text.startswith("https://")
+    text = text.removeprefix("http://").removeprefix("https://")
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"etcd endpoint {text!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), int(port), tls
 
 
 class EtcdStore:
-    """A namespace of one etcd cluster, with endpoint failover and bounded calls."""
+    """A namespace of one etcd cluster, with endpoint failover and bounded calls.
+
+    Thread-safe for the loop's use (calls from the main thread, watch callbacks from the
+    client's watch thread). Use as a context manager, or call close().
+    """
 
     def __init__(self, settings: EtcdSettings) -> None:
         if not settings.endpoints:
             raise ValueError("no etcd endpoint given")
         self.settings = settings
         self.root = settings.root
+        self._endpoints = [parse_endpoint(e) for e in settings.endpoints]
         self._lock = threading.RLock()
-        self._client: etcd3.MultiEndpointEtcd3Client | None = None
+        self._client: Any = None  # etcd3.MultiEndpointEtcd3Client, built on first use
         self.writes = 0  # puts and transactions sent: the loop's metrics read this
-        self._endpoints = [_parse_endpoint(e) for e in settings.endpoints]
 
     # --- connection -----------------------------------------------------------------
 
     def _describe(self) -> str:
         return ",".join(self.settings.endpoints)
 
-    def _make_client(self) -> etcd3.MultiEndpointEtcd3Client:
+    def _credentials(self) -> grpc.ChannelCredentials | None:
         s = self.settings
-        creds = None
-        if s.ca:
-            creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(s.ca, s.key, s.cert)
-        # Never through an HTTP proxy from the environment: etcd is reached directly.
-        opts = [("grpc.enable_http_proxy", 0)]
-        endpoints = [etcd3.Endpoint(host, port, secure=creds is not None, creds=creds,
-                                    time_retry=max(2.0, s.timeout),
-                                    opts=opts)  # type: ignore[arg-type]
-                     for host, port in self._endpoints]
-        last: BaseException | None = None
-        # Authentication is itself a call to one endpoint: try them in turn.
-        for _ in endpoints:
+        if not (s.ca or s.cert or any(tls for _, _, tls in self._endpoints)):
+            return None
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
             try:
-                client = etcd3.MultiEndpointEtcd3Client(
-                    endpoints=endpoints, timeout=s.timeout, user=s.user, password=s.password,
-                    failover=True)
-                # python3-etcd3 sends the auth token both as metadata and as call
-                # credentials; gRPC refuses call credentials on a plaintext channel, and
-                # etcd only needs the metadata.
-                client.call_credentials = None
-                return client
+                with open(path, "rb") as fh:
+                    return fh.read()
+            except OSError as exc:
+                raise StoreAccessDenied(f"cannot read TLS file {path}: {exc.strerror}"
+                                        ) from None
+
+        # No CA: gRPC verifies the server against the system's roots.
+        return grpc.ssl_channel_credentials(read(s.ca), read(s.key), read(s.cert))
+
+    def _make_client(self) -> Any:
+        s = self.settings
+        creds = self._credentials()
+        # Never through an HTTP proxy from the environment: etcd is reached directly.
+        opts = [("grpc.enable_http_proxy", 0),
+                ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES)]
+        endpoints = [etcd3.Endpoint(host, port, secure=creds is not None, creds=creds,
+                                    time_retry=max(2.0, s.timeout), opts=opts)
+                     for host, port, _ in self._endpoints]
+        # No user/password here: the client would authenticate against a random endpoint
+        # inside its constructor, with no failover; _authenticate does it in order.
+        client = etcd3.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=s.timeout,
+                                                failover=True)
+        # The client starts on a random endpoint; the settings' order is the preference.
+        client._current_endpoint_label = endpoints[0].netloc
+        if s.user is not None:
+            try:
+                self._authenticate(client)
+            except BaseException:
+                client.close()
+                raise
+        return client
+
+    def _authenticate(self, client: Any) -> None:
+        s = self.settings
+        if s.password is None:
+            raise StoreAccessDenied(f"etcd user {s.user!r} given without a password: set "
+                                    "RECONCILER_ETCD_PASSWORD (or --etcd-password-file)")
+        last: BaseException | None = None
+        for label, endpoint in client.endpoints.items():
+            if endpoint.is_failed():
+                continue
+            client._current_endpoint_label = label
+            request = etcdrpc.AuthenticateRequest(name=s.user, password=s.password)
+            try:
+                response = client.authstub.Authenticate(request, s.timeout)
             except grpc.RpcError as exc:
                 last = exc
-                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                  grpc.StatusCode.PERMISSION_DENIED,
-                                  grpc.StatusCode.UNAUTHENTICATED,
-                                  grpc.StatusCode.FAILED_PRECONDITION):
-                    raise StoreUnavailable(f"etcd at {self._describe()} refused the "
-                                           f"credentials of user {s.user!r}: "
-                                           f"{exc.details()}") from None
-                endpoints = endpoints[1:] + endpoints[:1]
-            except etcd3.exceptions.Etcd3Exception as exc:
-                last = exc
-                endpoints = endpoints[1:] + endpoints[:1]
+                code = exc.code()
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    endpoint.fail()
+                    continue
+                if code == grpc.StatusCode.FAILED_PRECONDITION and "not enabled" in _why(exc):
+                    return  # the cluster has no auth: the credentials are simply not needed
+                raise StoreAccessDenied(f"etcd at {label} refused the credentials of user "
+                                        f"{s.user!r} ({_why(exc)})") from None
+            # The token goes as metadata only: python3-etcd3 would also set it as call
+            # credentials, which gRPC refuses on a plaintext channel.
+            client.metadata = (("token", response.token),)
+            client.call_credentials = None
+            return
         raise StoreUnavailable(f"etcd at {self._describe()} is unreachable ({_why(last)})")
 
     @property
-    def client(self) -> etcd3.MultiEndpointEtcd3Client:
+    def client(self) -> Any:
         with self._lock:
             if self._client is None:
                 self._client = self._make_client()
@@ -153,42 +283,65 @@ class EtcdStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, what: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client], T]) -> T:
+    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
         """Run one call, failing over to the next endpoint; at most one try per endpoint."""
         last: BaseException | None = None
-        for attempt in range(len(self._endpoints) + 1):
+        reauthenticated = False
+        for _ in range(len(self._endpoints) + 1):
             try:
                 return fn(self.client)
             except etcd3.exceptions.NoServerAvailableError as exc:
-                last = exc
+                last = last or exc  # every endpoint failed: the reason is the last failure
                 break
             except (etcd3.exceptions.ConnectionFailedError,
                     etcd3.exceptions.ConnectionTimeoutError,
                     etcd3.exceptions.InternalServerError) as exc:
-                last = exc  # the client marked that endpoint failed; the next try moves on
+                # The client marked that endpoint failed, so the next try moves on. It raises
+                # these without details; the gRPC error it translated is the context.
+                last = exc.__context__ or exc
+            except etcd3.exceptions.WatchTimedOut as exc:
+                last = exc
             except grpc.RpcError as exc:
-                last = exc
                 details = _why(exc)
+                code = exc.code()
                 if "user name is empty" in details:
-                    raise StoreUnavailable(f"etcd at {self._describe()} requires "
-                                           "authentication: set RECONCILER_ETCD_USER and "
-                                           "RECONCILER_ETCD_PASSWORD") from None
-                if "auth token" in details or exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    self.close()  # the token expired: authenticate again
+                    raise StoreAccessDenied(
+                        f"etcd at {self._describe()} requires authentication: set "
+                        "RECONCILER_ETCD_USER and RECONCILER_ETCD_PASSWORD") from None
+                if code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in details:
+                    if reauthenticated:
+                        raise StoreAccessDenied(f"etcd refused {what}: {details}") from None
+                    reauthenticated = True
+                    self.close()  # the token expired (or the member restarted): log in again
                     continue
-                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                    raise StoreUnavailable(f"etcd refused {what} for user "
-                                           f"{self.settings.user!r}: {details}") from None
-                if attempt >= 1:
-                    break
-            except ValueError as exc:  # python-etcd3 raises it for "failed node" races
-                last = exc
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise StoreAccessDenied(f"etcd refused {what} for user "
+                                            f"{self.settings.user!r}: {details}") from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details \
+                        or "too many operations" in details:
+                    raise StoreRequestTooLarge(f"etcd refused {what}: {details}") from None
+                raise StoreError(f"etcd refused {what}: {details}") from None
         raise StoreUnavailable(f"etcd at {self._describe()} is unreachable during {what} "
                                f"({_why(last)})")
+
+    def revision(self) -> int:
+        """The cluster's current revision: it moves on every write, to any key."""
+        response = self._call("get revision", lambda c: c.get_response(self.head_key(),
+                                                                       count_only=True))
+        return int(response.header.revision)
+
+    def ping(self) -> float:
+        """Round-trip time of a status call, in seconds."""
+        start = time.monotonic()
+        self._call("status", lambda c: c.status())
+        return time.monotonic() - start
 
     # --- keys -------------------------------------------------------------------------
 
     def key(self, *parts: str) -> str:
+        for part in parts:
+            if not part or "/" in part:
+                raise ValueError(f"{part!r} cannot be one segment of an etcd key")
         return self.root + "/".join(parts)
 
     def head_key(self) -> str:
@@ -199,6 +352,9 @@ class EtcdStore:
 
     def since_key(self, commit: str) -> str:
         return self.key("desired", "since", commit)
+
+    def history_key(self, seq: int) -> str:
+        return self.key("desired", "history", f"{seq:0{_SEQ_DIGITS}d}")
 
     def ledger_key(self, cycle: str, dag_id: str) -> str:
         return self.key("ledger", cycle, dag_id)
@@ -212,20 +368,29 @@ class EtcdStore:
     def events_prefix(self) -> str:
         return self.key("events") + "/"
 
+    def event_key(self, dag_id: str, run_id: str) -> str:
+        return self.key("events", dag_id, run_id)
+
     # --- generic reads and writes -------------------------------------------------------
 
     def get(self, key: str) -> Versioned:
         value, meta = self._call(f"get {key}", lambda c: c.get(key))
         return Versioned(value, meta.mod_revision if meta is not None else 0)
 
-    def get_prefix(self, prefix: str) -> Iterator[tuple[str, bytes]]:
-        items = self._call(f"range {prefix}", lambda c: list(c.get_prefix(prefix)))
-        for value, meta in items:
-            yield meta.key.decode(), value
+    def get_prefix(self, prefix: str, *, keys_only: bool = False, newest_key_first: bool = False,
+                   limit: int = 0) -> list[tuple[str, bytes]]:
+        """(key, value) pairs under `prefix`, sorted by key (descending if asked)."""
+        order = "descend" if newest_key_first else "ascend"
+        items = self._call(f"range {prefix}", lambda c: list(c.get_prefix(
+            prefix, keys_only=keys_only, sort_order=order, sort_target="key", limit=limit)))
+        return [(meta.key.decode(), value or b"") for value, meta in items]
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes, *, lease: Any = None) -> None:
         self.writes += 1
-        self._call(f"put {key}", lambda c: c.put(key, value))
+        self._call(f"put {key}", lambda c: c.put(key, value, lease=lease))
+
+    def get_json(self, key: str) -> Any:
+        return self.get(key).json()
 
     def put_json(self, key: str, data: Any) -> None:
         self.put(key, _dumps(data))
@@ -235,16 +400,13 @@ class EtcdStore:
         self._call(f"delete {prefix}", lambda c: c.delete_prefix(prefix))
 
     def put_if_revision(self, key: str, mod_revision: int, value: bytes,
-                        also: list[tuple[str, bytes]] | None = None) -> bool:
+                        also: Iterable[tuple[str, bytes]] = ()) -> bool:
         """Put `key` (and `also`) only if `key` is still at `mod_revision` (0 = absent)."""
-        ops = [(key, value), *(also or [])]
-        if len(ops) > MAX_TXN_OPS:
-            raise ValueError(f"{len(ops)} operations in one transaction (etcd allows "
-                             f"{MAX_TXN_OPS})")
+        ops = [(key, value), *also]
+        _check_request(ops)
 
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> bool:
-            compare = [c.transactions.mod(key) == mod_revision]
-            ok, _ = c.transaction(compare=compare,
+        def txn(c: Any) -> bool:
+            ok, _ = c.transaction(compare=[c.transactions.mod(key) == mod_revision],
                                   success=[c.transactions.put(k, v) for k, v in ops],
                                   failure=[])
             return bool(ok)
@@ -254,52 +416,93 @@ class EtcdStore:
 
     # --- desired state (sync) ------------------------------------------------------------
 
-    def read_head(self) -> tuple[dict[str, Any] | None, int]:
+    def read_head(self) -> tuple[HeadRecord | None, int]:
+        """The synced head and its mod revision (None, 0 when nothing was synced yet)."""
         got = self.get(self.head_key())
-        return got.json(), got.mod_revision
+        if got.value is None:
+            return None, 0
+        return HeadRecord.from_dict(json.loads(got.value)), got.mod_revision
 
-    def write_head(self, head: dict[str, Any], expected_mod_revision: int,
-                   blobs: list[tuple[str, bytes]]) -> None:
-        """The new head and its blobs in one transaction guarded by the head's revision.
+    def write_sync(self, head: HeadRecord, expected_mod_revision: int,
+                   graph_blob: bytes | None, since: Mapping[str, datetime]) -> None:
+        """Head, history entry, since-map and (unless None) the graph blob, atomically.
 
-        Raises StoreConflict when another sync moved the head since it was read.
+        Guarded by the head's mod revision as read (0 = no head yet). Raises StoreConflict
+        when another sync moved the head in between, StoreRequestTooLarge over etcd's limits.
         """
-        if not self.put_if_revision(self.head_key(), expected_mod_revision, _dumps(head),
-                                    also=blobs):
-            raise StoreConflict("desired/head changed since it was read")
+        also = [(self.history_key(head.seq), head.to_json()),
+                (self.since_key(head.commit), encode_since(since))]
+        if graph_blob is not None:
+            also.append((self.graph_key(head.commit), graph_blob))
+        if not self.put_if_revision(self.head_key(), expected_mod_revision, head.to_json(),
+                                    also=also):
+            raise StoreConflict(f"{self.head_key()} changed since it was read (another sync "
+                                "won the race)")
 
     def read_graph_blob(self, commit: str) -> bytes | None:
         return self.get(self.graph_key(commit)).value
 
+    def read_graph(self, commit: str) -> Graph | None:
+        blob = self.read_graph_blob(commit)
+        return None if blob is None else Graph.from_compressed(blob)
+
     def read_since_blob(self, commit: str) -> bytes | None:
         return self.get(self.since_key(commit)).value
 
-    # --- ledger and observed state ----------------------------------------------------------
+    def read_since(self, commit: str) -> dict[str, datetime]:
+        """{dag_id: first synced} for that commit's graph ({} if none was written)."""
+        blob = self.read_since_blob(commit)
+        return {} if blob is None else decode_since(blob)
 
-    def read_ledger(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """Every ledger entry, keyed by (cycle, dag_id) as written."""
-        prefix = self.key("ledger") + "/"
+    def synced_commits(self, prefix: str) -> list[str]:
+        """Full hashes of the synced graphs whose commit starts with `prefix`."""
+        if not _HEX.match(prefix):
+            return []
+        base = self.key("desired", "graphs") + "/"
+        return [k[len(base):] for k, _ in self.get_prefix(base + prefix, keys_only=True)]
+
+    def read_history(self, limit: int = 0) -> list[HeadRecord]:
+        """The synced heads, newest first (limit 0 = all)."""
+        prefix = self.key("desired", "history") + "/"
+        return [HeadRecord.from_dict(json.loads(v))
+                for _, v in self.get_prefix(prefix, newest_key_first=True, limit=limit)]
+
+    # --- ledger and observed state --------------------------------------------------------
+
+    def get_ledger(self, cycle: str, dag_id: str) -> dict[str, Any] | None:
+        data: dict[str, Any] | None = self.get_json(self.ledger_key(cycle, dag_id))
+        return data
+
+    def get_observed(self, cycle: str, dag_id: str) -> dict[str, Any] | None:
+        data: dict[str, Any] | None = self.get_json(self.observed_key(cycle, dag_id))
+        return data
+
+    def put_observed(self, cycle: str, dag_id: str, data: Mapping[str, Any]) -> None:
+        self.put_json(self.observed_key(cycle, dag_id), dict(data))
+
+    def read_ledger(self, cycle: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every ledger entry (of one cycle, if given), keyed by (cycle, dag_id) as written."""
+        return self._read_cycles("ledger", cycle)
+
+    def read_observed(self, cycle: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        return self._read_cycles("observed", cycle)
+
+    def _read_cycles(self, kind: str, cycle: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+        base = self.key(kind) + "/"
+        prefix = self.key(kind, cycle) + "/" if cycle is not None else base
         out = {}
         for key, value in self.get_prefix(prefix):
-            cycle, _, dag_id = key[len(prefix):].rpartition("/")
-            out[(cycle, dag_id)] = json.loads(value)
-        return out
-
-    def read_observed(self) -> dict[tuple[str, str], dict[str, Any]]:
-        prefix = self.key("observed") + "/"
-        out = {}
-        for key, value in self.get_prefix(prefix):
-            cycle, _, dag_id = key[len(prefix):].rpartition("/")
-            out[(cycle, dag_id)] = json.loads(value)
+            # dag ids never contain "/" (Airflow's rule), cycles are ISO strings: split once.
+            found_cycle, _, dag_id = key[len(base):].rpartition("/")
+            out[(found_cycle, dag_id)] = json.loads(value)
         return out
 
     def put_fenced(self, holder: str, puts: list[tuple[str, bytes]]) -> bool:
         """Put only while `holder` still holds the leader key (fencing a deposed leader)."""
-        if len(puts) >= MAX_TXN_OPS:
-            raise ValueError(f"{len(puts)} operations in one transaction")
+        _check_request(puts, extra_ops=1)
         leader = self.leader_key()
 
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> bool:
+        def txn(c: Any) -> bool:
             ok, _ = c.transaction(compare=[c.transactions.value(leader) == holder],
                                   success=[c.transactions.put(k, v) for k, v in puts],
                                   failure=[])
@@ -308,7 +511,8 @@ class EtcdStore:
         self.writes += 1
         return self._call("fenced write", txn)
 
-    def put_ledger(self, holder: str, cycle: str, dag_id: str, entry: dict[str, Any]) -> None:
+    def put_ledger(self, holder: str, cycle: str, dag_id: str, entry: Mapping[str, Any]) -> None:
+        """Write a ledger entry only while `holder` leads; StoreConflict otherwise."""
         if not self.put_fenced(holder, [(self.ledger_key(cycle, dag_id), _dumps(entry))]):
             raise StoreConflict(f"not the leader any more ({holder}); ledger entry for "
                                 f"{dag_id} {cycle} not written")
@@ -318,14 +522,14 @@ class EtcdStore:
         self.delete_prefix(self.key("ledger", cycle) + "/")
         self.delete_prefix(self.key("observed", cycle) + "/")
 
-    # --- leader election ----------------------------------------------------------------------
+    # --- leader election -------------------------------------------------------------------
 
     def campaign(self, holder: str, ttl: int) -> Any | None:
         """Take the leader key with a fresh lease if it is free; returns the lease or None."""
         lease = self._call("lease grant", lambda c: c.lease(ttl))
         key = self.leader_key()
 
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> bool:
+        def txn(c: Any) -> bool:
             ok, _ = c.transaction(compare=[c.transactions.version(key) == 0],
                                   success=[c.transactions.put(key, holder, lease=lease)],
                                   failure=[])
@@ -334,7 +538,8 @@ class EtcdStore:
         self.writes += 1
         if self._call("leader campaign", txn):
             return lease
-        self._call("lease revoke", lambda c: c.revoke_lease(lease.id))
+        with contextlib.suppress(StoreError):
+            self._call("lease revoke", lambda c: c.revoke_lease(lease.id))
         return None
 
     def refresh(self, lease: Any) -> bool:
@@ -347,42 +552,83 @@ class EtcdStore:
         return value.decode() if value is not None else None
 
     def resign(self, lease: Any) -> None:
+        """Revoke the lease: the leader key goes with it, a standby takes over at once."""
         self._call("lease revoke", lambda c: c.revoke_lease(lease.id))
 
-    # --- wake-ups -----------------------------------------------------------------------------
+    # --- wake-ups ----------------------------------------------------------------------------
 
-    def watch(self, prefixes: list[str], wake: threading.Event) -> Callable[[], None]:
-        """Set `wake` on any change under `prefixes`; returns a function that cancels it.
+    def watch(self, prefixes: list[str], wake: threading.Event) -> WatchHandle:
+        """Set `wake` on any change under `prefixes`; call the handle to cancel.
 
-        A broken watch only costs latency: the loop also wakes every --interval.
+        If the stream breaks, `wake` is set too and `handle.broken` tells the owner to watch
+        again.
         """
-        ids = []
+        ids: list[Any] = []
+        handle: WatchHandle
 
-        def callback(_response: Any) -> None:
+        def callback(response: Any) -> None:
+            if isinstance(response, BaseException):
+                handle.broken.set()
             wake.set()
-
-        for prefix in prefixes:
-            ids.append(self._call("watch", lambda c, p=prefix: c.add_watch_prefix_callback(
-                p, callback)))
 
         def cancel() -> None:
             for watch_id in ids:
                 with contextlib.suppress(StoreError):
-                    self._call("cancel watch", lambda c, w=watch_id: c.cancel_watch(w))
+                    self._call("cancel watch", functools.partial(_cancel_watch, watch_id))
 
-        return cancel
+        handle = WatchHandle(cancel)
+        for prefix in prefixes:
+            ids.append(self._call(f"watch {prefix}",
+                                  functools.partial(_add_watch, prefix, callback)))
+        return handle
 
-    def ping(self) -> float:
-        """Round-trip time of a status call, in seconds."""
-        start = time.monotonic()
-        self._call("status", lambda c: c.status())
-        return time.monotonic() - start
+
+def _add_watch(prefix: str, callback: Callable[[Any], None], client: Any) -> Any:
+    return client.add_watch_prefix_callback(prefix, callback)
+
+
+def _cancel_watch(watch_id: Any, client: Any) -> None:
+    client.cancel_watch(watch_id)
+
+
+# --- value formats ---------------------------------------------------------------------------
+
+def encode_since(since: Mapping[str, datetime]) -> bytes:
+    data = {dag_id: _iso(at) for dag_id, at in sorted(since.items())}
+    return gzip.compress(_dumps(data), compresslevel=6, mtime=0)
+
+
+def decode_since(blob: bytes) -> dict[str, datetime]:
+    return {dag_id: _parse_iso(at) for dag_id, at in json.loads(gzip.decompress(blob)).items()}
+
+
+def _iso(dt: datetime) -> str:
+    if dt.tzinfo is None:
+        raise ValueError(f"naive datetime {dt!r}: times in etcd are UTC")
+    return dt.astimezone(UTC).isoformat()
+
+
+def _parse_iso(text: str) -> datetime:
+    dt = datetime.fromisoformat(text)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _check_request(puts: list[tuple[str, bytes]], extra_ops: int = 0) -> None:
+    if len(puts) + extra_ops > MAX_TXN_OPS:
+        raise StoreRequestTooLarge(f"{len(puts) + extra_ops} operations in one transaction "
+                                   f"(etcd allows {MAX_TXN_OPS})")
+    size = sum(len(k) + len(v) for k, v in puts)
+    if size > MAX_REQUEST_BYTES - 4096:  # room for the request's own framing
+        raise StoreRequestTooLarge(f"a transaction of {size} bytes is over etcd's request "
+                                   f"limit of {MAX_REQUEST_BYTES} bytes")
 
 
 def _why(exc: BaseException | None) -> str:
     """A short reason for an error, without gRPC's multi-line debug string."""
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         return f"{exc.code().name}: {exc.details()}"
+    if exc is None:
+        return "no endpoint tried"
     return str(exc) or type(exc).__name__
 
 

@@ -1,5 +1,6 @@
 """The `reconciler` command line (click). Each module registers its commands on `main`."""
 
+import reconciler.cli.etcd_cmds  # noqa: F401  (registers sync, history)
 from reconciler.cli import checks_cmds  # noqa: F401  (registers validate, graph, diff)
 from reconciler.cli.app import main
 

@@ -1,0 +1,113 @@
+"""`sync` (a commit's graph into etcd, push mode) and `history` (what was synced).
+
+Exit codes: 0 synced or no-op; 1 refused (invalid files, not a fast-forward); 2 etcd
+unreachable, credentials refused, or no such repository or commit. One line on failure.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+
+import click
+
+from reconciler.cli.app import EXIT_ENVIRONMENT, EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.options import etcd_options
+from reconciler.settings import EtcdSettings
+
+
+def default_source(environ: dict[str, str] | None = None) -> str:
+    """Who synced: the GitHub repository and run, 'ci', or 'cli:<user>@<host>'."""
+    env = os.environ if environ is None else environ
+    if env.get("GITHUB_ACTIONS") == "true":
+        repo, sha = env.get("GITHUB_REPOSITORY", "?"), env.get("GITHUB_SHA", "?")
+        return f"github:{repo}@{sha[:12]} run {env.get('GITHUB_RUN_ID', '?')}"
+    if env.get("CI"):
+        return "ci"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary uid in a container
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+@main.command()
+@click.option("--repo", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="The git repository (its committed tree is read, never the working tree).")
+@click.option("--rev", default="HEAD", show_default=True, help="The commit to sync.")
+@click.option("--path", "subdir", default="pipelines", show_default=True,
+              help="Folder of the pipeline files inside the repository.")
+@click.option("--force", is_flag=True,
+              help="Sync even if REV does not descend from the synced head (a rollback); "
+              "recorded as forced in the history.")
+@click.option("--source", envvar="RECONCILER_SYNC_SOURCE", default=None,
+              help="Who or what synced, recorded in the head [RECONCILER_SYNC_SOURCE; "
+              "default: cli:<user>@<host>, or the CI run].")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@etcd_options
+@handle_errors
+def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, output: str,
+         etcd: EtcdSettings) -> None:
+    """Write the graph of commit REV to etcd, fast-forward only.
+
+    The files are validated with the same checks as `validate`; any problem writes nothing.
+    Re-syncing the synced commit is a no-op. Exit 0 synced or no-op, 1 refused, 2 etcd
+    unreachable or no such repository or commit.
+    """
+    from reconciler.sources import SourceError
+    from reconciler.store import EtcdStore, StoreError
+    from reconciler.sync import Reason, Status
+    from reconciler.sync import sync as run_sync
+
+    try:
+        with EtcdStore(etcd) as store:
+            result = run_sync(repo, rev, subdir, store, force=force,
+                              source=source or default_source())
+    except SourceError as exc:
+        fail(str(exc), EXIT_ENVIRONMENT)
+    except StoreError as exc:
+        fail(str(exc), EXIT_ENVIRONMENT)
+    if output == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif result.reason is Reason.INVALID:
+        for problem in result.problems:
+            click.echo(str(problem))
+    elif result.ok:
+        size = f"{result.pipelines} pipelines, {result.blob_bytes} bytes compressed"
+        click.echo(f"{result.message} ({size}) in {result.namespace}"
+                   if result.status is Status.SYNCED else f"{result.message} ({result.namespace})")
+    if not result.ok:
+        fail(f"sync refused: {result.message}", EXIT_FAILED)
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(min=0), default=0,
+              help="Show at most this many (0 = all).")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@etcd_options
+@handle_errors
+def history(limit: int, output: str, etcd: EtcdSettings) -> None:
+    """The synced commits, newest first: time, source, and whether the sync was forced."""
+    from reconciler.store import StoreError
+    from reconciler.sync import read_history
+
+    try:
+        entries = read_history(etcd, limit)
+    except StoreError as exc:
+        fail(str(exc), EXIT_ENVIRONMENT)
+    if output == "json":
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2, ensure_ascii=False))
+        return
+    if not entries:
+        click.echo(f"nothing has been synced to {etcd.root} yet")
+        return
+    for n, e in enumerate(entries):
+        mark = "head" if n == 0 else ""
+        how = "forced" if e.forced else ("first" if e.previous is None else "fast-forward")
+        was = f" from {e.previous[:12]}" if e.previous else ""
+        click.echo(f"#{e.seq:<4} {e.synced_at:%Y-%m-%dT%H:%M:%SZ}  {e.commit[:12]}  "
+                   f"{how + was:<32} {e.source}  {mark}".rstrip())
