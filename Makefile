@@ -57,6 +57,9 @@ test-integration: install
 test-e2e: install airflow-venv
 	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/pytest tests/e2e
 
+playground: install airflow-venv
+	$(VENV)/bin/python scripts/playground.py
+
 bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_validate.py
 	$(VENV)/bin/python benchmarks/bench_sync.py

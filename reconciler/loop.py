@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -45,6 +46,9 @@ from reconciler.store import EtcdStore, StoreConflict, StoreError
 # run updated in the same instant as the previous answer is never missed.
 WATERMARK_OVERLAP = timedelta(seconds=2)
 MAX_BACKOFF = 60.0
+# Test-only failpoint (as etcd's gofail): "after-intent:<kind>:<dag_id>" makes the process
+# kill itself between recording an intent and calling Airflow. Unset in production.
+FAILPOINT = os.environ.get("RECONCILER_FAILPOINT", "")
 
 
 class AirflowApi(Protocol):
@@ -372,6 +376,8 @@ class Reconciler:
         if self._retry_after.get(key, 0.0) > mono:
             return False
         self._write_ledger(action, action.ledger_entry(at=now, state=LedgerState.INTENT))
+        if f"after-intent:{action.kind.value}:{action.dag_id}" == FAILPOINT:
+            os.kill(os.getpid(), signal.SIGKILL)  # the e2e crash test: die right here
         try:
             if action.kind is ActionKind.TRIGGER:
                 raw, created = self.api.trigger(action.dag_id, action.run_id,

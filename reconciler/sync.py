@@ -168,14 +168,19 @@ def ancestry(repo: Any, head_commit: str, commit: Any) -> Ancestry:
     """How `commit` (a git.Commit) relates to `head_commit` (a hash) in `repo`."""
     if head_commit == commit.hexsha:
         return Ancestry.SAME
+    import git
+
     try:
         head = resolve_commit(repo, head_commit)
-    except SourceError:
+        if repo.is_ancestor(head, commit):
+            return Ancestry.DESCENDANT
+        if repo.is_ancestor(commit, head):
+            return Ancestry.OLDER
+    except (SourceError, git.GitCommandError):
+        return Ancestry.UNKNOWN  # not fetched, or a partial clone missing objects
+    if (Path(repo.git_dir) / "shallow").exists():
+        # A shallow clone cuts the history: "unrelated" may only mean "not fetched".
         return Ancestry.UNKNOWN
-    if repo.is_ancestor(head, commit):
-        return Ancestry.DESCENDANT
-    if repo.is_ancestor(commit, head):
-        return Ancestry.OLDER
     return Ancestry.DIVERGED
 
 

@@ -10,6 +10,7 @@ nothing from the reconciler. Airflow pins many packages, so it lives in its own 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -153,16 +154,29 @@ class AirflowProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the whole process group of `airflow standalone`, and nothing else."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
+        group = self.process.pid
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(group, signal.SIGTERM)
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        except ProcessLookupError:
             pass
+        except ProcessLookupError:
+            return
+        # standalone's children (api-server workers, dag-processor) may outlive it
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
 
 
 EXAMPLE_DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline",

@@ -8,7 +8,9 @@ from reconciler import diff as graph_diff
 from reconciler import render, report
 from reconciler.checks import MAX_GRAPH_BYTES, CheckResult, check_files
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.options import etcd_options
 from reconciler.graph import Graph
+from reconciler.settings import EtcdSettings
 from reconciler.sources import SourceError, read_commit, read_directory
 from reconciler.yamlload import MAX_FILE_BYTES
 
@@ -75,10 +77,27 @@ def validate(directory: str, fmt: str, max_file_bytes: int, max_graph_bytes: int
 @click.option("--rev", default=None, help="Read the graph from this git commit instead of "
               "the directory.")
 @click.option("--repo", default=".", show_default=True, help="Repository for --rev.")
+@click.option("--from-etcd", is_flag=True, help="Read back the graph etcd holds for --rev "
+              "(a commit or a unique prefix; default: the synced head).")
+@etcd_options
 @handle_errors
-def graph(directory: str, fmt: str, rev: str | None, repo: str) -> None:
+def graph(directory: str, fmt: str, rev: str | None, repo: str, from_etcd: bool,
+          etcd: EtcdSettings) -> None:
     """Print the graph of DIRECTORY (or of commit --rev): roots first, in a stable order."""
     commit = None
+    if from_etcd:
+        from reconciler.store import StoreError, StoreNotFound
+        from reconciler.sync import read_synced_graph
+
+        try:
+            commit, g = read_synced_graph(etcd, rev)
+        except StoreNotFound as exc:
+            fail(str(exc), EXIT_FAILED)
+        except StoreError as exc:
+            fail(str(exc))
+        click.echo(render.to_json(g, commit) if fmt == "json" else render.FORMATS[fmt](g),
+                   nl=False)
+        return
     if rev is not None:
         commit, result = _check_commit(repo, rev, directory)
         where = f"{rev}:{directory}"

@@ -58,7 +58,7 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
     unreachable or no such repository or commit.
     """
     from reconciler.sources import SourceError
-    from reconciler.store import EtcdStore, StoreError
+    from reconciler.store import EtcdStore, StoreError, StoreRequestTooLarge
     from reconciler.sync import Reason, Status
     from reconciler.sync import sync as run_sync
 
@@ -68,6 +68,8 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
                               source=source or default_source())
     except SourceError as exc:
         fail(str(exc), EXIT_ENVIRONMENT)
+    except StoreRequestTooLarge as exc:
+        fail(f"sync refused: {exc}", EXIT_FAILED)  # the commit's graph is too big to write
     except StoreError as exc:
         fail(str(exc), EXIT_ENVIRONMENT)
     if output == "json":

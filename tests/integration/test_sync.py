@@ -365,3 +365,20 @@ def test_the_batched_tree_reader_matches_read_tree_files(repo: GitRepo) -> None:
     assert len(big.data) == 64 * 1024 + 1  # cut one byte over the limit, as read_tree_files does
     with pytest.raises(SourceError, match="not a directory"):
         read_tree(git_repo, commit, "pipelines_file")
+
+
+def test_a_shallow_ci_clone_is_told_to_fetch_the_history(tmp_path: Path, repo: GitRepo,
+                                                         store: EtcdStore) -> None:
+    repo.commit(pipelines(("a",)))
+    do_sync(repo, store)
+    c2 = repo.commit(pipelines(("b", "a")))
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{repo.path}", str(shallow)],
+                   check=True, capture_output=True, timeout=60)
+    result = sync(shallow, "HEAD", "pipelines", store, source="ci", now=T0)
+    assert (result.reason, result.commit) == (Reason.UNKNOWN_HEAD, c2)
+    assert "fetch-depth: 0" in result.message
+    # With the history fetched it is a plain fast-forward.
+    subprocess.run(["git", "-C", str(shallow), "fetch", "-q", "--unshallow"], check=True,
+                   capture_output=True, timeout=60)
+    assert sync(shallow, "HEAD", "pipelines", store, now=T0).reason is Reason.FAST_FORWARD

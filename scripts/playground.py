@@ -1,0 +1,136 @@
+"""The local playground (`make playground`): a real etcd, a real `airflow standalone` with
+the example DAGs, the graph of git HEAD synced into etcd, and the reconciler in the
+foreground. No Docker. Ctrl-C stops everything it started, and nothing else.
+
+Everything lives under .work/playground/ (delete it to start afresh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / ".work" / "playground"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from airflow_env import start_airflow  # noqa: E402
+
+
+def port_or_free(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+def start_etcd(port: int) -> subprocess.Popen[bytes]:
+    etcd = shutil.which("etcd") or str(BIN / "etcd")
+    peer = port_or_free(port + 1)
+    data = WORK / "etcd"
+    url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
+    log = open(WORK / "etcd.log", "ab")  # noqa: SIM115 (lives as long as the process)
+    proc = subprocess.Popen(
+        [etcd, "--name", "playground", "--data-dir", str(data), "--listen-client-urls", url,
+         "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
+         "--initial-advertise-peer-urls", peer_url, "--initial-cluster",
+         f"playground={peer_url}", "--log-level", "warn"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"etcd exited; see {WORK / 'etcd.log'}") from None
+            time.sleep(0.2)
+    raise SystemExit("etcd did not start in 30 s")
+
+
+def stop_group(proc: subprocess.Popen[bytes] | None, name: str) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    print(f"stopping {name}", flush=True)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    etcd_port = port_or_free(2379)
+    airflow_port = port_or_free(8080)
+    metrics_port = port_or_free(9102)
+    env = dict(os.environ, RECONCILER_ETCD_ENDPOINTS=f"127.0.0.1:{etcd_port}",
+               RECONCILER_INTERVAL=os.environ.get("RECONCILER_INTERVAL", "2"))
+    etcd = airflow = reconciler = None
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        print(f"starting etcd on 127.0.0.1:{etcd_port}", flush=True)
+        etcd = start_etcd(etcd_port)
+        print(f"starting airflow standalone on 127.0.0.1:{airflow_port} (about 30 s)",
+              flush=True)
+        airflow = start_airflow(WORK / "airflow", airflow_port, extra_env={
+            # the optional listener plugin wakes the reconciler when a run ends
+            "RECONCILER_EVENTS_ETCD_URL": f"http://127.0.0.1:{etcd_port}",
+            "RECONCILER_EVENTS_PREFIX": "/reconciler/default/",
+        })
+        env.update(RECONCILER_AIRFLOW_URL=airflow.url,
+                   RECONCILER_AIRFLOW_USERNAME=airflow.username,
+                   RECONCILER_AIRFLOW_PASSWORD=airflow.password)
+        print("syncing pipelines/ of git HEAD into etcd", flush=True)
+        synced = subprocess.run([str(BIN / "reconciler"), "sync", "--repo", str(REPO),
+                                 "--rev", "HEAD", "--source", "playground"], env=env)
+        if synced.returncode not in (0,):
+            print("sync refused; the reconciler keeps the graph etcd already holds",
+                  flush=True)
+        print(f"""
+  Airflow UI   {airflow.url}   user {airflow.username}   password {airflow.password}
+  etcd         127.0.0.1:{etcd_port}
+  metrics      http://127.0.0.1:{metrics_port}/metrics   (/healthz, /readyz)
+  status       RECONCILER_ETCD_ENDPOINTS=127.0.0.1:{etcd_port} \\
+               RECONCILER_AIRFLOW_URL={airflow.url} RECONCILER_AIRFLOW_USERNAME=admin \\
+               RECONCILER_AIRFLOW_PASSWORD={airflow.password} .venv/bin/reconciler status
+  01_pipeline_init runs every minute; watch 02-07 follow it. Ctrl-C stops everything.
+""", flush=True)
+        reconciler = subprocess.Popen(
+            [str(BIN / "reconciler"), "run", "--http-port", str(metrics_port)], env=env,
+            start_new_session=True)
+        reconciler.wait()
+        return 0 if stopping else reconciler.returncode
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup
+        stop_group(reconciler, "the reconciler")
+        if airflow is not None:
+            print("stopping airflow", flush=True)
+            airflow.stop()
+        stop_group(etcd, "etcd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Helpers of the end-to-end tier: the reconciler as a real process (`reconciler run`)
+against the real etcd and the real `airflow standalone` of tests/fixtures/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from reconciler.airflow import AirflowClient
+from reconciler.settings import AirflowSettings, EtcdSettings
+from reconciler.state import DagRun, iso
+from reconciler.store import EtcdStore
+from reconciler.sync import sync
+
+REPO = Path(__file__).resolve().parents[2]
+DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
+        "06_pipeline", "07_pipeline"]
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T | None], timeout: float = 120.0, what: str = "",
+               every: float = 0.5) -> T:
+    """Poll until `check` returns something truthy (Flux's Eventually)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last})")
+
+
+class Bench:
+    """One test's world: a namespace in etcd, the graph synced into it, an Airflow client."""
+
+    def __init__(self, airflow: Any, etcd: EtcdSettings, repo: Path, log_dir: Path) -> None:
+        self.airflow = airflow
+        self.etcd = etcd
+        self.repo = repo
+        self.log_dir = log_dir
+        self.api = AirflowClient(AirflowSettings(url=airflow.url, username=airflow.username,
+                                                 password=airflow.password, timeout=10))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "RECONCILER_ETCD_ENDPOINTS": ",".join(self.etcd.endpoints),
+            "RECONCILER_ETCD_PREFIX": self.etcd.prefix,
+            "RECONCILER_NAMESPACE": self.etcd.namespace,
+            "RECONCILER_AIRFLOW_URL": self.airflow.url,
+            "RECONCILER_AIRFLOW_USERNAME": self.airflow.username,
+            "RECONCILER_AIRFLOW_PASSWORD": self.airflow.password,
+            "RECONCILER_INTERVAL": "0.5",
+            "RECONCILER_HTTP_PORT": "0",
+        })
+        env.update(extra)
+        return env
+
+    def start(self, **extra_env: str) -> subprocess.Popen[bytes]:
+        self.starts += 1
+        log = open(self.log_dir / f"reconciler-{self.starts}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "run"], env=self.env(**extra_env),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.process
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.process = None
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:]
+                         for p in sorted(self.log_dir.glob("reconciler-*.log")))
+
+    # --- Airflow side --------------------------------------------------------------------
+
+    def open_cycle(self, cycle: datetime, conf: dict[str, Any] | None = None) -> None:
+        """A root run for `cycle`, as Airflow's scheduler would create it."""
+        self.api.trigger("01_pipeline_init", f"e2e__{iso(cycle)}", cycle, conf or {})
+
+    def runs(self, dag_id: str, cycle: datetime) -> list[DagRun]:
+        return [r for r in (DagRun.from_api(x) for x in self.api.list_runs(
+                    dag_ids=[dag_id], logical_date_gte=cycle))
+                if r.logical_date == cycle]
+
+    def run(self, dag_id: str, cycle: datetime) -> DagRun | None:
+        runs = self.runs(dag_id, cycle)
+        assert len(runs) <= 1, f"{dag_id} has {len(runs)} runs in cycle {cycle}"
+        return runs[0] if runs else None
+
+    def finished(self, dag_id: str, cycle: datetime) -> DagRun | None:
+        run = self.run(dag_id, cycle)
+        return run if run is not None and run.state in ("success", "failed") else None
+
+    def wait_done(self, dag_id: str, cycle: datetime, timeout: float = 180.0,
+                  after: datetime | None = None) -> DagRun:
+        def check() -> DagRun | None:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"the reconciler exited ({self.process.returncode})\n"
+                                     f"{self.logs()}")
+            run = self.finished(dag_id, cycle)
+            if run is None or (after is not None and (run.end_date or after) <= after):
+                return None
+            return run
+
+        try:
+            return eventually(check, timeout, f"{dag_id} to finish in cycle {iso(cycle)}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- reconciler log ---\n{self.logs()}") from None
+
+
+@pytest.fixture
+def bench(airflow_server: Any, etcd_server: Any, tmp_path: Path) -> Iterator[Bench]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "e2e@example.com"],
+                 ["config", "user.name", "e2e"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    shutil.copytree(REPO / "pipelines", repo / "pipelines")
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "example graph"], cwd=repo, check=True)
+    etcd = EtcdSettings(endpoints=(etcd_server.endpoint,), prefix="e2e",
+                        namespace=f"n{uuid.uuid4().hex[:10]}")
+    with EtcdStore(etcd) as store:
+        # synced "a day ago", so that every cycle of the test is newer than the graph
+        result = sync(repo, "HEAD", "pipelines", store, source="e2e",
+                      now=datetime.now(UTC) - timedelta(days=1))
+        assert result.ok, result
+    b = Bench(airflow_server, etcd, repo, tmp_path)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+_minute = [0]
+
+
+def new_cycle() -> datetime:
+    """A fresh logical date inside the window, never used before in this session."""
+    _minute[0] += 1
+    base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=12)
+    return base + timedelta(minutes=_minute[0])
