@@ -1,8 +1,10 @@
 """The `reconciler` command line (click). Each module registers its commands on `main`."""
 
 import reconciler.cli.etcd_cmds  # noqa: F401  (registers sync, history)
-from reconciler.cli import checks_cmds  # noqa: F401  (registers validate, graph, diff)
-from reconciler.cli import loop_cmds  # noqa: F401  (registers run, plan, status)
+from reconciler.cli import (
+    checks_cmds,  # noqa: F401  (registers validate, graph, diff)
+    loop_cmds,  # noqa: F401  (registers run, plan, status)
+)
 from reconciler.cli.app import main
 
 __all__ = ["main"]

@@ -103,7 +103,8 @@ def test_a_failed_upstream_blocks_its_downstream_and_status_says_why(bench: Benc
     text = subprocess.run([sys.executable, "-m", "reconciler", "status", "--cycle",
                            iso(cycle)], env=bench.env(), capture_output=True, text=True,
                           timeout=60)
-    assert "06_pipeline" in text.stdout and "failed 04_pipeline" in text.stdout
+    assert "06_pipeline" in text.stdout
+    assert "failed 04_pipeline" in text.stdout
 
 
 def test_sigkill_between_intent_and_call_neither_duplicates_nor_loses(bench: Bench) -> None:

@@ -1,0 +1,162 @@
+"""`reconciler run`, `plan` and `status` as real processes against a real etcd and the
+fake Airflow: health endpoints, metrics, clean SIGTERM, dry runs, unreachable services."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reconciler.settings import EtcdSettings
+from reconciler.state import run_id_for
+from reconciler.store import EtcdStore
+from reconciler.sync import sync
+from tests.fakes.fake_airflow import FakeAirflow
+from tests.fixtures.etcd import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
+        "06_pipeline", "07_pipeline"]
+CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+
+
+@pytest.fixture
+def synced(tmp_path: Path, etcd_settings: EtcdSettings) -> EtcdSettings:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@example.com"],
+                 ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    shutil.copytree(REPO / "pipelines", repo / "pipelines")
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "g"], cwd=repo, check=True)
+    with EtcdStore(etcd_settings) as store:
+        assert sync(repo, "HEAD", "pipelines", store, source="t",
+                    now=datetime.now(UTC) - timedelta(days=1)).ok
+    return etcd_settings
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAirflow]:
+    with FakeAirflow(DAGS) as f:
+        f.add_run("01_pipeline_init", "scheduled__x", CYCLE, state="success",
+                  start_date=CYCLE, end_date=CYCLE + timedelta(seconds=5))
+        yield f
+
+
+def env(etcd: EtcdSettings, airflow_url: str) -> dict[str, str]:
+    return dict(os.environ, RECONCILER_ETCD_ENDPOINTS=",".join(etcd.endpoints),
+                RECONCILER_ETCD_PREFIX=etcd.prefix, RECONCILER_NAMESPACE=etcd.namespace,
+                RECONCILER_AIRFLOW_URL=airflow_url, RECONCILER_AIRFLOW_USERNAME="admin",
+                RECONCILER_AIRFLOW_PASSWORD="secret-pw", RECONCILER_INTERVAL="0.2")
+
+
+def cli(*args: str, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "reconciler", *args], env=environ,
+                          capture_output=True, text=True, timeout=60)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_for(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_plan_is_a_dry_run(synced: EtcdSettings, fake: FakeAirflow) -> None:
+    e = env(synced, fake.url)
+    proc = cli("plan", environ=e)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sorted(line.split()[1] for line in lines) == DAGS[1:5]
+    assert all(line.startswith("trigger ") for line in lines)
+    assert fake.runs("02_pipeline") == []  # nothing triggered
+    with EtcdStore(synced) as store:
+        assert store.read_ledger() == {}  # nothing written
+    data = json.loads(cli("plan", "--output", "json", environ=e).stdout)
+    assert {a["run_id"] for a in data["actions"]} == {run_id_for(CYCLE)}
+
+
+def test_status_names_what_each_pipeline_waits_for(synced: EtcdSettings,
+                                                   fake: FakeAirflow) -> None:
+    proc = cli("status", environ=env(synced, fake.url))
+    assert proc.returncode == 0, proc.stderr
+    assert "06_pipeline" in proc.stdout
+    assert "waiting for 02_pipeline" in proc.stdout
+
+
+def test_one_shot_commands_exit_2_fast_when_airflow_is_down(synced: EtcdSettings) -> None:
+    started = time.monotonic()
+    proc = cli("status", environ=env(synced, f"http://127.0.0.1:{free_port()}"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot connect to Airflow")
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_one_shot_commands_exit_2_fast_when_etcd_is_down(fake: FakeAirflow) -> None:
+    down = EtcdSettings(endpoints=(f"127.0.0.1:{free_port()}",))
+    proc = cli("plan", environ=env(down, fake.url))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: etcd at ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_serves_health_and_metrics_and_stops_cleanly_on_sigterm(
+        synced: EtcdSettings, fake: FakeAirflow) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "run", "--http-port",
+                             str(port), "--log-format", "json"], env=env(synced, fake.url),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: get(base + "/healthz")[0] == 200)
+        assert wait_for(lambda: get(base + "/readyz")[0] == 200)
+        wait_for(lambda: len(fake.runs("05_pipeline")) == 1)
+        status, metrics = get(base + "/metrics")
+        assert status == 200
+        assert 'reconciler_actions_total{kind="trigger",result="ok"} 4.0' in metrics
+        assert "reconciler_is_leader 1.0" in metrics
+        fake.faults = [("500", 0)] * 1000  # Airflow breaks: not ready, but alive
+        assert wait_for(lambda: get(base + "/readyz")[0] == 503)
+        assert get(base + "/healthz")[0] == 200
+        fake.faults = []
+        assert wait_for(lambda: get(base + "/readyz")[0] == 200, 90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    messages = [entry["message"] for entry in logs]
+    assert "triggered" in messages
+    assert "airflow unavailable, retrying" in messages
+    assert messages[-1] == "reconciler stopped"
+    # one line per state change, not per poll: the failure was logged once
+    assert messages.count("airflow unavailable, retrying") == 1
+    with EtcdStore(synced) as store:
+        assert store.leader() is None  # the lease was released on SIGTERM
