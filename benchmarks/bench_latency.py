@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -39,17 +38,7 @@ from reconciler.state import DagRun  # noqa: E402
 from reconciler.store import EtcdStore  # noqa: E402
 from reconciler.sync import read_synced_graph, sync  # noqa: E402
 from tests.fixtures.etcd import EtcdServer  # noqa: E402
-
-
-def git_repo(path: Path) -> Path:
-    path.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "b@example.com"],
-                 ["config", "user.name", "bench"]):
-        subprocess.run(["git", *args], cwd=path, check=True)
-    shutil.copytree(REPO / "pipelines", path / "pipelines")
-    subprocess.run(["git", "add", "."], cwd=path, check=True)
-    subprocess.run(["git", "commit", "-qm", "example"], cwd=path, check=True)
-    return path
+from tests.helpers import example_repo  # noqa: E402
 
 
 def runs_of_cycle(api: AirflowClient, cycle: datetime) -> dict[str, DagRun]:
@@ -127,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         work = Path(tmp)
-        repo = git_repo(work / "repo")
+        repo = example_repo(work / "repo")
         etcd = EtcdServer(work / "etcd").start()
         try:
             airflow = start_airflow(work / "airflow", extra_env={

@@ -4,7 +4,6 @@ against the real etcd and the real `airflow standalone` of tests/fixtures/."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from reconciler.settings import AirflowSettings, EtcdSettings
 from reconciler.state import DagRun, iso
 from reconciler.store import EtcdStore
 from reconciler.sync import sync
+from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
@@ -131,14 +131,7 @@ class Bench:
 
 @pytest.fixture
 def bench(airflow_server: Any, etcd_server: Any, tmp_path: Path) -> Iterator[Bench]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "e2e@example.com"],
-                 ["config", "user.name", "e2e"]):
-        subprocess.run(["git", *args], cwd=repo, check=True)
-    shutil.copytree(REPO / "pipelines", repo / "pipelines")
-    subprocess.run(["git", "add", "."], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "example graph"], cwd=repo, check=True)
+    repo = example_repo(tmp_path / "repo")
     etcd = EtcdSettings(endpoints=(etcd_server.endpoint,), prefix="e2e",
                         namespace=f"n{uuid.uuid4().hex[:10]}")
     with EtcdStore(etcd) as store:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from reconciler.settings import EtcdSettings
+from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,12 +23,7 @@ def cli(*args: str, cwd: Path, etcd: EtcdSettings) -> subprocess.CompletedProces
 
 def test_graph_from_etcd_matches_the_synced_commit(tmp_path: Path,
                                                    etcd_settings: EtcdSettings) -> None:
-    for args in (["init", "-q"], ["config", "user.email", "t@example.com"],
-                 ["config", "user.name", "t"]):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True)
-    shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
-    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
-    subprocess.run(["git", "commit", "-qm", "g"], cwd=tmp_path, check=True)
+    example_repo(tmp_path)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True,
                           capture_output=True, text=True).stdout.strip()
     missing = cli("graph", "--from-etcd", cwd=tmp_path, etcd=etcd_settings)

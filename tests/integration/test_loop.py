@@ -3,8 +3,6 @@ quiet passes, crashes between intent and call, two replicas, Airflow faults."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +16,7 @@ from reconciler.state import run_id_for
 from reconciler.store import EtcdStore
 from reconciler.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
@@ -27,15 +26,7 @@ EXTRACTS = ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"]
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    path.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "t@example.com"],
-                 ["config", "user.name", "t"]):
-        subprocess.run(["git", *args], cwd=path, check=True)
-    shutil.copytree(REPO / "pipelines", path / "pipelines")
-    subprocess.run(["git", "add", "."], cwd=path, check=True)
-    subprocess.run(["git", "commit", "-qm", "graph"], cwd=path, check=True)
-    return path
+    return example_repo(tmp_path / "repo")
 
 
 @pytest.fixture

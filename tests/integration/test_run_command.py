@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from reconciler.store import EtcdStore
 from reconciler.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.fixtures.etcd import free_port
+from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
@@ -33,14 +33,7 @@ CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta
 
 @pytest.fixture
 def synced(tmp_path: Path, etcd_settings: EtcdSettings) -> EtcdSettings:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "t@example.com"],
-                 ["config", "user.name", "t"]):
-        subprocess.run(["git", *args], cwd=repo, check=True)
-    shutil.copytree(REPO / "pipelines", repo / "pipelines")
-    subprocess.run(["git", "add", "."], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "g"], cwd=repo, check=True)
+    repo = example_repo(tmp_path / "repo")
     with EtcdStore(etcd_settings) as store:
         assert sync(repo, "HEAD", "pipelines", store, source="t",
                     now=datetime.now(UTC) - timedelta(days=1)).ok
