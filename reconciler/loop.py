@@ -296,7 +296,9 @@ class Reconciler:
 
     def _lose_leadership(self, why: str) -> None:
         if self.lease is not None:
-            event("lost leadership", logging.WARNING, holder=self.holder, why=why)
+            level = logging.INFO if why == "shutting down" else logging.WARNING
+            event("leadership released" if why == "shutting down" else "lost leadership",
+                  level, holder=self.holder, why=why)
         self.lease = None
         self.ledger = None
         self.metrics.leader.set(0)

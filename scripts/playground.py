@@ -87,7 +87,9 @@ def main() -> int:
         stopping = True
         raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background ignores SIGINT.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         print(f"starting etcd on 127.0.0.1:{etcd_port}", flush=True)
         etcd = start_etcd(etcd_port)
