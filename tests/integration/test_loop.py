@@ -255,3 +255,30 @@ def test_airflow_5xx_is_retried_and_nothing_is_lost(store: EtcdStore, fake: Fake
     converge(r, fake)
     for dag_id in DAGS[1:]:
         assert runs_of(fake, dag_id) == [run_id_for(CYCLE)]
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["local-path", "clone-url"])
+def test_pull_mode_syncs_new_commits_of_the_branch_itself(etcd_settings: EtcdSettings,
+                                                          tmp_path: Path, fake: FakeAirflow,
+                                                          as_url: bool) -> None:
+    from reconciler.cli.loop_cmds import _puller
+    from tests.helpers import git
+
+    origin = example_repo(tmp_path / "origin")
+    branch = git(origin, "rev-parse", "--abbrev-ref", "HEAD")
+    with EtcdStore(etcd_settings) as s:
+        source = f"file://{origin}" if as_url else str(origin)
+        pull = _puller(source, branch, "pipelines", str(tmp_path / "clone"), s)
+        r = Reconciler(s, client(fake), LoopSettings(), holder="puller", pull=pull,
+                       pull_interval=0)
+        r.run_pass()
+        assert r.desired is not None
+        assert r.desired.commit == git(origin, "rev-parse", "HEAD")
+        (origin / "pipelines" / "08_pipeline.yaml").write_text(
+            "dag_id: 08_pipeline\nowner: t\ndepends_on: [07_pipeline]\n")
+        git(origin, "add", ".")
+        git(origin, "commit", "-qm", "add 08")
+        r.head_dirty.set()  # what the etcd watch does in `run_forever`
+        r.run_pass()
+        assert r.desired.commit == git(origin, "rev-parse", "HEAD")
+        assert "08_pipeline" in r.desired.graph
