@@ -19,7 +19,7 @@ def git(cwd: Path, *args: str) -> str:
 def example_repo(path: Path) -> Path:
     """A new git repository at `path` whose one commit holds the shipped example graph."""
     path.mkdir(parents=True, exist_ok=True)
-    git(path, "init", "-q")
+    git(path, "init", "-q", "-b", "main")
     git(path, "config", "user.email", "test@example.com")
     git(path, "config", "user.name", "test")
     shutil.copytree(REPO / "pipelines", path / "pipelines")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from reconciler.diff import diff_graphs
 from reconciler.graph import Graph, Pipeline
+from tests.helpers import example_repo, git
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,21 +21,10 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=cwd, timeout=60)
 
 
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A git repository whose first commit holds the shipped example graph."""
-    git(tmp_path, "init", "-q", "-b", "main")
-    git(tmp_path, "config", "user.email", "test@example.com")
-    git(tmp_path, "config", "user.name", "test")
-    shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
-    git(tmp_path, "add", ".")
-    git(tmp_path, "commit", "-qm", "example graph")
-    return tmp_path
+    return example_repo(tmp_path)
 
 
 def write(repo: Path, name: str, text: str) -> None:
