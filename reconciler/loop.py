@@ -111,11 +111,14 @@ class RunCache:
         self.runs: dict[tuple[str, str], DagRun] = {}
         self.watermark: datetime | None = None
         self.listed_at: float | None = None
+        self.version = 0
+        """Bumped on every change of `runs`: an unchanged version means the same runs."""
 
     def relist(self, api: AirflowApi, dag_ids: set[str], since: datetime, mono: float,
                now: datetime) -> None:
         raw = api.list_runs(dag_ids=sorted(dag_ids), logical_date_gte=since)
         self.runs = {}
+        self.version += 1
         self._absorb(raw, dag_ids, now)
         self.listed_at = mono
 
@@ -139,6 +142,7 @@ class RunCache:
             key = (run.dag_id, run.run_id)
             if self.runs.get(key) != run:
                 self.runs[key] = run
+                self.version += 1
                 changed += 1
         if newest is None or not any(item.get("updated_at") for item in raw):
             # No updated_at in the answer (or nothing at all): fall back to our clock.
@@ -148,10 +152,14 @@ class RunCache:
 
     def put(self, run: DagRun) -> None:
         self.runs[(run.dag_id, run.run_id)] = run
+        self.version += 1
 
     def prune(self, oldest: datetime) -> None:
-        self.runs = {k: r for k, r in self.runs.items()
-                     if r.logical_date is None or r.logical_date >= oldest}
+        kept = {k: r for k, r in self.runs.items()
+                if r.logical_date is None or r.logical_date >= oldest}
+        if len(kept) != len(self.runs):
+            self.runs = kept
+            self.version += 1
 
 
 @dataclass
@@ -200,6 +208,9 @@ class Reconciler:
         self._retry_after: dict[tuple[datetime, str], float] = {}
         self._last_status: dict[tuple[datetime, str], tuple[str, str]] = {}
         self._cancel_watch: Callable[[], None] | None = None
+        self._plan_cache: tuple[tuple[str, int, int], Plan] | None = None
+        self._ledger_version = 0
+        self._recorded: Plan | None = None
         self._watches: list[Any] = []
 
     # --- the pass ---
@@ -216,10 +227,7 @@ class Reconciler:
         self._observe(now)
         if report.leader and self.ledger is None:
             self._load_ledger()
-        ledger = self.ledger if self.ledger is not None else self._read_ledger()
-        result = plan(self.desired.graph, self.runs.runs.values(), ledger, now,
-                      window=self.settings.window, since=self.desired.since,
-                      commit=self.desired.commit)
+        result = self._plan(now, leader=report.leader)
         report.plan = result
         if report.leader:
             for action in result.actions:
@@ -227,11 +235,11 @@ class Reconciler:
                     report.actions.append(action)
             if report.actions:
                 # Plan again on what the actions changed, so the recorded status is current.
-                result = plan(self.desired.graph, self.runs.runs.values(), self.ledger or {},
-                              now, window=self.settings.window, since=self.desired.since,
-                              commit=self.desired.commit)
+                result = self._plan(now, leader=True)
                 report.plan = result
-            self._record(result)
+            if result is not self._recorded:  # a reused plan was recorded already
+                self._record(result)
+                self._recorded = result
         self.metrics.passes.inc()
         self.metrics.open_cycles.set(len(result.cycles))
         report.airflow_requests = self.api.request_count - requests0
@@ -239,6 +247,27 @@ class Reconciler:
         self.metrics.airflow_requests.inc(report.airflow_requests)
         self.metrics.etcd_writes.inc(report.etcd_writes)
         return report
+
+    def _plan(self, now: datetime, *, leader: bool) -> Plan:
+        """plan() on the current inputs; a quiet pass reuses the last plan, because with
+        the same graph, runs and ledger only the window's lower edge can change it."""
+        assert self.desired is not None
+        if not leader or self.ledger is None:
+            self._plan_cache = None  # a standby reads the ledger it does not own each pass
+            return plan(self.desired.graph, self.runs.runs.values(), self._read_ledger(), now,
+                        window=self.settings.window, since=self.desired.since,
+                        commit=self.desired.commit)
+        key = (self.desired.commit, self.runs.version, self._ledger_version)
+        if self._plan_cache is not None:
+            cached_key, cached = self._plan_cache
+            if cached_key == key and all(c >= now - self.settings.window
+                                         for c in cached.cycles):
+                return cached
+        result = plan(self.desired.graph, self.runs.runs.values(), self.ledger, now,
+                      window=self.settings.window, since=self.desired.since,
+                      commit=self.desired.commit)
+        self._plan_cache = (key, result)
+        return result
 
     # --- desired state ---
 
@@ -344,6 +373,7 @@ class Reconciler:
 
     def _load_ledger(self) -> None:
         self.ledger = self._read_ledger()
+        self._ledger_version += 1
         self.observed = self.store.read_observed()
         self._forget_closed_cycles()
 
@@ -361,6 +391,7 @@ class Reconciler:
             self.store.delete_cycle(iso(cycle))
             event("closed cycle forgotten", cycle=iso(cycle))
         self.ledger = {k: v for k, v in self.ledger.items() if k[0] not in closed}
+        self._ledger_version += 1
         self.observed = {k: v for k, v in self.observed.items()
                          if parse_time(k[0]) not in closed}
 
@@ -368,6 +399,7 @@ class Reconciler:
         self.store.put_ledger(self.holder, iso(action.cycle), action.dag_id, entry.to_json())
         assert self.ledger is not None
         self.ledger[(action.cycle, action.dag_id)] = entry
+        self._ledger_version += 1
 
     # --- act ---
 

@@ -282,3 +282,27 @@ def test_pull_mode_syncs_new_commits_of_the_branch_itself(etcd_settings: EtcdSet
         r.run_pass()
         assert r.desired.commit == git(origin, "rev-parse", "HEAD")
         assert "08_pipeline" in r.desired.graph
+
+
+def test_a_quiet_pass_reuses_the_plan_and_a_change_replans(
+        store: EtcdStore, fake: FakeAirflow, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reconciler.loop as loop_module
+
+    calls = []
+    real_plan = loop_module.plan
+
+    def counting_plan(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_plan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop_module, "plan", counting_plan)
+    open_cycle(fake)
+    r = reconciler(store, fake)
+    converge(r, fake)
+    calls.clear()
+    r.run_pass()
+    r.run_pass()
+    assert calls == []  # nothing changed: the last plan stands
+    open_cycle(fake, CYCLE + timedelta(hours=1))  # a new root run arrives
+    assert sorted(a.dag_id for a in r.run_pass().actions) == DAGS[1:5]
+    assert calls
