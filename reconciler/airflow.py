@@ -1,17 +1,35 @@
 """The Airflow 3 REST client (API v2): the only module that talks HTTP to Airflow.
 
-Authentication: a JWT from `POST /auth/token` (fetched again once on a 401), or a static
-token. Every request has connect and read timeouts; connection errors, timeouts and 5xx
-answers are retried with capped exponential backoff and jitter (tenacity), 4xx never
-(except the single 401 refresh). Errors are typed by what the caller does next:
-AirflowUnavailable (retry later), AirflowAuthError (needs a human), AirflowNotFound,
-AirflowConflict. No message contains the password or a token.
+What it owns
+------------
+- Authentication: a JWT from `POST /auth/token` (answers 201 `{"access_token"}`), sent as
+  `Authorization: Bearer`; or a static token from the settings. With a username and
+  password, a 401 ("Token Expired") and a 403 "Invalid JWT token" (the API server's JWT
+  secret changed: a restart without a fixed secret, another replica) fetch a new token
+  once and repeat the request once. A static token is never refreshed.
+- Transport: connect and read timeouts on every request; connection errors, timeouts and
+  5xx answers are retried with capped exponential backoff and jitter (tenacity), at most
+  `settings.retries` attempts and never past a total deadline; 4xx is never retried.
+- Errors typed by what the caller does next: `AirflowUnavailable` (retry later),
+  `AirflowAuthError` (needs a human: credentials or permissions), `AirflowNotFound` (the
+  DAG or run is not in Airflow), `AirflowConflict` (another run holds the logical date),
+  all under `AirflowError`. No message ever contains the password or a token.
+
+Runs are returned as the API's own JSON dicts (they carry `dag_id`); `reconciler.state`
+parses them (`DagRun.from_api`). Facts this relies on, checked on Airflow 3.3.2, are in
+docs/airflow.md. Airflow 2 (API v1, basic auth) is not supported by this client.
+
+Retrying POSTs is safe here: a trigger carries a deterministic run id (a repeat answers 409
+and is adopted) and a repeated clear of a run only queues it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -21,17 +39,33 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
 )
 
 from reconciler.settings import AirflowSettings
-from reconciler.state import iso
+from reconciler.state import iso, parse_time
 
-PAGE_SIZE = 100  # Airflow's default maximum page size ([api] maximum_page_limit)
+PAGE_SIZE = 100
+"""Runs per page. `GET .../dagRuns` caps `limit` at `[api] maximum_page_limit` (100 by
+default); the batch `POST .../dagRuns/list` does not cap `page_limit`, 100 keeps pages small."""
+
+DEFAULT_DEADLINE = 30.0
+"""Seconds one call may take in all, retries and backoff included, unless told otherwise:
+a one-shot command must fail within seconds, not minutes."""
+
+CONNECT_TIMEOUT = 5.0
+"""Upper bound of the TCP connect timeout: a refused connection fails at once anyway, a
+black-holed address should not eat the whole read timeout."""
+
+# The 403 detail of a JWT that does not verify (signed with another secret); an expired
+# one answers 401 "Token Expired". Both are cured by a fresh token.
+_INVALID_JWT = "Invalid JWT token"
 
 
 class AirflowError(Exception):
-    """Base of the client's errors."""
+    """Base of the client's errors: an answer the reconciler cannot use as it is."""
 
 
 class AirflowUnavailable(AirflowError):
@@ -47,13 +81,16 @@ class AirflowNotFound(AirflowError):
 
 
 class AirflowConflict(AirflowError):
-    """409 that is not our own run: another run holds that logical date."""
+    """409 that is not our own run: another run already holds that logical date (or our
+    run id is taken by a run of another logical date). `existing` is that run, if found."""
+
+    def __init__(self, message: str, existing: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.existing = existing
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    """One failed attempt that is worth repeating (connection, timeout, 5xx)."""
 
 
 def _path(text: str) -> str:
@@ -62,129 +99,236 @@ def _path(text: str) -> str:
 
 
 class AirflowClient:
+    """Airflow 3 REST API v2. Not thread-safe (one `requests.Session`); one per loop."""
+
     def __init__(self, settings: AirflowSettings, session: requests.Session | None = None,
-                 *, backoff_initial: float = 0.5, backoff_max: float = 8.0) -> None:
+                 *, backoff_initial: float = 0.5, backoff_max: float = 8.0,
+                 deadline: float = DEFAULT_DEADLINE) -> None:
         self.settings = settings
         self.base = settings.url.rstrip("/")
         self.session = session or requests.Session()
-        self.session.trust_env = False  # never through a proxy from the environment
+        # Never through a proxy taken from the environment: Airflow is usually internal,
+        # and HTTP(S)_PROXY in a container must not see our bearer token.
+        self.session.trust_env = False
         self._token: str | None = settings.token
-        self.request_count = 0
         self._backoff = (backoff_initial, backoff_max)
+        self.deadline = deadline
+        self.request_count = 0
+        """HTTP requests sent (attempts, token requests included): the loop's cost metric."""
+        self.server_time: datetime | None = None
+        """The API server's clock (`Date` header, 1 s resolution) at the last answer: a
+        watermark for `updated_at_gte` that does not depend on our clock."""
 
     # --- transport --------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        """Defence in depth: an answer echoing the request (a 422) must not leak a secret."""
+        for secret in (self.settings.password, self.settings.token, self._token):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _who(self) -> str:
+        if self.settings.username and not self.settings.token:
+            return f"user {self.settings.username!r} at {self.base}"
+        return f"the token (RECONCILER_AIRFLOW_TOKEN) at {self.base}"
 
     def _fetch_token(self) -> str:
         s = self.settings
         if s.token:
             return s.token
         if not s.username or s.password is None:
-            raise AirflowAuthError(f"no Airflow credentials for {self.base}: set "
-                                   "RECONCILER_AIRFLOW_USERNAME and RECONCILER_AIRFLOW_PASSWORD "
-                                   "(or RECONCILER_AIRFLOW_TOKEN)")
-        response = self._send("POST", "/auth/token",
-                              json={"username": s.username, "password": s.password},
-                              auth=False)
+            raise AirflowAuthError(
+                f"no Airflow credentials for {self.base}: set RECONCILER_AIRFLOW_USERNAME and "
+                "RECONCILER_AIRFLOW_PASSWORD (or RECONCILER_AIRFLOW_TOKEN)")
+        response = self._send("POST", "/auth/token", auth=False,
+                              json={"username": s.username, "password": s.password})
         if response.status_code in (401, 403):
-            raise AirflowAuthError(f"Airflow at {self.base} refused the password of user "
-                                   f"{s.username!r} (HTTP {response.status_code}); check "
-                                   "RECONCILER_AIRFLOW_USERNAME/PASSWORD")
+            raise AirflowAuthError(
+                f"Airflow at {self.base} refused the password of user {s.username!r} "
+                f"(HTTP {response.status_code}); check RECONCILER_AIRFLOW_USERNAME and "
+                "RECONCILER_AIRFLOW_PASSWORD")
+        if response.status_code == 404:
+            raise AirflowNotFound(
+                f"{self.base}/auth/token does not exist: is {self.base} an Airflow 3 API "
+                "server with the simple or FAB auth manager? (set RECONCILER_AIRFLOW_TOKEN "
+                "for other auth managers)")
         if response.status_code >= 400:
             raise AirflowError(f"POST {self.base}/auth/token answered "
-                               f"{response.status_code}: {_detail(response)}")
-        return str(response.json()["access_token"])
+                               f"{response.status_code}: {self._detail(response)}")
+        try:
+            return str(response.json()["access_token"])
+        except (ValueError, KeyError, TypeError):
+            raise AirflowError(f"POST {self.base}/auth/token answered {response.status_code} "
+                               "without an access_token") from None
 
     def _send(self, method: str, path: str, *, auth: bool = True,
               **kwargs: Any) -> requests.Response:
         """One request with retries on connection errors, timeouts and 5xx."""
-        timeout = (min(5.0, self.settings.timeout), self.settings.timeout)
+        headers = {}
+        if auth:
+            if self._token is None:
+                # Before the retry loop: the token request has its own retries and deadline.
+                self._token = self._fetch_token()
+            headers["Authorization"] = f"Bearer {self._token}"
+        started = time.monotonic()
 
         def attempt() -> requests.Response:
-            headers = {}
-            if auth:
-                if self._token is None:
-                    self._token = self._fetch_token()
-                headers["Authorization"] = f"Bearer {self._token}"
+            remaining = self.deadline - (time.monotonic() - started)
+            if remaining <= 0:
+                raise _Retryable(f"{method} {self.base}{path}: no answer within "
+                                 f"{self.deadline:g} s")
+            # The read timeout never runs past the deadline: a hanging Airflow costs at
+            # most `deadline` seconds in all, whatever settings.retries says.
+            read = max(0.1, min(self.settings.timeout, remaining))
+            timeout = (min(CONNECT_TIMEOUT, read), read)
             self.request_count += 1
             try:
                 response = self.session.request(method, self.base + path, headers=headers,
                                                 timeout=timeout, **kwargs)
             except requests.Timeout:
                 raise _Retryable(f"{method} {self.base}{path} timed out after "
-                                 f"{self.settings.timeout:g} s") from None
+                                 f"{read:g} s") from None
             except requests.ConnectionError as exc:
                 raise _Retryable(f"cannot connect to Airflow at {self.base} "
                                  f"({type(exc).__name__})") from None
+            except (requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
+                # the answer broke off midway (an API server restarting): transient
+                raise _Retryable(f"{method} {self.base}{path}: the answer broke off "
+                                 f"({type(exc).__name__})") from None
+            except requests.RequestException as exc:
+                # InvalidURL, MissingSchema, ...: configuration, no retry can help
+                raise AirflowError(f"cannot send {method} to {self.base}{path} "
+                                   f"({type(exc).__name__}); check RECONCILER_AIRFLOW_URL"
+                                   ) from None
+            self._note_server_time(response)
             if response.status_code >= 500:
                 raise _Retryable(f"{method} {self.base}{path} answered "
-                                 f"{response.status_code}: {_detail(response)}")
+                                 f"{response.status_code}: {self._detail(response)}")
             return response
 
         retrying = Retrying(
-            stop=stop_after_attempt(max(1, self.settings.retries)),
-            wait=wait_exponential_jitter(multiplier=self._backoff[0], max=self._backoff[1],
-                                        jitter=self._backoff[0]),
+            stop=stop_after_attempt(max(1, self.settings.retries))
+            | stop_after_delay(self.deadline),
+            # exponential, capped, plus up to `initial` of jitter (spreads replicas apart)
+            wait=wait_exponential(multiplier=self._backoff[0], max=self._backoff[1])
+            + wait_random(0, self._backoff[0]),
             retry=retry_if_exception_type(_Retryable), reraise=False)
         try:
             return retrying(attempt)
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            message = last.message if isinstance(last, _Retryable) else str(last)
-            raise AirflowUnavailable(message) from None
+            raise AirflowUnavailable(self._redact(str(last))) from None
+
+    def _note_server_time(self, response: requests.Response) -> None:
+        date = response.headers.get("Date")
+        if not date:
+            return
+        # A malformed Date header only costs the server-side watermark.
+        with contextlib.suppress(TypeError, ValueError):
+            self.server_time = parsedate_to_datetime(date).astimezone(UTC)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """`_send` plus authentication: one token refresh, then 401/403 are errors."""
         response = self._send(method, path, **kwargs)
-        if response.status_code == 401 and not self.settings.token:
-            self._token = None  # expired: one fresh token, one more try
+        if self._stale_token(response) and not self.settings.token:
+            self._token = None  # expired or signed with an old secret: one fresh token
             response = self._send(method, path, **kwargs)
         if response.status_code == 401:
-            raise AirflowAuthError(f"Airflow at {self.base} refused the token of user "
-                                   f"{self.settings.username!r} (HTTP 401)")
+            what = ("set a fresh RECONCILER_AIRFLOW_TOKEN" if self.settings.token else
+                    "a freshly issued token was refused too; check the API server's "
+                    "[api_auth] JWT settings")
+            raise AirflowAuthError(f"Airflow refused {self._who()} (HTTP 401: "
+                                   f"{self._detail(response)}); {what}")
         if response.status_code == 403:
-            raise AirflowAuthError(f"user {self.settings.username!r} may not {method} {path} "
-                                   f"on {self.base} (HTTP 403); it needs a role that can "
-                                   "read and trigger DAG runs")
+            if self._detail(response) == _INVALID_JWT:
+                raise AirflowAuthError(f"Airflow did not accept the JWT of {self._who()} "
+                                       "(HTTP 403: Invalid JWT token); set a token issued by "
+                                       "this Airflow")
+            raise AirflowAuthError(
+                f"{self._who()} may not {method} {path} (HTTP 403); give it a role that can "
+                "read DAGs and read, trigger and clear DAG runs (Airflow role 'User', or "
+                "'user' with the simple auth manager)")
         return response
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    @staticmethod
+    def _stale_token(response: requests.Response) -> bool:
+        if response.status_code == 401:
+            return True
+        return response.status_code == 403 and _detail_of(response) == _INVALID_JWT
+
+    def _json(self, method: str, path: str, *, not_found: str | None = None,
+              **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)
         if response.status_code == 404:
-            raise AirflowNotFound(f"{method} {path}: not found in Airflow at {self.base} "
-                                  f"({_detail(response)})")
+            raise AirflowNotFound(not_found or f"{method} {path}: not found in Airflow at "
+                                               f"{self.base} ({self._detail(response)})")
         if response.status_code >= 400:
-            raise AirflowError(f"{method} {path} answered {response.status_code}: "
-                               f"{_detail(response)}")
-        return response.json() if response.content else {}
+            raise AirflowError(f"{method} {self.base}{path} answered {response.status_code}: "
+                               f"{self._detail(response)}")
+        try:
+            return response.json() if response.content else {}
+        except ValueError:
+            raise AirflowError(f"{method} {self.base}{path} answered {response.status_code} "
+                               "with a body that is not JSON: is this the Airflow API?") from None
+
+    def _detail(self, response: requests.Response) -> str:
+        return self._redact(_detail_of(response))
 
     # --- the API ------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """`GET /api/v2/monitor/health` (no auth): per component `{"status": "healthy"}`."""
         return dict(self._json("GET", "/api/v2/monitor/health", auth=False))
 
-    def list_runs(self, *, dag_ids: Iterable[str] | None = None,
+    def list_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,
                   logical_date_gte: datetime | None = None,
                   page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
-        """Runs of all DAGs (filtered to `dag_ids` here), every page; one request when
-        nothing changed since `updated_at_gte`."""
-        wanted = set(dag_ids) if dag_ids is not None else None
-        params: dict[str, Any] = {"limit": page_size, "order_by": "id"}
-        if updated_at_gte is not None:
-            params["updated_at_gte"] = iso(updated_at_gte)
-        if logical_date_gte is not None:
-            params["logical_date_gte"] = iso(logical_date_gte)
+        """Every run matching the filters (all pages), as the API's dicts, oldest id first.
+
+        With `updated_at_gte` (the incremental pass): `GET /api/v2/dags/~/dagRuns`, the only
+        form that filters on `updated_at`, with `dag_ids` applied here; one request when
+        nothing changed. Without it but with `dag_ids` (a full relist):
+        `POST /api/v2/dags/~/dagRuns/list`, which filters by DAG in Airflow, so the runs of
+        unrelated DAGs never cross the wire. Pages are ordered by `id`, which new runs only
+        extend, so a run created during the listing is not skipped.
+        """
+        if page_size < 1:
+            # Airflow answers `limit=0` with an empty page, not with its default size.
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        wanted = sorted(set(dag_ids)) if dag_ids is not None else None
+        if wanted == []:
+            return []
+        keep = set(wanted) if wanted is not None else None
         out: list[dict[str, Any]] = []
         offset = 0
         while True:
-            page = self._json("GET", "/api/v2/dags/~/dagRuns",
-                              params={**params, "offset": offset})
-            runs = page.get("dag_runs", [])
-            out.extend(r for r in runs if wanted is None or r.get("dag_id") in wanted)
+            if wanted is not None and updated_at_gte is None:
+                body: dict[str, Any] = {"dag_ids": wanted, "order_by": "id",
+                                        "page_offset": offset, "page_limit": page_size}
+                if logical_date_gte is not None:
+                    body["logical_date_gte"] = iso(logical_date_gte)
+                page = self._json("POST", "/api/v2/dags/~/dagRuns/list", json=body)
+            else:
+                params: dict[str, Any] = {"order_by": "id", "offset": offset,
+                                          "limit": page_size}
+                if updated_at_gte is not None:
+                    params["updated_at_gte"] = iso(updated_at_gte)
+                if logical_date_gte is not None:
+                    params["logical_date_gte"] = iso(logical_date_gte)
+                page = self._json("GET", "/api/v2/dags/~/dagRuns", params=params)
+            runs = page.get("dag_runs") or []
+            out.extend(r for r in runs if keep is None or r.get("dag_id") in keep)
             offset += len(runs)
-            if not runs or offset >= int(page.get("total_entries", 0)):
+            # total_entries, not a short page, ends the listing: GET caps the page size
+            # at the server's maximum_page_limit, which may be below page_size.
+            if not runs or offset >= int(page.get("total_entries") or 0):
                 return out
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        """One run, or None when Airflow has no such run (or no such DAG: both are 404)."""
         try:
             return dict(self._json("GET", f"/api/v2/dags/{_path(dag_id)}/dagRuns/"
                                           f"{_path(run_id)}"))
@@ -193,35 +337,74 @@ class AirflowClient:
 
     def trigger(self, dag_id: str, run_id: str, logical_date: datetime,
                 conf: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create the run; (run, True). If it exists already (409): (run, False)."""
+        """Create the run, queued: `(run, True)`. If this very run exists already (409, a
+        repeated or retried trigger): `(run, False)`, adopted.
+
+        Airflow 3 answers the same 409 when another run id holds the logical date (unique
+        `(dag_id, logical_date)`); that is `AirflowConflict` naming the other run.
+        """
+        if logical_date.tzinfo is None:
+            raise ValueError(f"logical_date must be timezone-aware, got {logical_date!r}")
         body = {"dag_run_id": run_id, "logical_date": iso(logical_date), "conf": dict(conf)}
         response = self._request("POST", f"/api/v2/dags/{_path(dag_id)}/dagRuns", json=body)
         if response.status_code == 409:
-            existing = self.get_run(dag_id, run_id)
-            if existing is None:
-                raise AirflowConflict(f"{dag_id} already has another run for logical date "
-                                      f"{iso(logical_date)} ({_detail(response)})")
-            return existing, False
+            return self._adopt(dag_id, run_id, logical_date), False
         if response.status_code == 404:
-            raise AirflowNotFound(f"DAG {dag_id!r} is not in Airflow at {self.base}: is the "
-                                  "DAG file deployed and parsed?")
+            raise AirflowNotFound(f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG "
+                                  "file deployed, parsed without import errors and not stale?")
         if response.status_code >= 400:
-            raise AirflowError(f"trigger {dag_id} {run_id} answered {response.status_code}: "
-                               f"{_detail(response)}")
-        return dict(response.json()), True
+            raise AirflowError(f"trigger of DAG {dag_id!r} run {run_id!r} answered "
+                               f"{response.status_code}: {self._detail(response)}")
+        try:
+            return dict(response.json()), True
+        except (ValueError, TypeError):
+            raise AirflowError(f"trigger of DAG {dag_id!r} run {run_id!r} answered "
+                               f"{response.status_code} with a body that is not a run"
+                               ) from None
 
-    def clear(self, dag_id: str, run_id: str) -> Any:
-        """Re-run a finished run (same run id, a new try)."""
-        return self._json("POST", f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/clear",
-                          json={"dry_run": False})
+    def _adopt(self, dag_id: str, run_id: str, logical_date: datetime) -> dict[str, Any]:
+        existing = self.get_run(dag_id, run_id)
+        if existing is not None:
+            if parse_time(existing.get("logical_date")) == logical_date.astimezone(UTC):
+                return existing
+            raise AirflowConflict(
+                f"DAG {dag_id!r} already has run {run_id!r} with logical date "
+                f"{existing.get('logical_date')}, not {iso(logical_date)}; that run was not "
+                "made by the reconciler: delete or rename it", existing)
+        holders = self.list_runs([dag_id], logical_date_gte=logical_date)
+        other = next((r for r in holders
+                      if parse_time(r.get("logical_date")) == logical_date.astimezone(UTC)),
+                     None)
+        named = f" (run {other['dag_run_id']!r})" if other else ""
+        raise AirflowConflict(
+            f"DAG {dag_id!r} already has another run for logical date {iso(logical_date)}"
+            f"{named}, so run {run_id!r} cannot be created (Airflow allows one run per "
+            "logical date)", other)
 
-    def unpause(self, dag_id: str) -> None:
-        self._json("PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False})
+    def clear(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        """Re-run a run: same run id, all tasks cleared. Answers the run, `queued` with
+        `start_date`/`end_date` null (a run still `running` stays `running`); its new
+        `end_date` comes when it finishes again. `dry_run` must be sent: it defaults to true.
+        """
+        return dict(self._json(
+            "POST", f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/clear",
+            json={"dry_run": False},
+            not_found=f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"))
+
+    def unpause(self, dag_id: str) -> dict[str, Any]:
+        """`PATCH /api/v2/dags/{dag_id}` `{"is_paused": false}`; answers the DAG."""
+        return dict(self._json(
+            "PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False},
+            not_found=f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG file "
+                      "deployed and parsed?"))
 
 
-def _detail(response: requests.Response) -> str:
+def _detail_of(response: requests.Response) -> str:
+    """The `detail` of an error answer, short. Airflow's 409/500 details are dicts."""
     try:
         detail = response.json().get("detail", response.text)
-    except ValueError:
+    except (ValueError, AttributeError):
         detail = response.text
+    if isinstance(detail, dict):
+        detail = detail.get("reason") or detail.get("message") or detail
     return str(detail)[:300]

@@ -1,8 +1,23 @@
 """Start and stop a real `airflow standalone` (Airflow 3, its own venv) on loopback.
 
-Used by the end-to-end fixtures, the latency benchmark and the playground. It imports
-nothing from the reconciler. Airflow pins many packages, so it lives in its own venv
-(`make airflow-venv`, default `.venv-airflow`, or $AIRFLOW_VENV).
+Used by the end-to-end fixture (tests/fixtures/airflow.py), the latency benchmark and the
+playground. It imports nothing from the reconciler and only the standard library, so it
+runs from any Python. Airflow pins many packages, so it lives in its own venv
+(`make airflow-venv`; default `.venv-airflow` in the repository, or $AIRFLOW_VENV).
+
+What it sets up, and why:
+- AIRFLOW_HOME in the given directory, SQLite (standalone's default), DAGs from
+  examples/dags, plugins from examples/plugins, no Airflow example DAGs.
+- The API server on 127.0.0.1:<port> only (standalone binds 0.0.0.0 otherwise), and
+  `[core] execution_api_server_url` pointing at that same port: without it every task
+  fails, because task processes report to http://localhost:8080/execution/ by default.
+- Known users of the simple auth manager, with passwords it chose, written to the file
+  `[core] simple_auth_manager_passwords_file` names (so nothing has to be read back from
+  `simple_auth_manager_passwords.json.generated`): `admin` (role admin), `reconciler`
+  (role user: the least the reconciler needs) and `viewer` (role viewer: read-only).
+- A fixed JWT secret per start (`jwt_secret`), so tests can tell tokens apart.
+- A fast dag-processor and scheduler: this is a test bench, not a deployment.
+- Its own process group (`start_new_session`), stopped as a whole by `stop()`.
 
     python scripts/airflow_env.py [--port 8080] [--home .work/airflow]   # runs until Ctrl-C
 """
@@ -17,22 +32,32 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_VENV = Path(os.environ.get("AIRFLOW_VENV", REPO / ".venv-airflow"))
+DEFAULT_VENV = Path(os.environ.get("AIRFLOW_VENV") or REPO / ".venv-airflow")
 USERNAME = "admin"
+ROLES = {"admin": "admin", "reconciler": "user", "viewer": "viewer"}
+"""The simple auth manager's users of the bench and their roles."""
+
+EXAMPLE_DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline",
+                "05_pipeline", "06_pipeline", "07_pipeline"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    # Loopback only: never through a proxy from the environment.
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
@@ -42,9 +67,16 @@ class AirflowProcess:
     venv: Path
     dags_folder: Path
     log_path: Path
-    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    users: dict[str, str] = field(
+        default_factory=lambda: {name: secrets.token_urlsafe(12) for name in ROLES})
+    """username -> password, for every user in ROLES."""
+    jwt_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    startup_seconds: float | None = None
+    """From the start of `airflow standalone` to healthy with every example DAG parsed."""
+    started_at: float | None = None
+    """time.monotonic() when `airflow standalone` was started."""
 
     @property
     def url(self) -> str:
@@ -54,6 +86,10 @@ class AirflowProcess:
     def username(self) -> str:
         return USERNAME
 
+    @property
+    def password(self) -> str:
+        return self.users[USERNAME]
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
         env.update({
@@ -61,18 +97,19 @@ class AirflowProcess:
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.dags_folder.parent / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
-            # Standalone binds 0.0.0.0 otherwise; tasks must reach the API server's own port.
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+                f"{name}:{role}" for name, role in ROLES.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
             "AIRFLOW__API__WORKERS": "1",
             # Quick to notice new DAG files and queued runs: this is a test bench.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "2",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
@@ -86,64 +123,81 @@ class AirflowProcess:
         env.update(self.extra_env)
         return env
 
+    @property
+    def passwords_file(self) -> Path:
+        return self.home / "passwords.json"
+
     def start(self) -> AirflowProcess:
         airflow = self.venv / "bin" / "airflow"
         if not airflow.exists():
-            raise RuntimeError(f"no Airflow at {airflow}: run `make airflow-venv` first")
+            raise RuntimeError(f"no Airflow at {airflow}: run `make airflow-venv` (or set "
+                               "AIRFLOW_VENV to the venv that has apache-airflow 3)")
         self.home.mkdir(parents=True, exist_ok=True)
-        # A known password for the simple auth manager's admin, kept by Airflow as it is.
-        (self.home / "passwords.json").write_text(json.dumps({USERNAME: self.password}))
+        # Airflow keeps a password that is already in the file and generates only the
+        # missing ones, so these stay the passwords of the users.
+        self.passwords_file.write_text(json.dumps(self.users))
+        self.passwords_file.chmod(0o600)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(airflow), "standalone"], env=self.env(), stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return self
 
-    def _get(self, path: str, token: str | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path)
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None,
+                timeout: float = 10.0) -> tuple[int, Any]:
+        """One JSON request; (status, decoded body or {}). HTTP errors are answers too."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
         if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            req.add_header("Authorization", f"Bearer {token}")
         try:
-            with opener.open(request, timeout=5) as response:
+            with _opener().open(req, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
-            return exc.code, {}
+            try:
+                return exc.code, json.loads(exc.read() or b"{}")
+            except ValueError:
+                return exc.code, {}
 
-    def token(self) -> str:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        request = urllib.request.Request(
-            self.url + "/auth/token", method="POST",
-            data=json.dumps({"username": USERNAME, "password": self.password}).encode(),
-            headers={"Content-Type": "application/json"})
-        with opener.open(request, timeout=10) as response:
-            return str(json.loads(response.read())["access_token"])
+    def _get(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        return self.request("GET", path, token=token)
+
+    def token(self, username: str = USERNAME) -> str:
+        status, body = self.request("POST", "/auth/token",
+                                    {"username": username, "password": self.users[username]})
+        if status != 201:
+            raise RuntimeError(f"POST /auth/token for {username!r} answered {status}: {body}")
+        return str(body["access_token"])
 
     def wait_ready(self, dag_ids: list[str], timeout: float = 240.0) -> float:
-        """Until the API is healthy and every DAG in `dag_ids` is parsed; returns seconds."""
-        started = time.monotonic()
-        deadline = started + timeout
+        """Until the API is healthy and every DAG in `dag_ids` is parsed; returns seconds
+        since `start()`."""
+        started = self.started_at if self.started_at is not None else time.monotonic()
+        deadline = time.monotonic() + timeout
         last = "not started"
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"airflow standalone exited:\n{self.tail()}")
+                raise RuntimeError(f"airflow standalone exited ({self.process.returncode}):\n"
+                                   f"{self.tail()}")
             try:
                 status, health = self._get("/api/v2/monitor/health")
-                if status == 200 and all(
-                        part.get("status") in ("healthy", None)
-                        for part in health.values() if isinstance(part, dict)):
-                    status, dags = self._get("/api/v2/dags?limit=1000", self.token())
+                parts = {k: v.get("status") for k, v in health.items() if isinstance(v, dict)}
+                if status == 200 and parts and all(s == "healthy" for s in parts.values()):
+                    status, dags = self._get("/api/v2/dags?limit=100", self.token())
                     found = {d["dag_id"] for d in dags.get("dags", [])}
-                    missing = set(dag_ids) - found
+                    missing = sorted(set(dag_ids) - found)
                     if status == 200 and not missing:
-                        return time.monotonic() - started
-                    last = f"DAGs not parsed yet: {sorted(missing)}"
+                        self.startup_seconds = time.monotonic() - started
+                        return self.startup_seconds
+                    last = f"DAGs not parsed yet: {missing}"
                 else:
-                    last = f"health {status}: {health}"
-            except (OSError, ValueError, KeyError) as exc:
-                last = str(exc)
-            time.sleep(1.0)
+                    last = f"health {status}: {parts or health}"
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                last = str(exc)  # not listening yet, or still starting up
+            time.sleep(0.5)
         raise RuntimeError(f"Airflow not ready after {timeout:.0f} s ({last}):\n{self.tail()}")
 
     def tail(self, lines: int = 60) -> str:
@@ -156,15 +210,16 @@ class AirflowProcess:
         """Stop the whole process group of `airflow standalone`, and nothing else."""
         if self.process is None:
             return
-        group = self.process.pid
+        group = self.process.pid  # start_new_session: the group id is standalone's pid
         try:
             os.killpg(group, signal.SIGTERM)
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
         except ProcessLookupError:
+            self.process.wait()
             return
-        # standalone's children (api-server workers, dag-processor) may outlive it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        # standalone's children (API server workers, dag-processor, task runners) may
+        # outlive it: wait for the group to empty, then kill what is left of it.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -179,15 +234,13 @@ class AirflowProcess:
             self.process.wait(10)
 
 
-EXAMPLE_DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline",
-                "05_pipeline", "06_pipeline", "07_pipeline"]
-
-
-def start_airflow(home: Path, port: int | None = None, *, venv: Path = DEFAULT_VENV,
+def start_airflow(home: Path, port: int | None = None, *, venv: Path | None = None,
                   dags_folder: Path = REPO / "examples" / "dags",
                   extra_env: dict[str, str] | None = None,
                   timeout: float = 240.0) -> AirflowProcess:
-    proc = AirflowProcess(home=home, port=port or free_port(), venv=venv,
+    """Start `airflow standalone` and wait until it is healthy with the example DAGs parsed.
+    On any failure the process group is stopped before the error is raised."""
+    proc = AirflowProcess(home=home, port=port or free_port(), venv=venv or DEFAULT_VENV,
                           dags_folder=dags_folder, log_path=home / "standalone.log",
                           extra_env=extra_env or {})
     proc.start()
@@ -199,18 +252,32 @@ def start_airflow(home: Path, port: int | None = None, *, venv: Path = DEFAULT_V
     return proc
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run airflow standalone on loopback.")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--home", type=Path, default=REPO / ".work" / "airflow")
     args = parser.parse_args()
+    # SIGTERM as Ctrl-C, so that the Airflow process group is stopped either way (also
+    # while starting: start_airflow stops it on any exception). A handler, not a blocked
+    # mask: the children must still receive SIGTERM from stop().
+    signal.signal(signal.SIGTERM, _interrupt)
     proc = start_airflow(args.home, args.port)
-    print(f"Airflow {proc.url}  user {proc.username}  password {proc.password}", flush=True)
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # A local bench: the passwords are shown so that a human can log in to the UI.
+        print(f"Airflow {proc.url} ready in {proc.startup_seconds:.1f} s", flush=True)
+        for name, role in ROLES.items():
+            print(f"  user {name:<10} role {role:<7} password {proc.users[name]}", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
         proc.stop()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,14 +1,20 @@
 """The shape shared by the seven dummy DAGs of the example graph (Airflow 3 style).
 
-Each is two short tasks. A run whose conf has {"fail": true} fails on purpose (the
-end-to-end tests use it). Dependencies between the DAGs are not here: they live in
-pipelines/ and the reconciler triggers the DAGs; nothing in DAG code knows about it.
+Each is two short tasks (about 1.5 s from queued to success on a laptop). The run's conf
+steers them, for tests and demos:
+
+- `{"fail": true}`: the second task fails, so the run ends `failed`;
+- `{"sleep": 5}`: the first task takes that many seconds, so the run stays `running`.
+
+Dependencies between the DAGs are not here: they live in pipelines/ and the reconciler
+triggers the DAGs; nothing in DAG code knows about it. (The folder `common/` is listed in
+`.airflowignore`, so Airflow imports it from the DAG files only.)
 """
 
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 
 from airflow.sdk import DAG, get_current_context, task
 
@@ -17,16 +23,19 @@ def example_dag(dag_id: str, schedule: str | None = None) -> DAG:
     with DAG(
         dag_id=dag_id,
         schedule=schedule,
-        start_date=datetime(2025, 1, 1),
+        # In the past, with catchup off: a scheduled DAG runs for the latest interval now.
+        start_date=datetime(2025, 1, 1, tzinfo=UTC),
         catchup=False,
-        is_paused_upon_creation=False,
+        is_paused_upon_creation=False,  # runs without a click in the UI
         tags=["reconciler-example"],
         max_active_runs=4,
+        doc_md=__doc__,
     ) as dag:
 
         @task
         def extract() -> str:
-            time.sleep(0.5)
+            conf = get_current_context()["dag_run"].conf or {}
+            time.sleep(float(conf.get("sleep", 0.5)))
             return dag_id
 
         @task
