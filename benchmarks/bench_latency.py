@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from airflow_env import start_airflow  # noqa: E402
 
-from reconciler.airflow import AirflowClient  # noqa: E402
-from reconciler.settings import AirflowSettings, EtcdSettings  # noqa: E402
-from reconciler.state import DagRun  # noqa: E402
-from reconciler.store import EtcdStore  # noqa: E402
-from reconciler.sync import read_synced_graph, sync  # noqa: E402
+from reconciler.adapters.airflow import AirflowClient  # noqa: E402
+from reconciler.adapters.store import EtcdStore  # noqa: E402
+from reconciler.core.settings import AirflowSettings, EtcdSettings  # noqa: E402
+from reconciler.core.state import DagRun  # noqa: E402
+from reconciler.service.sync import read_synced_graph, sync  # noqa: E402
 from tests.fixtures.etcd import EtcdServer  # noqa: E402
 from tests.helpers import example_repo  # noqa: E402
 

@@ -24,13 +24,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from synthetic import layered_graph, write_pipelines  # noqa: E402
 
-from reconciler.airflow import AirflowClient  # noqa: E402
-from reconciler.loop import Reconciler  # noqa: E402
-from reconciler.plan import plan  # noqa: E402
-from reconciler.settings import AirflowSettings, EtcdSettings, LoopSettings  # noqa: E402
-from reconciler.state import LedgerState, iso  # noqa: E402
-from reconciler.store import EtcdStore  # noqa: E402
-from reconciler.sync import sync  # noqa: E402
+from reconciler.adapters.airflow import AirflowClient  # noqa: E402
+from reconciler.adapters.store import EtcdStore  # noqa: E402
+from reconciler.core.plan import plan  # noqa: E402
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings  # noqa: E402
+from reconciler.core.state import LedgerState, iso  # noqa: E402
+from reconciler.service.loop import Reconciler  # noqa: E402
+from reconciler.service.sync import sync  # noqa: E402
 from tests.fakes.fake_airflow import FakeAirflow  # noqa: E402
 from tests.fixtures.etcd import EtcdServer  # noqa: E402
 

@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import layered_graph
 
-from reconciler.graph import Graph, Pipeline
-from reconciler.plan import plan
-from reconciler.state import (
+from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.plan import plan
+from reconciler.core.state import (
     ActionKind,
     DagRun,
     Fingerprint,

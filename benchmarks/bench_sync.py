@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from synthetic import layered_graph, write_pipelines  # noqa: E402
 
-from reconciler.store import EtcdStore  # noqa: E402
-from reconciler.sync import Status, sync  # noqa: E402
+from reconciler.adapters.store import EtcdStore  # noqa: E402
+from reconciler.service.sync import Status, sync  # noqa: E402
 from tests.fixtures.etcd import EtcdServer  # noqa: E402
 
 

@@ -7,15 +7,15 @@ from typing import Any
 
 import click
 
-from reconciler import diff as graph_diff
-from reconciler import render, report
-from reconciler.checks import MAX_GRAPH_BYTES, CheckResult, check_files
+from reconciler.adapters.sources import SourceError, read_commit, read_directory
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options
-from reconciler.graph import Graph
-from reconciler.settings import EtcdSettings
-from reconciler.sources import SourceError, read_commit, read_directory
-from reconciler.yamlload import MAX_FILE_BYTES
+from reconciler.core import diff as graph_diff
+from reconciler.core import render, report
+from reconciler.core.checks import MAX_GRAPH_BYTES, CheckResult, check_files
+from reconciler.core.graph import Graph
+from reconciler.core.settings import EtcdSettings
+from reconciler.core.yamlload import MAX_FILE_BYTES
 
 _limits = [
     click.option("--max-file-bytes", type=click.IntRange(min=1), default=MAX_FILE_BYTES,
@@ -89,8 +89,8 @@ def graph(directory: str, fmt: str, rev: str | None, repo: str, from_etcd: bool,
     """Print the graph of DIRECTORY (or of commit --rev): roots first, in a stable order."""
     commit = None
     if from_etcd:
-        from reconciler.store import StoreError, StoreNotFound
-        from reconciler.sync import read_synced_graph
+        from reconciler.adapters.store import StoreError, StoreNotFound
+        from reconciler.service.sync import read_synced_graph
 
         try:
             commit, g = read_synced_graph(etcd, rev)

@@ -15,7 +15,7 @@ import click
 
 from reconciler.cli.app import EXIT_ENVIRONMENT, EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options
-from reconciler.settings import EtcdSettings
+from reconciler.core.settings import EtcdSettings
 
 
 def default_source(environ: dict[str, str] | None = None) -> str:
@@ -57,10 +57,10 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
     Re-syncing the synced commit is a no-op. Exit 0 synced or no-op, 1 refused, 2 etcd
     unreachable or no such repository or commit.
     """
-    from reconciler.sources import SourceError
-    from reconciler.store import EtcdStore, StoreError, StoreRequestTooLarge
-    from reconciler.sync import Reason, Status
-    from reconciler.sync import sync as run_sync
+    from reconciler.adapters.sources import SourceError
+    from reconciler.adapters.store import EtcdStore, StoreError, StoreRequestTooLarge
+    from reconciler.service.sync import Reason, Status
+    from reconciler.service.sync import sync as run_sync
 
     try:
         with EtcdStore(etcd) as store:
@@ -94,8 +94,8 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
 @handle_errors
 def history(limit: int, output: str, etcd: EtcdSettings) -> None:
     """The synced commits, newest first: time, source, and whether the sync was forced."""
-    from reconciler.store import StoreError
-    from reconciler.sync import read_history
+    from reconciler.adapters.store import StoreError
+    from reconciler.service.sync import read_history
 
     try:
         entries = read_history(etcd, limit)

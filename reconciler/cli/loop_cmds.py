@@ -15,8 +15,8 @@ import click
 
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options
-from reconciler.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
-from reconciler.state import Plan, iso, parse_time
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
+from reconciler.core.state import Plan, iso, parse_time
 
 
 def _read_secret_file(path: str | None) -> str | None:
@@ -98,8 +98,8 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _open(etcd: EtcdSettings, airflow: AirflowSettings) -> tuple[Any, Any]:
-    from reconciler.airflow import AirflowClient
-    from reconciler.store import EtcdStore
+    from reconciler.adapters.airflow import AirflowClient
+    from reconciler.adapters.store import EtcdStore
 
     return EtcdStore(etcd), AirflowClient(airflow)
 
@@ -107,9 +107,9 @@ def _open(etcd: EtcdSettings, airflow: AirflowSettings) -> tuple[Any, Any]:
 def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
                 ) -> tuple[Plan, str]:
     """Observe everything once and plan, changing nothing (for `plan` and `status`)."""
-    from reconciler.airflow import AirflowError
-    from reconciler.loop import Reconciler
-    from reconciler.store import StoreError
+    from reconciler.adapters.airflow import AirflowError
+    from reconciler.adapters.store import StoreError
+    from reconciler.service.loop import Reconciler
 
     store, api = _open(etcd, airflow)
     try:
@@ -121,7 +121,7 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
         now = r.clock.now()
         r._observe(now)
         ledger = r._read_ledger()
-        from reconciler.plan import plan
+        from reconciler.core.plan import plan
 
         result = plan(r.desired.graph, r.runs.runs.values(), ledger, now, window=window,
                       since=r.desired.since, commit=r.desired.commit)
@@ -217,8 +217,8 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
 
     Stops cleanly on SIGTERM or SIGINT (the leader lease is released).
     """
-    from reconciler.loop import Reconciler
-    from reconciler.observability import Health, Metrics, event, serve_http, setup_logging
+    from reconciler.service.loop import Reconciler
+    from reconciler.service.observability import Health, Metrics, event, serve_http, setup_logging
 
     setup_logging(loop.log_format)
     store, api = _open(etcd, airflow)
@@ -255,8 +255,8 @@ def _puller(repo: str, branch: str, subdir: str, workdir: str | None, store: Any
     """Pull mode: fetch `branch` and sync its head commit (fast-forward only)."""
     import logging
 
-    from reconciler.observability import event
-    from reconciler.sync import sync
+    from reconciler.service.observability import event
+    from reconciler.service.sync import sync
 
     local = Path(repo)
     state: dict[str, Any] = {"last": None}

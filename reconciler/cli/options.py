@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from reconciler.settings import EtcdSettings
+from reconciler.core.settings import EtcdSettings
 
 F = Callable[..., Any]
 

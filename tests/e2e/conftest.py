@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from reconciler.airflow import AirflowClient
-from reconciler.settings import AirflowSettings, EtcdSettings
-from reconciler.state import DagRun, iso
-from reconciler.store import EtcdStore
-from reconciler.sync import sync
+from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.store import EtcdStore
+from reconciler.core.settings import AirflowSettings, EtcdSettings
+from reconciler.core.state import DagRun, iso
+from reconciler.service.sync import sync
 from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]

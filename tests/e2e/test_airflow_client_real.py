@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.airflow import AirflowClient, AirflowConflict, AirflowNotFound
-from reconciler.settings import AirflowSettings
-from reconciler.state import DagRun, run_id_for
+from reconciler.adapters.airflow import AirflowClient, AirflowConflict, AirflowNotFound
+from reconciler.core.settings import AirflowSettings
+from reconciler.core.state import DagRun, run_id_for
 from tests.e2e.conftest import eventually, new_cycle
 
 
@@ -70,8 +70,8 @@ def test_clear_reruns_with_a_new_end_date_and_incremental_listing_sees_it(
 
 def test_the_listener_plugin_writes_a_wake_up_into_etcd(api: AirflowClient,
                                                         etcd_server: Any) -> None:
-    from reconciler.settings import EtcdSettings
-    from reconciler.store import EtcdStore
+    from reconciler.adapters.store import EtcdStore
+    from reconciler.core.settings import EtcdSettings
     from tests.fixtures.airflow import EVENTS_PREFIX
 
     cycle = new_cycle()

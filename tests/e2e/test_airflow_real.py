@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import requests
 
-from reconciler.airflow import (
+from reconciler.adapters.airflow import (
     AirflowAuthError,
     AirflowClient,
     AirflowConflict,
     AirflowNotFound,
 )
-from reconciler.settings import AirflowSettings
-from reconciler.state import DagRun, run_id_for
+from reconciler.core.settings import AirflowSettings
+from reconciler.core.state import DagRun, run_id_for
 from tests.e2e.conftest import eventually, new_cycle
 from tests.fixtures.airflow import note
 

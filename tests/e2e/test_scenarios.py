@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from reconciler.state import iso, run_id_for
-from reconciler.store import EtcdStore
+from reconciler.adapters.store import EtcdStore
+from reconciler.core.state import iso, run_id_for
 from tests.e2e.conftest import DAGS, Bench, eventually, new_cycle
 
 DOWNSTREAM = DAGS[1:]

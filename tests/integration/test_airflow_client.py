@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from reconciler.airflow import (
+from reconciler.adapters.airflow import (
     AirflowAuthError,
     AirflowClient,
     AirflowConflict,
@@ -20,8 +20,8 @@ from reconciler.airflow import (
     AirflowNotFound,
     AirflowUnavailable,
 )
-from reconciler.settings import AirflowSettings
-from reconciler.state import DagRun, run_id_for
+from reconciler.core.settings import AirflowSettings
+from reconciler.core.state import DagRun, run_id_for
 from tests.fakes.fake_airflow import FakeAirflow, FakeRun
 
 PASSWORD = "s3cret-Pa55"

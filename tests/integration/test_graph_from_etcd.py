@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reconciler.settings import EtcdSettings
+from reconciler.core.settings import EtcdSettings
 from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]

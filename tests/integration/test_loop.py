@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.airflow import AirflowClient, AirflowUnavailable
-from reconciler.loop import Reconciler
-from reconciler.settings import AirflowSettings, EtcdSettings, LoopSettings
-from reconciler.state import run_id_for
-from reconciler.store import EtcdStore
-from reconciler.sync import sync
+from reconciler.adapters.airflow import AirflowClient, AirflowUnavailable
+from reconciler.adapters.store import EtcdStore
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.state import run_id_for
+from reconciler.service.loop import Reconciler
+from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.helpers import example_repo
 
@@ -286,7 +286,7 @@ def test_pull_mode_syncs_new_commits_of_the_branch_itself(etcd_settings: EtcdSet
 
 def test_a_quiet_pass_reuses_the_plan_and_a_change_replans(
         store: EtcdStore, fake: FakeAirflow, monkeypatch: pytest.MonkeyPatch) -> None:
-    import reconciler.loop as loop_module
+    import reconciler.service.loop as loop_module
 
     calls = []
     real_plan = loop_module.plan

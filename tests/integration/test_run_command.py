@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.settings import EtcdSettings
-from reconciler.state import run_id_for
-from reconciler.store import EtcdStore
-from reconciler.sync import sync
+from reconciler.adapters.store import EtcdStore
+from reconciler.core.settings import EtcdSettings
+from reconciler.core.state import run_id_for
+from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.fixtures.etcd import free_port
 from tests.helpers import example_repo

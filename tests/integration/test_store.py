@@ -1,4 +1,4 @@
-"""reconciler.store against real etcd servers: layout, guarded and fenced writes, leases,
+"""reconciler.adapters.store against real etcd servers: layout, guarded and fenced writes, leases,
 watches, failover, deadlines, user/password auth and TLS."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from reconciler.settings import EtcdSettings
-from reconciler.store import (
+from reconciler.adapters.store import (
     EtcdStore,
     HeadRecord,
     StoreAccessDenied,
@@ -20,6 +19,7 @@ from reconciler.store import (
     StoreRequestTooLarge,
     StoreUnavailable,
 )
+from reconciler.core.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdFactory, EtcdServer, free_port
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""reconciler.sync against a real etcd and real git repositories.
+"""reconciler.service.sync against a real etcd and real git repositories.
 
 Also home of the small git helpers the CLI tests import (`GitRepo`, `pipeline`).
 """
@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.settings import EtcdSettings
-from reconciler.sources import SourceError
-from reconciler.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
-from reconciler.sync import Reason, Status, read_history, read_since, read_synced_graph, sync
+from reconciler.adapters.sources import SourceError
+from reconciler.adapters.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
+from reconciler.core.settings import EtcdSettings
+from reconciler.service.sync import (
+    Reason,
+    Status,
+    read_history,
+    read_since,
+    read_synced_graph,
+    sync,
+)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -335,8 +342,8 @@ def test_ten_thousand_pipelines_sync(tmp_path: Path, store: EtcdStore) -> None:
 
 
 def test_the_batched_tree_reader_matches_read_tree_files(repo: GitRepo) -> None:
-    from reconciler.sources import open_repo, read_tree_files
-    from reconciler.sync import read_tree
+    from reconciler.adapters.sources import open_repo, read_tree_files
+    from reconciler.service.sync import read_tree
 
     repo.commit({
         **pipelines(("a",), ("b", "a")),

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from reconciler.adapters.store import EtcdStore
 from reconciler.cli import main
-from reconciler.settings import EtcdSettings
-from reconciler.store import EtcdStore
+from reconciler.core.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdFactory, EtcdServer, free_port
 from tests.integration.test_sync import GitRepo, pipeline, pipelines
 
@@ -232,7 +232,7 @@ def test_tls_options(tmp_path: Path, etcd_factory: EtcdFactory) -> None:
 
 RACER = """
 import sys, time
-import reconciler.store, reconciler.sync  # imported before the start, like the CLI
+import reconciler.adapters.store, reconciler.service.sync  # imported before the start, like the CLI
 from reconciler.cli import main
 start_at = float(sys.argv[1])
 time.sleep(max(0.0, start_at - time.time() - 0.05))

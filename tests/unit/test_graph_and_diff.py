@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.diff import diff_graphs
-from reconciler.graph import Graph, Pipeline
+from reconciler.core.diff import diff_graphs
+from reconciler.core.graph import Graph, Pipeline
 from tests.helpers import example_repo, git
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,11 +25,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from reconciler.checks import CheckResult, SourceFile, check_files
 from reconciler.cli import main
-from reconciler.problems import Problem
-from reconciler.spec import schema
-from reconciler.yamlload import MAX_DEPTH, MAX_FILE_BYTES, Document, load_document
+from reconciler.core.checks import CheckResult, SourceFile, check_files
+from reconciler.core.problems import Problem
+from reconciler.core.spec import schema
+from reconciler.core.yamlload import MAX_DEPTH, MAX_FILE_BYTES, Document, load_document
 
 T = TypeVar("T")
 FUZZ = settings(max_examples=400, deadline=None,

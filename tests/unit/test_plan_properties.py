@@ -47,9 +47,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_coverage
 from hypothesis import strategies as st
 
-from reconciler.graph import Graph, Pipeline
-from reconciler.plan import plan
-from reconciler.state import ActionKind, DagRun, LedgerEntry, LedgerState, Plan, State
+from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.plan import plan
+from reconciler.core.state import ActionKind, DagRun, LedgerEntry, LedgerState, Plan, State
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 WINDOW = timedelta(days=30)  # every cycle of a simulation stays open

@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reconciler.graph import Graph, Pipeline
-from reconciler.plan import plan
-from reconciler.state import (
+from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.plan import plan
+from reconciler.core.state import (
     Action,
     ActionKind,
     DagRun,

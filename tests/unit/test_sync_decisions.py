@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from reconciler.adapters.store import HeadRecord, decode_since, encode_since, parse_endpoint
 from reconciler.cli.etcd_cmds import default_source
 from reconciler.cli.options import etcd_settings, parse_endpoints
-from reconciler.settings import EtcdSettings
-from reconciler.store import HeadRecord, decode_since, encode_since, parse_endpoint
-from reconciler.sync import Ancestry, Reason, Status, build_head, carry_since, decide
+from reconciler.core.settings import EtcdSettings
+from reconciler.service.sync import Ancestry, Reason, Status, build_head, carry_since, decide
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 OLD, NEW = "a" * 40, "b" * 40

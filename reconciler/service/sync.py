@@ -20,13 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler.checks import PIPELINE_SUFFIXES, SourceFile, check_files
-from reconciler.graph import Graph
-from reconciler.problems import Problem
-from reconciler.settings import EtcdSettings
-from reconciler.sources import SourceError, open_repo, read_tree_files, resolve_commit
-from reconciler.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
-from reconciler.yamlload import MAX_FILE_BYTES
+from reconciler.adapters.sources import SourceError, open_repo, read_tree_files, resolve_commit
+from reconciler.adapters.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
+from reconciler.core.checks import PIPELINE_SUFFIXES, SourceFile, check_files
+from reconciler.core.graph import Graph
+from reconciler.core.problems import Problem
+from reconciler.core.settings import EtcdSettings
+from reconciler.core.yamlload import MAX_FILE_BYTES
 
 # Each retry follows a sync that moved the head: more than a few means something is
 # hammering the head, and the caller should hear about it rather than spin.

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from reconciler.graph import Graph, Pipeline
-from reconciler.problems import Problem
-from reconciler.spec import check_document
-from reconciler.yamlload import MAX_FILE_BYTES, Document, load_document
+from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.problems import Problem
+from reconciler.core.spec import check_document
+from reconciler.core.yamlload import MAX_FILE_BYTES, Document, load_document
 
 # etcd refuses requests over 1.5 MiB by default (--max-request-bytes); the graph blob and
 # the head go in one transaction, so keep the blob well below that.

@@ -101,8 +101,8 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from reconciler.graph import Graph, Pipeline
-from reconciler.state import (
+from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.state import (
     FAILED,
     QUEUED,
     SUCCESS,

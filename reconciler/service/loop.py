@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from reconciler.graph import Graph
-from reconciler.observability import Health, Metrics, event
-from reconciler.plan import plan
-from reconciler.settings import LoopSettings
-from reconciler.state import (
+from reconciler.adapters.store import EtcdStore, StoreConflict, StoreError
+from reconciler.core.graph import Graph
+from reconciler.core.plan import plan
+from reconciler.core.settings import LoopSettings
+from reconciler.core.state import (
     Action,
     ActionKind,
     DagRun,
@@ -40,7 +40,7 @@ from reconciler.state import (
     iso,
     parse_time,
 )
-from reconciler.store import EtcdStore, StoreConflict, StoreError
+from reconciler.service.observability import Health, Metrics, event
 
 # An incremental list asks for runs updated since the watermark minus this overlap, so a
 # run updated in the same instant as the previous answer is never missed.
@@ -88,7 +88,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
     kind "transient" = retry with backoff; "human" = needs someone (bad credentials, a
     DAG missing in Airflow), retried slowly; "lost-leadership" = stop acting now.
     """
-    from reconciler import airflow as af
+    from reconciler.adapters import airflow as af
 
     if isinstance(exc, StoreConflict):
         return "etcd", "lost-leadership"
@@ -284,7 +284,7 @@ class Reconciler:
         if not self.head_dirty.is_set() and self.desired is not None:
             return
         self.head_dirty.clear()
-        from reconciler.sync import read_since, read_synced_graph
+        from reconciler.service.sync import read_since, read_synced_graph
 
         head, _ = self.store.read_head()
         if head is None:

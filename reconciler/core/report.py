@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from reconciler.checks import CheckResult
+from reconciler.core.checks import CheckResult
 
 
 def _github_escape(text: str, *, prop: bool = False) -> str:

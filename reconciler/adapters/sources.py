@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from reconciler.checks import PIPELINE_SUFFIXES, SourceFile
-from reconciler.yamlload import MAX_FILE_BYTES
+from reconciler.core.checks import PIPELINE_SUFFIXES, SourceFile
+from reconciler.core.yamlload import MAX_FILE_BYTES
 
 
 class SourceError(Exception):

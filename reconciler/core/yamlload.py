@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.problems import Problem
+from reconciler.core.problems import Problem
 
 MAX_FILE_BYTES = 64 * 1024
 MAX_DEPTH = 32

@@ -15,11 +15,11 @@ from typing import Any
 
 import jsonschema
 
-from reconciler.graph import Pipeline
-from reconciler.problems import Problem
-from reconciler.yamlload import Document
+from reconciler.core.graph import Pipeline
+from reconciler.core.problems import Problem
+from reconciler.core.yamlload import Document
 
-_REPO_SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "pipeline.schema.json"
+_REPO_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "pipeline.schema.json"
 
 
 @cache

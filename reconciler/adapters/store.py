@@ -7,7 +7,7 @@ Layout under `/<prefix>/<namespace>/` (EtcdSettings.root, DESIGN section 4):
     desired/graphs/<commit>   gzip canonical graph JSON of that commit, never rewritten
     desired/since/<commit>    gzip JSON {dag_id: ISO time it first appeared in a synced head}
     desired/history/<seq>     JSON copy of the head record of sync number <seq> (10 digits)
-    ledger/<cycle>/<dag_id>   JSON ledger entry (reconciler.state.LedgerEntry)
+    ledger/<cycle>/<dag_id>   JSON ledger entry (reconciler.core.state.LedgerEntry)
     observed/<cycle>/<dag_id> JSON last observed Airflow state of that run
     leader                    holder id, bound to a lease
     events/<dag_id>/<run_id>  optional wake-ups (TTL'd)
@@ -52,8 +52,8 @@ import etcd3.watch
 import grpc
 from etcd3 import etcdrpc
 
-from reconciler.graph import Graph
-from reconciler.settings import EtcdSettings
+from reconciler.core.graph import Graph
+from reconciler.core.settings import EtcdSettings
 
 T = TypeVar("T")
 

@@ -8,8 +8,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from reconciler.graph import Graph
-from reconciler.render import mermaid_id, mermaid_label
+from reconciler.core.graph import Graph
+from reconciler.core.render import mermaid_id, mermaid_label
 
 # Above this many nodes the picture shows only the changed part and its neighbours.
 MAX_PICTURE_NODES = 150

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from reconciler.graph import Graph
+from reconciler.core.graph import Graph
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 

@@ -15,7 +15,7 @@ What it owns
   DAG or run is not in Airflow), `AirflowConflict` (another run holds the logical date),
   all under `AirflowError`. No message ever contains the password or a token.
 
-Runs are returned as the API's own JSON dicts (they carry `dag_id`); `reconciler.state`
+Runs are returned as the API's own JSON dicts (they carry `dag_id`); `reconciler.core.state`
 parses them (`DagRun.from_api`). Facts this relies on, checked on Airflow 3.3.2, are in
 docs/airflow.md. Airflow 2 (API v1, basic auth) is not supported by this client.
 
@@ -44,8 +44,8 @@ from tenacity import (
     wait_random,
 )
 
-from reconciler.settings import AirflowSettings
-from reconciler.state import iso, parse_time
+from reconciler.core.settings import AirflowSettings
+from reconciler.core.state import iso, parse_time
 
 PAGE_SIZE = 100
 """Runs per page. `GET .../dagRuns` caps `limit` at `[api] maximum_page_limit` (100 by
