@@ -26,12 +26,13 @@ and is adopted) and a repeated clear of a run only queues it again.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 from tenacity import (
@@ -44,6 +45,7 @@ from tenacity import (
     wait_random,
 )
 
+from reconciler.core.errors import NeedsHuman, ReconcilerError, RetryLater
 from reconciler.core.settings import AirflowSettings
 from reconciler.core.state import iso, parse_time
 
@@ -64,29 +66,36 @@ black-holed address should not eat the whole read timeout."""
 _INVALID_JWT = "Invalid JWT token"
 
 
-class AirflowError(Exception):
+class AirflowError(ReconcilerError):
     """Base of the client's errors: an answer the reconciler cannot use as it is."""
 
+    dependency = "airflow"
 
-class AirflowUnavailable(AirflowError):
+
+class AirflowUnavailable(AirflowError, RetryLater):
     """Connection refused, timeout or 5xx after the retries: try again later."""
 
 
-class AirflowAuthError(AirflowError):
+class AirflowAuthError(AirflowError, NeedsHuman):
     """401 after a fresh token, or 403: credentials or permissions need a human."""
 
 
-class AirflowNotFound(AirflowError):
+class AirflowNotFound(AirflowError, NeedsHuman):
     """404: the DAG (or run) is not in Airflow."""
 
 
-class AirflowConflict(AirflowError):
+class AirflowConflict(AirflowError, NeedsHuman):
     """409 that is not our own run: another run already holds that logical date (or our
     run id is taken by a run of another logical date). `existing` is that run, if found."""
 
     def __init__(self, message: str, existing: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.existing = existing
+
+
+class AirflowRejected(AirflowError, NeedsHuman):
+    """Any other answer that is not what the API gives: a 4xx, or a 200 that is not JSON
+    (an SSO login page in front of the API, a wrong URL)."""
 
 
 class _Retryable(Exception):
@@ -98,21 +107,42 @@ def _path(text: str) -> str:
     return quote(text, safe="")
 
 
+def redact_url(url: str) -> str:
+    """The URL without `user:password@`: what messages and logs may show."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
 class AirflowClient:
-    """Airflow 3 REST API v2. Not thread-safe (one `requests.Session`); one per loop."""
+    """Airflow 3 REST API v2. Thread-safe: one `requests.Session` per thread, so the
+    executor's concurrent triggers do not share a connection pool's state; the token is
+    shared (fetched under a lock)."""
 
     def __init__(self, settings: AirflowSettings, session: requests.Session | None = None,
                  *, backoff_initial: float = 0.5, backoff_max: float = 8.0,
                  deadline: float = DEFAULT_DEADLINE) -> None:
         self.settings = settings
-        self.base = settings.url.rstrip("/")
-        self.session = session or requests.Session()
-        # Never through a proxy taken from the environment: Airflow is usually internal,
-        # and HTTP(S)_PROXY in a container must not see our bearer token.
-        self.session.trust_env = False
+        self._url = settings.url.rstrip("/")
+        self.base = redact_url(self._url)
+        """The URL as messages show it: never with credentials."""
+        self._shared_session = session
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._token_lock = threading.Lock()
         self._token: str | None = settings.token
         self._backoff = (backoff_initial, backoff_max)
         self.deadline = deadline
+        self.last_contact: float | None = None
+        """time.monotonic() of the last HTTP answer of any kind (readiness)."""
+        self.last_failure: tuple[float, str] | None = None
+        """When and why the last call failed for want of Airflow (readiness)."""
+        self.sleep: Callable[[float], None] = time.sleep
+        """How retries wait (tests inject a fake clock's sleep)."""
         self.request_count = 0
         """HTTP requests sent (attempts, token requests included): the loop's cost metric."""
         self.server_time: datetime | None = None
@@ -120,6 +150,38 @@ class AirflowClient:
         watermark for `updated_at_gte` that does not depend on our clock."""
 
     # --- transport --------------------------------------------------------------------------
+
+    @property
+    def session(self) -> requests.Session:
+        if self._shared_session is not None:
+            return self._shared_session
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # Never through a proxy taken from the environment: Airflow is usually
+            # internal, and HTTP(S)_PROXY in a container must not see our bearer token.
+            session.trust_env = False
+            self._local.session = session
+        return session
+
+    @contextlib.contextmanager
+    def deadline_of(self, seconds: float) -> Iterator[None]:
+        """Calls made in this block (by this thread) give up after `seconds` in all,
+        retries included: the executor keeps every call inside the leader's lease."""
+        previous = getattr(self._local, "deadline", None)
+        self._local.deadline = max(0.1, seconds)
+        try:
+            yield
+        finally:
+            self._local.deadline = previous
+
+    def _deadline(self) -> float:
+        override = getattr(self._local, "deadline", None)
+        return self.deadline if override is None else min(self.deadline, override)
+
+    def _count(self) -> None:
+        with self._lock:
+            self.request_count += 1
 
     def _redact(self, text: str) -> str:
         """Defence in depth: an answer echoing the request (a 422) must not leak a secret."""
@@ -154,37 +216,42 @@ class AirflowClient:
                 "server with the simple or FAB auth manager? (set RECONCILER_AIRFLOW_TOKEN "
                 "for other auth managers)")
         if response.status_code >= 400:
-            raise AirflowError(f"POST {self.base}/auth/token answered "
+            raise AirflowRejected(f"POST {self.base}/auth/token answered "
                                f"{response.status_code}: {self._detail(response)}")
         try:
             return str(response.json()["access_token"])
         except (ValueError, KeyError, TypeError):
-            raise AirflowError(f"POST {self.base}/auth/token answered {response.status_code} "
+            raise AirflowRejected(f"POST {self.base}/auth/token answered {response.status_code} "
                                "without an access_token") from None
 
-    def _send(self, method: str, path: str, *, auth: bool = True,
+    def _send(self, method: str, path: str, *, auth: bool = True, retry: bool = True,
               **kwargs: Any) -> requests.Response:
         """One request with retries on connection errors, timeouts and 5xx."""
         headers = {}
         if auth:
-            if self._token is None:
+            token = self._token
+            if token is None:
                 # Before the retry loop: the token request has its own retries and deadline.
-                self._token = self._fetch_token()
-            headers["Authorization"] = f"Bearer {self._token}"
+                with self._token_lock:
+                    if self._token is None:
+                        self._token = self._fetch_token()
+                    token = self._token
+            headers["Authorization"] = f"Bearer {token}"
         started = time.monotonic()
+        deadline = self._deadline()
 
         def attempt() -> requests.Response:
-            remaining = self.deadline - (time.monotonic() - started)
+            remaining = deadline - (time.monotonic() - started)
             if remaining <= 0:
                 raise _Retryable(f"{method} {self.base}{path}: no answer within "
-                                 f"{self.deadline:g} s")
+                                 f"{deadline:g} s")
             # The read timeout never runs past the deadline: a hanging Airflow costs at
             # most `deadline` seconds in all, whatever settings.retries says.
             read = max(0.1, min(self.settings.timeout, remaining))
             timeout = (min(CONNECT_TIMEOUT, read), read)
-            self.request_count += 1
+            self._count()
             try:
-                response = self.session.request(method, self.base + path, headers=headers,
+                response = self.session.request(method, self._url + path, headers=headers,
                                                 timeout=timeout, **kwargs)
             except requests.Timeout:
                 raise _Retryable(f"{method} {self.base}{path} timed out after "
@@ -199,18 +266,20 @@ class AirflowClient:
                                  f"({type(exc).__name__})") from None
             except requests.RequestException as exc:
                 # InvalidURL, MissingSchema, ...: configuration, no retry can help
-                raise AirflowError(f"cannot send {method} to {self.base}{path} "
+                raise AirflowRejected(f"cannot send {method} to {self.base}{path} "
                                    f"({type(exc).__name__}); check RECONCILER_AIRFLOW_URL"
                                    ) from None
             self._note_server_time(response)
+            self.last_contact = time.monotonic()
             if response.status_code >= 500:
                 raise _Retryable(f"{method} {self.base}{path} answered "
                                  f"{response.status_code}: {self._detail(response)}")
             return response
 
+        attempts = max(1, self.settings.retries) if retry else 1
         retrying = Retrying(
-            stop=stop_after_attempt(max(1, self.settings.retries))
-            | stop_after_delay(self.deadline),
+            stop=stop_after_attempt(attempts) | stop_after_delay(deadline),
+            sleep=self.sleep,
             # exponential, capped, plus up to `initial` of jitter (spreads replicas apart)
             wait=wait_exponential(multiplier=self._backoff[0], max=self._backoff[1])
             + wait_random(0, self._backoff[0]),
@@ -218,8 +287,9 @@ class AirflowClient:
         try:
             return retrying(attempt)
         except RetryError as exc:
-            last = exc.last_attempt.exception()
-            raise AirflowUnavailable(self._redact(str(last))) from None
+            message = self._redact(str(exc.last_attempt.exception()))
+            self.last_failure = (time.monotonic(), message)
+            raise AirflowUnavailable(message) from None
 
     def _note_server_time(self, response: requests.Response) -> None:
         date = response.headers.get("Date")
@@ -265,12 +335,12 @@ class AirflowClient:
             raise AirflowNotFound(not_found or f"{method} {path}: not found in Airflow at "
                                                f"{self.base} ({self._detail(response)})")
         if response.status_code >= 400:
-            raise AirflowError(f"{method} {self.base}{path} answered {response.status_code}: "
+            raise AirflowRejected(f"{method} {self.base}{path} answered {response.status_code}: "
                                f"{self._detail(response)}")
         try:
             return response.json() if response.content else {}
         except ValueError:
-            raise AirflowError(f"{method} {self.base}{path} answered {response.status_code} "
+            raise AirflowRejected(f"{method} {self.base}{path} answered {response.status_code} "
                                "with a body that is not JSON: is this the Airflow API?") from None
 
     def _detail(self, response: requests.Response) -> str:
@@ -319,6 +389,9 @@ class AirflowClient:
                 if logical_date_gte is not None:
                     params["logical_date_gte"] = iso(logical_date_gte)
                 page = self._json("GET", "/api/v2/dags/~/dagRuns", params=params)
+            if not isinstance(page, dict):
+                raise AirflowRejected(f"the run list from {self.base} is not an object: is "
+                                      "this the Airflow API?")
             runs = page.get("dag_runs") or []
             out.extend(r for r in runs if keep is None or r.get("dag_id") in keep)
             offset += len(runs)
@@ -353,12 +426,12 @@ class AirflowClient:
             raise AirflowNotFound(f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG "
                                   "file deployed, parsed without import errors and not stale?")
         if response.status_code >= 400:
-            raise AirflowError(f"trigger of DAG {dag_id!r} run {run_id!r} answered "
+            raise AirflowRejected(f"trigger of DAG {dag_id!r} run {run_id!r} answered "
                                f"{response.status_code}: {self._detail(response)}")
         try:
             return dict(response.json()), True
         except (ValueError, TypeError):
-            raise AirflowError(f"trigger of DAG {dag_id!r} run {run_id!r} answered "
+            raise AirflowRejected(f"trigger of DAG {dag_id!r} run {run_id!r} answered "
                                f"{response.status_code} with a body that is not a run"
                                ) from None
 
@@ -381,15 +454,42 @@ class AirflowClient:
             f"{named}, so run {run_id!r} cannot be created (Airflow allows one run per "
             "logical date)", other)
 
-    def clear(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        """Re-run a run: same run id, all tasks cleared. Answers the run, `queued` with
-        `start_date`/`end_date` null (a run still `running` stays `running`); its new
-        `end_date` comes when it finishes again. `dry_run` must be sent: it defaults to true.
+    def clear(self, dag_id: str, run_id: str, *,
+              cleared_end: datetime | None = None) -> tuple[dict[str, Any], bool]:
+        """Re-run a finished run (same run id, all tasks cleared), at most once.
+
+        `POST .../clear` is not idempotent: a second one re-runs the run again. So it is
+        never retried blindly. When an attempt's answer is lost (timeout, dropped
+        connection, 5xx: it may have taken effect), the run is read first; if it has
+        restarted (queued or running, or an end date other than `cleared_end`, the one
+        this clear was decided on) the clear took effect and is not sent again.
+
+        Returns `(run, True)` when this call's POST answered, `(run, False)` when an
+        earlier attempt (or a clear before this call: a retry after a crash) had
+        already restarted it. `dry_run` must be sent: it defaults to true.
         """
-        return dict(self._json(
-            "POST", f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/clear",
-            json={"dry_run": False},
-            not_found=f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"))
+        path = f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/clear"
+        missing = f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"
+        started = time.monotonic()
+        deadline = self._deadline()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return dict(self._json("POST", path, json={"dry_run": False}, retry=False,
+                                       not_found=missing)), True
+            except AirflowUnavailable:
+                if attempt >= max(1, self.settings.retries) or \
+                        time.monotonic() - started >= deadline:
+                    raise
+            # The answer is lost: look before sending it again.
+            with self.deadline_of(max(0.1, deadline - (time.monotonic() - started))):
+                run = self.get_run(dag_id, run_id)
+            if run is None:
+                raise AirflowNotFound(missing)
+            if restarted(run, cleared_end):
+                return run, False
+            self.sleep(min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1)))
 
     def unpause(self, dag_id: str) -> dict[str, Any]:
         """`PATCH /api/v2/dags/{dag_id}` `{"is_paused": false}`; answers the DAG."""
@@ -397,6 +497,15 @@ class AirflowClient:
             "PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False},
             not_found=f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG file "
                       "deployed and parsed?"))
+
+
+def restarted(run: Mapping[str, Any], cleared_end: datetime | None) -> bool:
+    """Whether a run was re-run since it ended at `cleared_end`: queued or running
+    again, or finished with another end date. Airflow resets `end_date` on clear."""
+    if run.get("state") in ("queued", "running"):
+        return True
+    end = parse_time(run.get("end_date"))
+    return cleared_end is not None and end != cleared_end.astimezone(UTC)
 
 
 def _detail_of(response: requests.Response) -> str:

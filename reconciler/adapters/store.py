@@ -52,6 +52,13 @@ import etcd3.watch
 import grpc
 from etcd3 import etcdrpc
 
+from reconciler.core.errors import (
+    BadStoredData,
+    LostLeadership,
+    NeedsHuman,
+    ReconcilerError,
+    RetryLater,
+)
 from reconciler.core.graph import Graph
 from reconciler.core.settings import EtcdSettings
 
@@ -72,15 +79,17 @@ _SEQ_DIGITS = 10
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
 
-class StoreError(Exception):
+class StoreError(ReconcilerError):
     """Base of the store's errors; messages never contain the password."""
 
+    dependency = "etcd"
 
-class StoreUnavailable(StoreError):
+
+class StoreUnavailable(StoreError, RetryLater):
     """No endpoint answered in time: retry later (a one-shot command exits 2)."""
 
 
-class StoreAccessDenied(StoreUnavailable):
+class StoreAccessDenied(StoreError, NeedsHuman):
     """etcd refused the credentials or the permission: needs a human, not a retry."""
 
 
@@ -88,12 +97,31 @@ class StoreConflict(StoreError):
     """A guarded transaction's comparison failed: someone else wrote first."""
 
 
+class NotLeader(StoreConflict, LostLeadership):
+    """A fenced write found another holder of the leader key (or none)."""
+
+
 class StoreNotFound(StoreError):
     """The key asked for does not exist (e.g. a commit that was never synced)."""
 
 
-class StoreRequestTooLarge(StoreError):
+class StoreRequestTooLarge(StoreError, NeedsHuman):
     """A write would exceed etcd's request or transaction limits."""
+
+
+class StoreCorrupt(StoreError, BadStoredData):
+    """A stored value this version cannot read."""
+
+    def __init__(self, key: str, why: str) -> None:
+        BadStoredData.__init__(self, key, why)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in a range read's result for a value that is not JSON (quarantined)."""
+
+    key: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -187,6 +215,11 @@ class EtcdStore:
         self._lock = threading.RLock()
         self._client: Any = None  # etcd3.MultiEndpointEtcd3Client, built on first use
         self.writes = 0  # puts and transactions sent: the loop's metrics read this
+        self._writes_lock = threading.Lock()
+        self.last_contact: float | None = None
+        """time.monotonic() of the last answer from etcd (readiness)."""
+        self.last_failure: tuple[float, str] | None = None
+        """When and why the last call found no endpoint (readiness)."""
 
     # --- connection -----------------------------------------------------------------
 
@@ -289,7 +322,9 @@ class EtcdStore:
         reauthenticated = False
         for _ in range(len(self._endpoints) + 1):
             try:
-                return fn(self.client)
+                result = fn(self.client)
+                self.last_contact = time.monotonic()
+                return result
             except etcd3.exceptions.NoServerAvailableError as exc:
                 last = last or exc  # every endpoint failed: the reason is the last failure
                 break
@@ -321,8 +356,14 @@ class EtcdStore:
                         or "too many operations" in details:
                     raise StoreRequestTooLarge(f"etcd refused {what}: {details}") from None
                 raise StoreError(f"etcd refused {what}: {details}") from None
-        raise StoreUnavailable(f"etcd at {self._describe()} is unreachable during {what} "
-                               f"({_why(last)})")
+        message = (f"etcd at {self._describe()} is unreachable during {what} "
+                   f"({_why(last)})")
+        self.last_failure = (time.monotonic(), message)
+        raise StoreUnavailable(message)
+
+    def _count_write(self) -> None:
+        with self._writes_lock:
+            self.writes += 1
 
     def revision(self) -> int:
         """The cluster's current revision: it moves on every write, to any key."""
@@ -386,7 +427,7 @@ class EtcdStore:
         return [(meta.key.decode(), value or b"") for value, meta in items]
 
     def put(self, key: str, value: bytes, *, lease: Any = None) -> None:
-        self.writes += 1
+        self._count_write()
         self._call(f"put {key}", lambda c: c.put(key, value, lease=lease))
 
     def get_json(self, key: str) -> Any:
@@ -396,7 +437,7 @@ class EtcdStore:
         self.put(key, _dumps(data))
 
     def delete_prefix(self, prefix: str) -> None:
-        self.writes += 1
+        self._count_write()
         self._call(f"delete {prefix}", lambda c: c.delete_prefix(prefix))
 
     def put_if_revision(self, key: str, mod_revision: int, value: bytes,
@@ -411,7 +452,7 @@ class EtcdStore:
                                   failure=[])
             return bool(ok)
 
-        self.writes += 1
+        self._count_write()
         return self._call(f"transaction on {key}", txn)
 
     # --- desired state (sync) ------------------------------------------------------------
@@ -421,7 +462,10 @@ class EtcdStore:
         got = self.get(self.head_key())
         if got.value is None:
             return None, 0
-        return HeadRecord.from_dict(json.loads(got.value)), got.mod_revision
+        try:
+            return HeadRecord.from_dict(json.loads(got.value)), got.mod_revision
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreCorrupt(self.head_key(), _short(exc)) from None
 
     def write_sync(self, head: HeadRecord, expected_mod_revision: int,
                    graph_blob: bytes | None, since: Mapping[str, datetime]) -> None:
@@ -444,7 +488,12 @@ class EtcdStore:
 
     def read_graph(self, commit: str) -> Graph | None:
         blob = self.read_graph_blob(commit)
-        return None if blob is None else Graph.from_compressed(blob)
+        if blob is None:
+            return None
+        try:
+            return Graph.from_compressed(blob)
+        except Exception as exc:  # any decoding failure of stored bytes is bad data
+            raise StoreCorrupt(self.graph_key(commit), _short(exc)) from None
 
     def read_since_blob(self, commit: str) -> bytes | None:
         return self.get(self.since_key(commit)).value
@@ -452,7 +501,12 @@ class EtcdStore:
     def read_since(self, commit: str) -> dict[str, datetime]:
         """{dag_id: first synced} for that commit's graph ({} if none was written)."""
         blob = self.read_since_blob(commit)
-        return {} if blob is None else decode_since(blob)
+        if blob is None:
+            return {}
+        try:
+            return decode_since(blob)
+        except Exception as exc:
+            raise StoreCorrupt(self.since_key(commit), _short(exc)) from None
 
     def synced_commits(self, prefix: str) -> list[str]:
         """Full hashes of the synced graphs whose commit starts with `prefix`."""
@@ -480,21 +534,26 @@ class EtcdStore:
     def put_observed(self, cycle: str, dag_id: str, data: Mapping[str, Any]) -> None:
         self.put_json(self.observed_key(cycle, dag_id), dict(data))
 
-    def read_ledger(self, cycle: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-        """Every ledger entry (of one cycle, if given), keyed by (cycle, dag_id) as written."""
+    def read_ledger(self, cycle: str | None = None) -> dict[tuple[str, str], Any]:
+        """Every ledger entry (of one cycle, if given), keyed by (cycle, dag_id) as written.
+
+        A value that is not JSON comes back as `Unreadable` (the caller quarantines it)."""
         return self._read_cycles("ledger", cycle)
 
-    def read_observed(self, cycle: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    def read_observed(self, cycle: str | None = None) -> dict[tuple[str, str], Any]:
         return self._read_cycles("observed", cycle)
 
-    def _read_cycles(self, kind: str, cycle: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+    def _read_cycles(self, kind: str, cycle: str | None) -> dict[tuple[str, str], Any]:
         base = self.key(kind) + "/"
         prefix = self.key(kind, cycle) + "/" if cycle is not None else base
         out = {}
         for key, value in self.get_prefix(prefix):
             # dag ids never contain "/" (Airflow's rule), cycles are ISO strings: split once.
             found_cycle, _, dag_id = key[len(base):].rpartition("/")
-            out[(found_cycle, dag_id)] = json.loads(value)
+            try:
+                out[(found_cycle, dag_id)] = json.loads(value)
+            except ValueError as exc:
+                out[(found_cycle, dag_id)] = Unreadable(key, _short(exc))
         return out
 
     def put_fenced(self, holder: str, puts: list[tuple[str, bytes]]) -> bool:
@@ -508,19 +567,34 @@ class EtcdStore:
                                   failure=[])
             return bool(ok)
 
-        self.writes += 1
+        self._count_write()
         return self._call("fenced write", txn)
 
     def put_ledger(self, holder: str, cycle: str, dag_id: str, entry: Mapping[str, Any]) -> None:
         """Write a ledger entry only while `holder` leads; StoreConflict otherwise."""
         if not self.put_fenced(holder, [(self.ledger_key(cycle, dag_id), _dumps(entry))]):
-            raise StoreConflict(f"not the leader any more ({holder}); ledger entry for "
-                                f"{dag_id} {cycle} not written")
+            raise NotLeader(f"not the leader any more ({holder}); ledger entry for "
+                            f"{dag_id} {cycle} not written")
 
-    def delete_cycle(self, cycle: str) -> None:
-        """Forget a cycle that left the window (ledger and observed)."""
-        self.delete_prefix(self.key("ledger", cycle) + "/")
-        self.delete_prefix(self.key("observed", cycle) + "/")
+    def delete_cycle(self, holder: str, cycle: str) -> None:
+        """Forget a cycle that left the window (ledger and observed), fenced like every
+        write of the loop: a deposed leader cannot delete what the new one relies on."""
+        leader = self.leader_key()
+        ranges = []
+        for kind in ("ledger", "observed"):
+            prefix = self.key(kind, cycle) + "/"
+            ranges.append((prefix, etcd3.utils.prefix_range_end(prefix.encode())))
+
+        def txn(c: Any) -> bool:
+            ok, _ = c.transaction(
+                compare=[c.transactions.value(leader) == holder],
+                success=[c.transactions.delete(p, range_end=e) for p, e in ranges],
+                failure=[])
+            return bool(ok)
+
+        self._count_write()
+        if not self._call(f"delete cycle {cycle}", txn):
+            raise NotLeader(f"not the leader any more ({holder}); cycle {cycle} not deleted")
 
     # --- leader election -------------------------------------------------------------------
 
@@ -535,17 +609,18 @@ class EtcdStore:
                                   failure=[])
             return bool(ok)
 
-        self.writes += 1
+        self._count_write()
         if self._call("leader campaign", txn):
             return lease
         with contextlib.suppress(StoreError):
             self._call("lease revoke", lambda c: c.revoke_lease(lease.id))
         return None
 
-    def refresh(self, lease: Any) -> bool:
-        """Keep the lease alive; False when it expired (leadership is lost)."""
+    def refresh(self, lease: Any) -> float:
+        """Keep the lease alive; the seconds it has left (0 when it expired: leadership is
+        lost). The deadline of this call is the caller's: see Leadership."""
         responses = self._call("lease refresh", lambda c: list(c.refresh_lease(lease.id)))
-        return bool(responses) and responses[0].TTL > 0
+        return float(responses[0].TTL) if responses and responses[0].TTL > 0 else 0.0
 
     def leader(self) -> str | None:
         value = self.get(self.leader_key()).value
@@ -630,6 +705,10 @@ def _why(exc: BaseException | None) -> str:
     if exc is None:
         return "no endpoint tried"
     return str(exc) or type(exc).__name__
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _dumps(data: Any) -> bytes:

@@ -7,10 +7,14 @@ intent, calling Airflow, recording the result) and publishes the statuses.
 Cycles and the window
 ---------------------
 A cycle is the `logical_date` of a run of a root pipeline (runs with a null logical date
-never make a cycle). A cycle is open when `now - window <= cycle` (the boundary itself is
-open); a cycle in the future (a root run whose logical date is after `now`) is open too:
-its downstreams simply wait for it. Runs, ledger entries and statuses of closed cycles are
-never looked at, so a closed cycle is never touched.
+never make a cycle). A cycle is open while its root run is recent: queued, started or
+ended inside the window (`now - window <= t`, the boundary itself is open), whatever its
+logical date. So a weekly root on a data-interval timetable (logical date a week before
+it runs) and a backfill of last month are reconciled, and a cycle whose root runs are
+all older is never touched: its runs, ledger entries and statuses are not looked at. A
+root run with none of those times (never seen by Airflow's scheduler) is judged by its
+logical date. A cycle in the future (a root run whose logical date is after `now`) is
+open too: its downstreams simply wait for it.
 
 The run of P for cycle C is P's run whose `logical_date == C`. Airflow 3 restored the
 unique constraint on `(dag_id, logical_date)` (AIP-83 amendment, apache/airflow#46295), so
@@ -176,9 +180,10 @@ def plan(
     # Index the runs once: logical date -> dag_id -> the run of that pipeline.
     by_date: dict[datetime, dict[str, DagRun]] = {}
     opened: dict[datetime, datetime] = {}
+    recent: dict[datetime, datetime] = {}
     for run in runs:
         date = run.logical_date
-        if date is None or date < horizon:
+        if date is None:
             continue
         pipeline = pipelines.get(run.dag_id)
         if pipeline is None:
@@ -193,8 +198,12 @@ def plan(
             at = run.queued_at or run.start_date or date
             if date not in opened or at < opened[date]:
                 opened[date] = at
+            active = max((t for t in (run.queued_at, run.start_date, run.end_date)
+                          if t is not None), default=date)
+            if date not in recent or active > recent[date]:
+                recent[date] = active
 
-    cycles = sorted(opened)
+    cycles = sorted(c for c in opened if recent[c] >= horizon)
     order = graph.topological_order()
     upstreams = {d: tuple(sorted(pipelines[d].depends_on)) for d in order}
     actions: list[Action] = []
@@ -432,7 +441,8 @@ def _failed_list(causes: tuple[str, ...]) -> str:
 def _clear(dag_id: str, cycle: datetime, run: DagRun, fingerprint: Fingerprint, why: str,
            commit: str) -> Action:
     return Action(kind=ActionKind.CLEAR, dag_id=dag_id, cycle=cycle, run_id=run.run_id,
-                  fingerprint=fingerprint, reason=why, commit=commit)
+                  fingerprint=fingerprint, reason=why, commit=commit,
+                  cleared_end=run.end_date)
 
 
 def _adopt(dag_id: str, cycle: datetime, run: DagRun, fingerprint: Fingerprint, why: str,

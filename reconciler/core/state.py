@@ -194,9 +194,13 @@ class LedgerEntry:
     commit: str
     at: datetime
     state: LedgerState = LedgerState.DONE
+    cleared_end: datetime | None = None
+    """A clear: the end date of the run it re-runs. A retry whose run has another end
+    date (or is queued or running again) knows the clear took effect already."""
 
     def __post_init__(self) -> None:
         _require_aware("LedgerEntry", "at", self.at)
+        _require_aware("LedgerEntry", "cleared_end", self.cleared_end)
         # Normalise so that an entry built by hand with strs/tuples equals one read back.
         object.__setattr__(self, "action", ActionKind(self.action))
         object.__setattr__(self, "state", LedgerState(self.state))
@@ -215,6 +219,7 @@ class LedgerEntry:
             "commit": self.commit,
             "at": iso(self.at),
             "state": self.state.value,
+            **({"cleared_end": iso(self.cleared_end)} if self.cleared_end else {}),
         }
 
     @classmethod
@@ -230,6 +235,7 @@ class LedgerEntry:
             commit=str(data.get("commit", "")),
             at=at,
             state=LedgerState(data.get("state", LedgerState.DONE.value)),
+            cleared_end=parse_time(data.get("cleared_end")),
         )
 
 
@@ -253,6 +259,8 @@ class Action:
     reason: str
     conf: Mapping[str, Any] = field(default_factory=dict)
     commit: str = ""
+    cleared_end: datetime | None = None
+    """A clear: the end date of the run as observed when the clear was decided."""
 
     @property
     def logical_date(self) -> datetime:
@@ -265,7 +273,8 @@ class Action:
         After a trigger answered 409 the run is there already: record `done` all the same.
         """
         return LedgerEntry(run_id=self.run_id, action=self.kind, fingerprint=self.fingerprint,
-                           commit=self.commit, at=at, state=state)
+                           commit=self.commit, at=at, state=state,
+                           cleared_end=self.cleared_end)
 
 
 class State(enum.StrEnum):

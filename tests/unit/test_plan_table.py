@@ -637,13 +637,42 @@ def test_several_roots_the_opening_is_the_earliest_root_run() -> None:
 
 def test_window_boundary_is_open_and_older_cycles_are_never_touched() -> None:
     world = World(example_graph())
-    world.root_run()
-    at_edge = plan(world.graph, list(world.runs.values()), {}, C + WINDOW, window=WINDOW)
+    root = world.root_run()
+    assert root.end_date is not None
+    last = root.end_date  # the root run's latest activity: queued, started, ended
+    at_edge = plan(world.graph, list(world.runs.values()), {}, last + WINDOW, window=WINDOW)
     assert at_edge.cycles == (C,)
     assert len(at_edge.actions) == 4
     past = plan(world.graph, list(world.runs.values()), {},
-                C + WINDOW + timedelta(microseconds=1), window=WINDOW)
+                last + WINDOW + timedelta(microseconds=1), window=WINDOW)
     assert (past.cycles, past.actions, past.statuses) == ((), (), ())
+
+
+def test_a_cycle_is_open_while_its_root_run_is_recent_whatever_its_logical_date() -> None:
+    # A weekly root on a data-interval timetable: logical date = the interval's start,
+    # the run itself a week later. And a backfill of last month, run now.
+    weekly = C - timedelta(days=7)
+    backfill = C - timedelta(days=30)
+    world = World(example_graph())
+    world.root_run(cycle=weekly)
+    world.root_run(cycle=backfill)
+    result = world.plan()
+    assert result.cycles == (backfill, weekly)
+    extracts = ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"]
+    assert sorted(a.dag_id for a in result.actions if a.cycle == weekly) == extracts
+    assert sorted(a.dag_id for a in result.actions if a.cycle == backfill) == extracts
+    assert all(a.logical_date == a.cycle for a in result.actions)
+
+
+def test_a_cycle_whose_root_run_is_old_is_closed_even_if_downstream_runs_are_new() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.queue("02_pipeline", C, run_id="manual__x")  # someone runs an extract by hand
+    later = world.clock + WINDOW + timedelta(seconds=1)
+    world.queue("02_pipeline", C, run_id="manual__y")
+    result = plan(world.graph, list(world.runs.values()), {}, later, window=WINDOW)
+    assert result.cycles == ()
+    assert result.actions == ()
 
 
 def test_a_cycle_in_the_future_is_open_and_waits_for_its_root() -> None:
@@ -719,7 +748,10 @@ def test_output_is_deterministic_whatever_the_order_of_the_runs() -> None:
 def test_scenario_reconciler_off_triggers_every_missing_run_of_every_open_cycle_once() -> None:
     world = World(example_graph())
     cycles = [C + timedelta(hours=h) for h in (0, 6, 12)]
-    world.root_run(C - WINDOW - timedelta(hours=1))  # closed before the reconciler starts
+    old = C - WINDOW - timedelta(hours=1)
+    world.clock = old
+    world.root_run(old)  # ran, and left the window, before the reconciler starts
+    world.clock = C + timedelta(minutes=1)
     for cycle in cycles:
         world.root_run(cycle)
     world.clock = cycles[-1] + timedelta(hours=1)
