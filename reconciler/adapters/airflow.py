@@ -355,6 +355,7 @@ class AirflowClient:
     def list_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,
                   logical_date_gte: datetime | None = None,
+                  logical_date_lte: datetime | None = None,
                   page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
         """Every run matching the filters (all pages), as the API's dicts, oldest id first.
 
@@ -380,6 +381,8 @@ class AirflowClient:
                                         "page_offset": offset, "page_limit": page_size}
                 if logical_date_gte is not None:
                     body["logical_date_gte"] = iso(logical_date_gte)
+                if logical_date_lte is not None:
+                    body["logical_date_lte"] = iso(logical_date_lte)
                 page = self._json("POST", "/api/v2/dags/~/dagRuns/list", json=body)
             else:
                 params: dict[str, Any] = {"order_by": "id", "offset": offset,
@@ -388,6 +391,8 @@ class AirflowClient:
                     params["updated_at_gte"] = iso(updated_at_gte)
                 if logical_date_gte is not None:
                     params["logical_date_gte"] = iso(logical_date_gte)
+                if logical_date_lte is not None:
+                    params["logical_date_lte"] = iso(logical_date_lte)
                 page = self._json("GET", "/api/v2/dags/~/dagRuns", params=params)
             if not isinstance(page, dict):
                 raise AirflowRejected(f"the run list from {self.base} is not an object: is "

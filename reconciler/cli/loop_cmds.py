@@ -1,13 +1,19 @@
-"""`run` (the loop, the container's entrypoint), `plan` (dry run) and `status`."""
+"""`run` (the loop, the container's entrypoint), `plan` (dry run) and `status`.
+
+Every option has an environment variable; times accept durations (`30s`, `5m`, `2d`) or
+plain seconds. Settings that cannot work (an interval of 0, a lease under 2 s, a user
+without a password) exit 2 at start with one line, before anything connects.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +21,41 @@ import click
 
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options
+from reconciler.core.errors import ReconcilerError
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
 from reconciler.core.state import Plan, iso, parse_time
 
+ONE_SHOT_DEADLINE = 8.0
+"""Seconds a one-shot command (plan, status) gives each Airflow call, retries included:
+against a hung Airflow it answers within about 10 s."""
 
-def _read_secret_file(path: str | None) -> str | None:
-    return Path(path).read_text(encoding="utf-8").strip() if path else None
+
+def _read_secret_file(path: str | None, option: str) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        fail(f"{option} {path}: not a UTF-8 text file")
+    except OSError as exc:
+        fail(f"{option} {path}: cannot read it ({exc.strerror})")
+
+
+def _seconds(_ctx: click.Context, param: click.Parameter, value: Any) -> float | None:
+    """A duration (`30s`, `5m`, `1h`) or plain seconds -> seconds."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(str(value)).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,11 +65,11 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, airflow_url: str, airflow_username: str | None,
                 airflow_password_file: str | None, airflow_timeout: float,
                 **kwargs: Any) -> Any:
-        import os
-
-        password = (_read_secret_file(airflow_password_file)
+        password = (_read_secret_file(airflow_password_file, "--airflow-password-file")
                     or os.environ.get("RECONCILER_AIRFLOW_PASSWORD") or None)
         token = os.environ.get("RECONCILER_AIRFLOW_TOKEN") or None
+        if not airflow_timeout > 0:
+            fail(f"--airflow-timeout must be above 0 seconds, got {airflow_timeout:g}")
         kwargs["airflow"] = AirflowSettings(url=airflow_url.rstrip("/"),
                                             username=airflow_username, password=password,
                                             token=token, timeout=airflow_timeout)
@@ -48,21 +83,17 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="User for /auth/token [RECONCILER_AIRFLOW_USERNAME]; its password "
                      "comes from RECONCILER_AIRFLOW_PASSWORD (or a static token from "
                      "RECONCILER_AIRFLOW_TOKEN), never from a flag."),
-        click.option("--airflow-password-file", type=click.Path(dir_okay=False, exists=True),
-                     help="Read the Airflow password from this file."),
-        click.option("--airflow-timeout", type=float, default=10.0, show_default=True,
-                     help="Seconds for one Airflow request."),
+        click.option("--airflow-password-file", envvar="RECONCILER_AIRFLOW_PASSWORD_FILE",
+                     type=click.Path(dir_okay=False),
+                     help="Read the Airflow password from this file "
+                     "[RECONCILER_AIRFLOW_PASSWORD_FILE]."),
+        click.option("--airflow-timeout", envvar="RECONCILER_AIRFLOW_TIMEOUT", default="10",
+                     callback=_seconds, show_default=True,
+                     help="Seconds for one Airflow request [RECONCILER_AIRFLOW_TIMEOUT]."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
-
-
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> timedelta:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,84 +101,124 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, window: timedelta, interval: float, relist_interval: float,
-                lease_ttl: int, http_port: int, log_format: str, **kwargs: Any) -> Any:
-        kwargs["loop"] = LoopSettings(window=window, interval=interval,
-                                      relist_interval=relist_interval, lease_ttl=lease_ttl,
-                                      http_port=http_port, log_format=log_format)
+                lease_ttl: float, http_host: str, http_port: int, log_format: str,
+                concurrency: int, airflow_deadline: float | None, **kwargs: Any) -> Any:
+        try:
+            kwargs["loop"] = LoopSettings(
+                window=window, interval=interval, relist_interval=relist_interval,
+                lease_ttl=int(lease_ttl), http_host=http_host, http_port=http_port,
+                log_format=log_format, concurrency=concurrency,
+                call_deadline=airflow_deadline, pull_interval=kwargs.get("pull_interval")
+                or 30.0)
+        except ValueError as exc:
+            fail(str(exc))
         return func(*args, **kwargs)
 
     options = [
         click.option("--window", envvar="RECONCILER_WINDOW", default="2d", show_default=True,
-                     callback=_duration, help="Lookback: older cycles are never touched "
-                     "[RECONCILER_WINDOW]."),
-        click.option("--interval", envvar="RECONCILER_INTERVAL", type=float, default=5.0,
-                     show_default=True, help="Seconds between passes [RECONCILER_INTERVAL]."),
-        click.option("--relist-interval", envvar="RECONCILER_RELIST_INTERVAL", type=float,
-                     default=600.0, show_default=True,
-                     help="Seconds between full relists of the runs."),
-        click.option("--lease-ttl", envvar="RECONCILER_LEASE_TTL", type=int, default=10,
-                     show_default=True, help="Seconds of the leader lease."),
+                     callback=_duration, help="Lookback: a cycle is open while its root run "
+                     "was queued, started or ended this recently [RECONCILER_WINDOW]."),
+        click.option("--interval", envvar="RECONCILER_INTERVAL", default="5",
+                     callback=_seconds, show_default=True,
+                     help="Seconds between passes [RECONCILER_INTERVAL]."),
+        click.option("--relist-interval", envvar="RECONCILER_RELIST_INTERVAL", default="600",
+                     callback=_seconds, show_default=True,
+                     help="Seconds between full relists of the runs "
+                     "[RECONCILER_RELIST_INTERVAL]."),
+        click.option("--lease-ttl", envvar="RECONCILER_LEASE_TTL", default="10",
+                     callback=_seconds, show_default=True,
+                     help="Seconds of the leader lease [RECONCILER_LEASE_TTL]."),
+        click.option("--airflow-deadline", envvar="RECONCILER_AIRFLOW_DEADLINE", default=None,
+                     callback=_seconds, help="Seconds one action's Airflow call may take in "
+                     "all, retries included (default: a third of the lease) "
+                     "[RECONCILER_AIRFLOW_DEADLINE]."),
+        click.option("--concurrency", envvar="RECONCILER_CONCURRENCY", type=int, default=8,
+                     show_default=True, help="Actions of one pass in flight at once "
+                     "[RECONCILER_CONCURRENCY]."),
+        click.option("--http-host", envvar="RECONCILER_HTTP_HOST", default="127.0.0.1",
+                     show_default=True, help="Address of /healthz, /readyz, /metrics; "
+                     "0.0.0.0 in a container [RECONCILER_HTTP_HOST]."),
         click.option("--http-port", envvar="RECONCILER_HTTP_PORT", type=int, default=9102,
-                     show_default=True, help="Port of /healthz, /readyz, /metrics (0: off)."),
+                     show_default=True, help="Port of /healthz, /readyz, /metrics (0: off) "
+                     "[RECONCILER_HTTP_PORT]."),
         click.option("--log-format", envvar="RECONCILER_LOG_FORMAT",
-                     type=click.Choice(["text", "json"]), default="text", show_default=True),
+                     type=click.Choice(["text", "json"]), default="text", show_default=True,
+                     help="[RECONCILER_LOG_FORMAT]"),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
 
 
-def _open(etcd: EtcdSettings, airflow: AirflowSettings) -> tuple[Any, Any]:
-    from reconciler.adapters.airflow import AirflowClient
+def _open(etcd: EtcdSettings, airflow: AirflowSettings, *,
+          deadline: float | None = None) -> tuple[Any, Any]:
+    from reconciler.adapters.airflow import DEFAULT_DEADLINE, AirflowClient
     from reconciler.adapters.store import EtcdStore
 
-    return EtcdStore(etcd), AirflowClient(airflow)
+    return EtcdStore(etcd), AirflowClient(airflow, deadline=deadline or DEFAULT_DEADLINE)
+
+
+def _require_credentials(airflow: AirflowSettings) -> None:
+    if airflow.token:
+        return
+    if not airflow.username:
+        fail("no Airflow credentials: set RECONCILER_AIRFLOW_USERNAME and "
+             "RECONCILER_AIRFLOW_PASSWORD (or RECONCILER_AIRFLOW_TOKEN)")
+    if airflow.password is None:
+        fail(f"Airflow user {airflow.username!r} has no password: set "
+             "RECONCILER_AIRFLOW_PASSWORD (or --airflow-password-file)")
 
 
 def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
                 ) -> tuple[Plan, str]:
     """Observe everything once and plan, changing nothing (for `plan` and `status`)."""
-    from reconciler.adapters.airflow import AirflowError
-    from reconciler.adapters.store import StoreError
-    from reconciler.service.loop import Reconciler
+    from reconciler.adapters.clock import SystemClock
+    from reconciler.core.plan import plan
+    from reconciler.service.observer import Observer
 
-    store, api = _open(etcd, airflow)
+    _require_credentials(airflow)
+    store, api = _open(etcd, airflow, deadline=ONE_SHOT_DEADLINE)
     try:
-        r = Reconciler(store, api, LoopSettings(window=window))
-        r._load_desired()
-        if r.desired is None:
+        settings = LoopSettings(window=window)
+        observer = Observer(store, api, settings, SystemClock())
+        seen = observer.observe(with_ledger=False)
+        if seen.desired is None:
             fail("no graph has been synced to etcd yet: run `reconciler sync` first",
                  EXIT_FAILED)
-        now = r.clock.now()
-        r._observe(now)
-        ledger = r._read_ledger()
-        from reconciler.core.plan import plan
-
-        result = plan(r.desired.graph, r.runs.runs.values(), ledger, now, window=window,
-                      since=r.desired.since, commit=r.desired.commit)
-        return result, r.desired.commit
-    except StoreError as exc:
-        fail(str(exc))
-    except AirflowError as exc:
+        ledger = observer.read_ledger()
+        result = plan(seen.desired.graph, seen.runs.values(), ledger, seen.now,
+                      window=window, since=seen.desired.since, commit=seen.desired.commit)
+        return result, seen.desired.commit
+    except ReconcilerError as exc:
         fail(str(exc))
     finally:
         store.close()
 
 
+def _window_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--window", envvar="RECONCILER_WINDOW", default="2d",
+                        callback=_duration, show_default=True,
+                        help="Lookback [RECONCILER_WINDOW].")(func)
+
+
+def _output_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-o", "--output", "--format", "output", envvar="RECONCILER_OUTPUT",
+                        type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="[RECONCILER_OUTPUT]")(func)
+
+
 @main.command("plan")
 @etcd_options
 @airflow_options
-@click.option("--window", envvar="RECONCILER_WINDOW", default="2d", callback=_duration,
-              show_default=True, help="Lookback [RECONCILER_WINDOW].")
-@click.option("--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+@_window_option
+@_output_option
 @handle_errors
 def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
                  output: str) -> None:
     """What the loop would do now (a dry run: nothing is written or triggered)."""
     result, commit = _fresh_plan(etcd, airflow, window)
     if output == "json":
-        click.echo(json.dumps({"commit": commit, "actions": [
+        click.echo(json.dumps({"kind": "Plan", "commit": commit, "actions": [
             {"kind": a.kind.value, "dag_id": a.dag_id, "cycle": iso(a.cycle),
              "run_id": a.run_id, "reason": a.reason} for a in result.actions]}, indent=2))
         return
@@ -161,11 +232,10 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
 @main.command()
 @etcd_options
 @airflow_options
-@click.option("--window", envvar="RECONCILER_WINDOW", default="2d", callback=_duration,
-              show_default=True, help="Lookback [RECONCILER_WINDOW].")
-@click.option("--cycle", help="Only this cycle (its logical date, ISO 8601).")
-@click.option("--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+@_window_option
+@click.option("--cycle", envvar="RECONCILER_CYCLE",
+              help="Only this cycle (its logical date, ISO 8601) [RECONCILER_CYCLE].")
+@_output_option
 @handle_errors
 def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
            cycle: str | None, output: str) -> None:
@@ -181,7 +251,8 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         if not statuses:
             fail(f"no open cycle {cycle}", EXIT_FAILED)
     if output == "json":
-        click.echo(json.dumps({"commit": commit, "cycles": [iso(c) for c in result.cycles],
+        click.echo(json.dumps({"kind": "Status", "commit": commit,
+                               "cycles": [iso(c) for c in result.cycles],
                                "statuses": [s.to_json() for s in statuses]}, indent=2))
         return
     by_cycle: dict[datetime, list[Any]] = {}
@@ -199,17 +270,21 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
 @main.command()
 @etcd_options
 @airflow_options
-@loop_options
 @click.option("--repo", envvar="RECONCILER_REPO", default=None,
               help="Pull mode: a git URL or path; new commits of --branch are synced by "
-              "the loop itself [RECONCILER_REPO].")
-@click.option("--branch", envvar="RECONCILER_BRANCH", default="main", show_default=True)
-@click.option("--path", "subdir", default="pipelines", show_default=True,
-              help="Folder of the pipeline files inside the repository.")
-@click.option("--pull-interval", type=float, default=30.0, show_default=True,
-              help="Seconds between fetches in pull mode.")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where pull mode keeps its clone (default: a cache folder).")
+              "the leader itself [RECONCILER_REPO].")
+@click.option("--branch", envvar="RECONCILER_BRANCH", default="main", show_default=True,
+              help="[RECONCILER_BRANCH]")
+@click.option("--path", "subdir", envvar="RECONCILER_PATH", default="pipelines",
+              show_default=True,
+              help="Folder of the pipeline files inside the repository [RECONCILER_PATH].")
+@click.option("--pull-interval", envvar="RECONCILER_PULL_INTERVAL", default="30",
+              callback=_seconds, show_default=True,
+              help="Seconds between fetches in pull mode [RECONCILER_PULL_INTERVAL].")
+@click.option("--workdir", envvar="RECONCILER_WORKDIR", type=click.Path(file_okay=False),
+              default=None, help="Where pull mode keeps its clone (default: a cache folder) "
+              "[RECONCILER_WORKDIR].")
+@loop_options
 @handle_errors
 def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: str | None,
         branch: str, subdir: str, pull_interval: float, workdir: str | None) -> None:
@@ -217,68 +292,45 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
 
     Stops cleanly on SIGTERM or SIGINT (the leader lease is released).
     """
+    from reconciler.adapters.airflow import redact_url
     from reconciler.service.loop import Reconciler
     from reconciler.service.observability import Health, Metrics, event, serve_http, setup_logging
+    from reconciler.service.puller import Puller
+    from reconciler.service.runner import Runner
 
+    _require_credentials(airflow)
     setup_logging(loop.log_format)
-    store, api = _open(etcd, airflow)
-    metrics, health = Metrics(), Health()
-    pull = _puller(repo, branch, subdir, workdir, store) if repo else None
-    reconciler = Reconciler(store, api, loop, metrics=metrics, health=health, pull=pull,
-                            pull_interval=pull_interval)
+    store, api = _open(etcd, airflow, deadline=loop.action_deadline)
+    metrics = Metrics()
+    reconciler = Reconciler(store, api, loop, metrics=metrics)
+    health = Health(stall_after=loop.liveness_timeout)
+    puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
+                     workdir=workdir) if repo else None)
+    runner = Runner(reconciler, health, puller=puller)
     server = None
     if loop.http_port:
-        server, _ = serve_http(loop.http_host, loop.http_port, metrics, health)
+        try:
+            server, _ = serve_http(loop.http_host, loop.http_port, metrics, health)
+        except OSError as exc:
+            fail(f"cannot serve /metrics on {loop.http_host}:{loop.http_port}: "
+                 f"{exc.strerror or exc}")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         event("stopping", signal=signal.Signals(signum).name)
         stop.set()
-        reconciler.wake.set()
+        runner.wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    event("reconciler started", holder=reconciler.holder, airflow=airflow.url,
+    event("reconciler started", holder=reconciler.holder, airflow=redact_url(airflow.url),
           etcd=",".join(etcd.endpoints), namespace=etcd.root, interval=loop.interval,
-          window=str(loop.window), mode="pull" if repo else "push")
+          window=str(loop.window), lease_ttl=loop.lease_ttl,
+          mode="pull" if repo else "push")
     try:
-        reconciler.run_forever(stop)
+        runner.run_forever(stop)
     finally:
         if server is not None:
             server.shutdown()
         store.close()
         event("reconciler stopped")
-
-
-def _puller(repo: str, branch: str, subdir: str, workdir: str | None, store: Any
-            ) -> Callable[[], None]:
-    """Pull mode: fetch `branch` and sync its head commit (fast-forward only)."""
-    import logging
-
-    from reconciler.service.observability import event
-    from reconciler.service.sync import sync
-
-    local = Path(repo)
-    state: dict[str, Any] = {"last": None}
-
-    def pull() -> None:
-        import git
-
-        if (local / ".git").exists() or ((local / "HEAD").exists() and local.is_dir()):
-            path, rev = str(local), branch
-        else:
-            target = Path(workdir or Path.home() / ".cache" / "reconciler" / "repo")
-            if not target.exists():
-                git.Repo.clone_from(repo, target, bare=True)
-            git.Repo(target).git.fetch("origin", f"+refs/heads/{branch}:refs/heads/{branch}")
-            path, rev = str(target), branch
-        source = f"pull:{repo}@{branch}"
-        result = sync(path, rev, subdir, store, force=False, source=source,
-                      now=datetime.now(UTC))
-        summary = getattr(result, "status", str(result))
-        if summary != state["last"]:
-            level = logging.INFO if getattr(result, "ok", True) else logging.ERROR
-            event("pull-mode sync", level, result=str(getattr(result, "message", summary)))
-            state["last"] = summary
-
-    return pull

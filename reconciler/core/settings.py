@@ -61,6 +61,47 @@ class LoopSettings:
     """Port of /healthz, /readyz and /metrics (0 = off)."""
     http_host: str = "127.0.0.1"
     log_format: str = "text"
+    concurrency: int = 8
+    """Actions of one pass in flight at once (a fan-out is one round trip, not N)."""
+    call_deadline: float | None = None
+    """Seconds one Airflow call may take in all, retries included. Default: a third of
+    the lease, so an action that starts with enough lease ends while we still lead."""
+    pull_interval: float = 30.0
+    stall_after: float | None = None
+    """/healthz fails when no pass ended for this long. Default: 10 intervals, at least
+    twice the longest backoff."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.interval > 0:
+            problems.append(f"--interval must be above 0 seconds, got {self.interval:g}")
+        if not self.relist_interval > 0:
+            problems.append(f"--relist-interval must be above 0, got {self.relist_interval:g}")
+        if self.lease_ttl < 2:
+            problems.append(f"--lease-ttl must be at least 2 seconds, got {self.lease_ttl}")
+        if self.window <= timedelta(0):
+            problems.append(f"--window must be above 0, got {self.window}")
+        if self.concurrency < 1:
+            problems.append(f"--concurrency must be at least 1, got {self.concurrency}")
+        if not self.pull_interval > 0:
+            problems.append(f"--pull-interval must be above 0, got {self.pull_interval:g}")
+        if self.call_deadline is not None and not 0 < self.call_deadline < self.lease_ttl:
+            problems.append(f"--airflow-deadline must be between 0 and the lease TTL "
+                            f"({self.lease_ttl} s), got {self.call_deadline:g}")
+        if not 0 <= self.http_port < 65536:
+            problems.append(f"--http-port must be 0-65535, got {self.http_port}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def action_deadline(self) -> float:
+        return self.call_deadline if self.call_deadline is not None else self.lease_ttl / 3
+
+    @property
+    def liveness_timeout(self) -> float:
+        if self.stall_after is not None:
+            return self.stall_after
+        return max(10 * self.interval, 120.0)
 
 
 @dataclass(frozen=True)

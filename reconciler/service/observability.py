@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -89,25 +90,61 @@ class Metrics:
 
 
 class Health:
-    """What /healthz and /readyz answer; the loop flips the flags."""
+    """What /healthz and /readyz answer.
 
-    def __init__(self) -> None:
-        self.alive = True
-        self.reasons: dict[str, str] = {}  # dependency -> why it is not ready
+    Alive: a pass ended (well or not) within `stall_after` seconds, so a loop stuck in a
+    call without deadline shows. Ready: started, one pass went through, and no dependency
+    is failing: each dependency's state comes from its last real contact (the runner
+    reports it), so a standby that never calls Airflow does not claim Airflow works.
+    """
+
+    def __init__(self, *, stall_after: float = 120.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.stall_after = stall_after
+        self._monotonic = monotonic
         self.started = False
+        self.passed_once = False
+        self.last_beat: float | None = None
+        self.reasons: dict[str, str] = {}  # dependency -> why it is not ready
+        self.leader = False
+
+    def start(self) -> None:
+        self.started = True
+        self.last_beat = self._monotonic()
+
+    def beat(self) -> None:
+        self.last_beat = self._monotonic()
+
+    def passed(self) -> None:
+        self.passed_once = True
 
     @property
-    def ready(self) -> bool:
-        return self.started and not self.reasons
+    def alive(self) -> bool:
+        if not self.started or self.last_beat is None:
+            return True  # starting: the first pass has its own deadlines
+        return self._monotonic() - self.last_beat < self.stall_after
 
-    def set_unready(self, dependency: str, why: str) -> bool:
+    @property
+    def is_ready(self) -> bool:
+        return self.started and self.passed_once and not self.reasons
+
+    def unready(self, dependency: str, why: str) -> bool:
         """Returns True when this is a change (so the caller logs it once)."""
         changed = self.reasons.get(dependency) != why
         self.reasons[dependency] = why
         return changed
 
-    def set_ready(self, dependency: str) -> bool:
+    def ready(self, dependency: str) -> bool:
         return self.reasons.pop(dependency, None) is not None
+
+    def describe(self) -> str:
+        if not self.started:
+            return "not ready: starting"
+        if not self.passed_once and not self.reasons:
+            return "not ready: no pass has completed yet"
+        if self.reasons:
+            return "not ready: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
+        return "ready (" + ("leader" if self.leader else "standby") + ")"
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -123,12 +160,11 @@ def serve_http(host: str, port: int, metrics: Metrics, health: Health
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             ok = health.alive
-            body = b"ok\n" if ok else b"dead\n"
+            body = (b"ok\n" if ok else
+                    f"stalled: no pass ended for {health.stall_after:g} s\n".encode())
         elif path == "/readyz":
-            ok = health.ready
-            body = (b"ready\n" if ok else ("not ready: " + "; ".join(
-                f"{k}: {v}" for k, v in sorted(health.reasons.items())) + "\n").encode()
-                if health.started else b"not ready: starting\n")
+            ok = health.is_ready
+            body = (health.describe() + "\n").encode()
         else:
             return metrics_app(environ, start_response)
         start_response("200 OK" if ok else "503 Service Unavailable",

@@ -1,0 +1,202 @@
+"""The executor: intent -> Airflow call -> result, for each action; outcomes as values.
+
+Per action:
+1. Start only with enough lease left (`min_lease`): the call must end while we lead.
+2. Record the intent in the ledger, in a transaction that compares the leader key.
+3. Call Airflow, with a deadline shorter than the lease left.
+   - trigger: deterministic run id; a repeat answers 409 and is adopted.
+   - clear: not idempotent in Airflow, so never sent twice for one re-run. If the ledger
+     already holds this clear's intent (an earlier attempt whose answer was lost, a
+     crash, another leader), the run is read first: if it restarted since the recorded
+     end date, the clear took effect and is not sent again.
+4. Record the result (fenced again).
+
+A crash anywhere in between is repaired by the next pass: the plan decides again from
+Airflow's state and the intent. Independent actions of one pass (a plan's actions never
+depend on each other: a downstream waits while a trigger of its upstream is planned) go
+out concurrently, at most `concurrency` at a time, so a fan-out to N downstreams costs
+one round trip, not N.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from reconciler.adapters.airflow import restarted
+from reconciler.adapters.store import StoreError
+from reconciler.core.errors import LostLeadership, ReconcilerError, disposition
+from reconciler.core.state import (
+    Action,
+    ActionKind,
+    DagRun,
+    LedgerEntry,
+    LedgerState,
+    iso,
+)
+from reconciler.service.leadership import Leadership
+from reconciler.service.observability import Metrics, event
+from reconciler.service.ports import AirflowApi, Clock, Store
+
+FAILPOINT_ENV = "RECONCILER_FAILPOINT"
+"""Test-only (as etcd's gofail): `after-intent:<kind>:<dag_id>` kills the process between
+recording an intent and calling Airflow. Unset in production."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one action. `entry` is what the ledger holds now (None: unchanged),
+    `run` the run as Airflow last answered it (None: not asked)."""
+
+    action: Action
+    result: str
+    """triggered | adopted-409 | cleared | already-cleared | adopted | deferred | failed"""
+    entry: LedgerEntry | None = None
+    run: DagRun | None = None
+    error: ReconcilerError | None = None
+
+    @property
+    def took_effect(self) -> bool:
+        return self.result not in ("deferred", "failed")
+
+
+class Executor:
+    def __init__(self, store: Store, api: AirflowApi, leadership: Leadership, clock: Clock,
+                 *, concurrency: int = 8, call_deadline: float = 10.0,
+                 metrics: Metrics | None = None, interval: float = 5.0,
+                 margin: float = 1.0, failpoint: str | None = None) -> None:
+        self.store = store
+        self.api = api
+        self.leadership = leadership
+        self.clock = clock
+        self.concurrency = max(1, concurrency)
+        self.call_deadline = call_deadline
+        self.margin = margin
+        self.min_lease = call_deadline + margin
+        """Lease an action needs left to start: its call's deadline plus the result write."""
+        self.metrics = metrics
+        self.interval = interval
+        self.failpoint = os.environ.get(FAILPOINT_ENV, "") if failpoint is None else failpoint
+        self._retry_after: dict[tuple[datetime, str], tuple[float, int]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def holder(self) -> str:
+        return self.leadership.holder
+
+    def execute(self, actions: Sequence[Action],
+                ledger: Mapping[tuple[datetime, str], LedgerEntry]) -> list[Outcome]:
+        """Apply `actions` (independent of each other); outcomes in the same order.
+
+        Raises LostLeadership when a fenced write found another holder: the remaining
+        outcomes are of no use to a replica that is not the leader."""
+        if not actions:
+            return []
+        if len(actions) == 1 or self.concurrency == 1:
+            outcomes = [self._one(a, ledger.get((a.cycle, a.dag_id))) for a in actions]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="act")
+            futures = [self._pool.submit(self._one, a, ledger.get((a.cycle, a.dag_id)))
+                       for a in actions]
+            outcomes = [f.result() for f in futures]
+        lost = next((o.error for o in outcomes if isinstance(o.error, LostLeadership)), None)
+        if lost is not None:
+            raise lost
+        return outcomes
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # --- one action ---
+
+    def _one(self, action: Action, previous: LedgerEntry | None) -> Outcome:
+        key = (action.cycle, action.dag_id)
+        mono = self.clock.monotonic()
+        retry = self._retry_after.get(key)
+        if retry is not None and retry[0] > mono:
+            return Outcome(action, "deferred")
+        left = self.leadership.remaining()
+        if left < self.min_lease:
+            # Not enough lease to finish the call: the next pass, after a renewal, will.
+            return Outcome(action, "deferred")
+        now = self.clock.now()
+        try:
+            self._write(action, action.ledger_entry(at=now, state=LedgerState.INTENT))
+        except LostLeadership as exc:
+            return Outcome(action, "failed", error=exc)
+        except StoreError as exc:
+            return self._failed(action, exc, write_failed=False)
+        if self.failpoint == f"after-intent:{action.kind.value}:{action.dag_id}":
+            os.kill(os.getpid(), signal.SIGKILL)  # the crash tests: die right here
+        budget = min(self.call_deadline, self.leadership.remaining() - self.margin)
+        try:
+            with self.api.deadline_of(max(0.1, budget)):
+                result, raw = self._call(action, previous)
+        except ReconcilerError as exc:
+            return self._failed(action, exc)
+        run = DagRun.from_api({**raw, "dag_id": action.dag_id}) if raw else None
+        entry = action.ledger_entry(at=now, state=LedgerState.DONE)
+        try:
+            self._write(action, entry)
+        except LostLeadership as exc:
+            return Outcome(action, "failed", run=run, error=exc)
+        except StoreError as exc:
+            # The call took effect; the intent stays and the next pass adopts the run.
+            return Outcome(action, "failed", run=run, error=exc)
+        self._retry_after.pop(key, None)
+        if self.metrics is not None:
+            self.metrics.actions.labels(action.kind.value, "ok").inc()
+        event(result, action=action.kind.value, dag_id=action.dag_id, cycle=iso(action.cycle),
+              run_id=action.run_id, reason=action.reason)
+        return Outcome(action, result, entry=entry, run=run)
+
+    def _call(self, action: Action, previous: LedgerEntry | None
+              ) -> tuple[str, dict[str, Any] | None]:
+        if action.kind is ActionKind.TRIGGER:
+            raw, created = self.api.trigger(action.dag_id, action.run_id, action.logical_date,
+                                            action.conf)
+            return ("triggered" if created else "adopted-409"), raw
+        if action.kind is ActionKind.CLEAR:
+            if (previous is not None and previous.action is ActionKind.CLEAR
+                    and previous.run_id == action.run_id
+                    and previous.state is not LedgerState.DONE
+                    and previous.cleared_end == action.cleared_end):
+                # This very clear was attempted before and its outcome is unknown.
+                seen = self.api.get_run(action.dag_id, action.run_id)
+                if seen is not None and restarted(seen, action.cleared_end):
+                    return "already-cleared", seen
+            raw, sent = self.api.clear(action.dag_id, action.run_id,
+                                       cleared_end=action.cleared_end)
+            return ("cleared" if sent else "already-cleared"), raw
+        return "adopted", None
+
+    def _write(self, action: Action, entry: LedgerEntry) -> None:
+        self.store.put_ledger(self.holder, iso(action.cycle), action.dag_id, entry.to_json())
+
+    def _failed(self, action: Action, exc: ReconcilerError, *,
+                write_failed: bool = True) -> Outcome:
+        key = (action.cycle, action.dag_id)
+        failures = self._retry_after.get(key, (0.0, 0))[1] + 1
+        how = disposition(exc, failures, interval=self.interval)
+        self._retry_after[key] = (self.clock.monotonic() + how.delay, failures)
+        if self.metrics is not None:
+            self.metrics.actions.labels(action.kind.value, "error").inc()
+        event("action failed", how.level, action=action.kind.value, dag_id=action.dag_id,
+              cycle=iso(action.cycle), run_id=action.run_id, error=str(exc), next=how.kind,
+              retry_in=round(how.delay, 1))
+        entry = None
+        if write_failed:
+            entry = action.ledger_entry(at=self.clock.now(), state=LedgerState.FAILED)
+            try:
+                self._write(action, entry)
+            except StoreError:
+                entry = None  # the intent stays: the next pass decides from Airflow's state
+        return Outcome(action, "failed", entry=entry, error=exc)

@@ -1,0 +1,158 @@
+"""Leadership: campaign for the `leader` key and keep its lease alive, on its own schedule.
+
+The lease is refreshed every TTL/3 by a thread of its own, however long a pass, an Airflow
+call or a backoff takes: a slow Airflow never costs the lease. The remaining lease is
+measured locally and conservatively: from the moment a refresh was *sent* plus the TTL
+etcd granted, so this replica stops believing it leads before etcd lets the key go.
+An action starts only with `min_lease` left (the executor asks `remaining()`), and every
+ledger write compares the leader key besides (fencing), so a deposed replica that has not
+noticed yet cannot record anything.
+
+`tick()` is one step (campaign or keep-alive) and returns when the next is due: tests
+drive it with a fake clock; `start()` runs it on a thread for the real loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from reconciler.adapters.store import StoreError
+from reconciler.service.observability import event
+from reconciler.service.ports import Clock, Store
+
+
+class Leadership:
+    def __init__(self, store: Store, holder: str, ttl: int, clock: Clock, *,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self.store = store
+        self.holder = holder
+        self.ttl = ttl
+        self.clock = clock
+        self.on_change = on_change
+        self.lease: Any = None
+        self.term = 0
+        """Bumped on every election: a new term means the ledger must be read again."""
+        self._expires = 0.0
+        self._next = 0.0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # --- what the other roles ask ---
+
+    def remaining(self) -> float:
+        """Seconds of lease this replica can still count on (0 when not the leader).
+
+        Lock-free on purpose: it must answer at once while a refresh is in flight."""
+        lease, expires = self.lease, self._expires
+        if lease is None:
+            return 0.0
+        return max(0.0, expires - self.clock.monotonic())
+
+    def is_leader(self) -> bool:
+        return self.remaining() > 0
+
+    # --- one step ---
+
+    def tick(self) -> float:
+        """Campaign (standby) or keep the lease alive (leader); seconds until the next step."""
+        with self._lock:
+            sent = self.clock.monotonic()
+            try:
+                if self.lease is not None:
+                    left = self.store.refresh(self.lease)
+                    if left > 0:
+                        self._expires = sent + left
+                        self.last_error = None
+                        return self._schedule(sent, self.ttl / 3)
+                    self._lose("the lease expired")
+                if self.store.leader() is not None:
+                    return self._schedule(sent, self._standby_poll())
+                lease = self.store.campaign(self.holder, self.ttl)
+                if lease is None:
+                    return self._schedule(sent, self._standby_poll())
+                self.lease = lease
+                self._expires = sent + self.ttl
+                self.term += 1
+                self.last_error = None
+                event("became leader", holder=self.holder, term=self.term)
+                self._changed(True)
+                return self._schedule(sent, self.ttl / 3)
+            except StoreError as exc:
+                if self.last_error != str(exc):
+                    event("leader lease not renewed, retrying", logging.WARNING,
+                          holder=self.holder, error=str(exc))
+                self.last_error = str(exc)
+                if self.lease is not None and self.remaining() <= 0:
+                    self._lose(f"the lease ran out while etcd was unreachable ({exc})")
+                # Retry soon: the lease left is what we have to renew it in.
+                return self._schedule(sent, min(1.0, self.ttl / 6))
+
+    def due(self) -> bool:
+        return self.clock.monotonic() >= self._next
+
+    def ensure(self) -> None:
+        """Without the thread (one-shot use, tests): take the step now if it is due."""
+        if self._thread is None and self.due():
+            self.tick()
+
+    def _standby_poll(self) -> float:
+        # A standby looks often (a read, no write) so failover takes about one TTL.
+        return min(1.0, self.ttl / 4)
+
+    def _schedule(self, sent: float, delay: float) -> float:
+        self._next = sent + delay
+        return delay
+
+    def _lose(self, why: str) -> None:
+        if self.lease is not None:
+            level = logging.INFO if why == "shutting down" else logging.WARNING
+            event("leadership released" if why == "shutting down" else "lost leadership",
+                  level, holder=self.holder, why=why)
+            self.lease = None
+            self._expires = 0.0
+            self._changed(False)
+
+    def lost(self, why: str) -> None:
+        """A fenced write found another holder: stop leading now, campaign again."""
+        with self._lock:
+            self._lose(why)
+            self._next = 0.0
+
+    def _changed(self, leading: bool) -> None:
+        if self.on_change is not None:
+            self.on_change(leading)
+
+    # --- the thread ---
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="leadership", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delay = self.tick()
+            except Exception as exc:  # a bug must not end keep-alive silently
+                event("leadership step failed", logging.ERROR, exc_info=True, error=repr(exc))
+                delay = 1.0
+            self.clock.wait(self._stop, delay)
+
+    def stop(self) -> None:
+        """Stop the keep-alive and give the lease back so a standby takes over at once."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ttl)
+            self._thread = None
+        with self._lock:
+            if self.lease is not None:
+                # If etcd is down the lease lapses by itself within its TTL.
+                with contextlib.suppress(StoreError):
+                    self.store.resign(self.lease)
+                self._lose("shutting down")

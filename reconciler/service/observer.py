@@ -1,0 +1,255 @@
+"""The observer: desired state from etcd, actual runs from Airflow, the ledger; as values.
+
+`observe()` returns an `Observation` (the graph of the synced head, the runs of its DAGs,
+the ledger, and the time it was taken) that `plan()`, the `plan` and `status` commands
+and the loop all use. Like an informer it lists everything once (the runs updated inside
+the window, paginated), then asks only for what changed (`updated_at_gte` the watermark
+minus an overlap: one request when nothing did), and relists every `relist_interval`.
+
+Stored values that cannot be read are quarantined: one log line naming the key, and the
+rest goes on (a ledger entry is then simply absent: the run's own timestamps decide, and
+the next write of that key replaces the bad value; a head or graph that cannot be read
+leaves the last good graph in force).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from reconciler.adapters.store import StoreCorrupt, Unreadable
+from reconciler.core.graph import Graph
+from reconciler.core.settings import LoopSettings
+from reconciler.core.state import DagRun, LedgerEntry, iso, parse_time
+from reconciler.service.observability import event
+from reconciler.service.ports import AirflowApi, Clock, Store
+
+WATERMARK_OVERLAP = timedelta(seconds=2)
+"""An incremental list asks for runs updated since the watermark minus this, so a run
+updated in the same instant as the previous answer is never missed."""
+
+
+@dataclass(frozen=True)
+class Desired:
+    commit: str
+    graph: Graph
+    since: Mapping[str, datetime]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One look at the world. `runs` and `ledger` are read-only views (no copy: a quiet
+    pass at 50,000 pipelines must not copy 150,000 runs); the versions change whenever
+    their content does, so a consumer can tell "the same inputs" cheaply."""
+
+    desired: Desired | None
+    runs: Mapping[tuple[str, str], DagRun]
+    runs_version: int
+    ledger: Mapping[tuple[datetime, str], LedgerEntry]
+    ledger_version: int
+    now: datetime
+
+
+class RunCache:
+    """The runs of the graph's DAGs that matter: updated inside the window, or belonging
+    to an open cycle."""
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[str, str], DagRun] = {}
+        self.watermark: datetime | None = None
+        self.listed_at: float | None = None
+        self.version = 0
+
+    def replace_all(self, raw: Iterable[Mapping[str, Any]], dag_ids: set[str],
+                    now: datetime, mono: float) -> None:
+        self.runs = {}
+        self.version += 1
+        self.absorb(raw, dag_ids)
+        self.watermark = now
+        self.listed_at = mono
+
+    def absorb(self, raw: Iterable[Mapping[str, Any]], dag_ids: set[str]) -> int:
+        changed = 0
+        for item in raw:
+            if item.get("dag_id") not in dag_ids:
+                continue
+            try:
+                run = DagRun.from_api(item)
+            except (KeyError, TypeError, ValueError) as exc:
+                event("run with unreadable fields ignored", logging.WARNING,
+                      dag_id=item.get("dag_id"), run_id=item.get("dag_run_id"), error=str(exc))
+                continue
+            key = (run.dag_id, run.run_id)
+            if self.runs.get(key) != run:
+                self.runs[key] = run
+                self.version += 1
+                changed += 1
+        return changed
+
+    def put(self, run: DagRun) -> None:
+        if self.runs.get((run.dag_id, run.run_id)) != run:
+            self.runs[(run.dag_id, run.run_id)] = run
+            self.version += 1
+
+    def prune(self, horizon: datetime, open_cycles: Iterable[datetime]) -> None:
+        """Forget runs that left the window and belong to no open cycle."""
+        keep = set(open_cycles)
+
+        def recent(r: DagRun) -> bool:
+            last = max((t for t in (r.queued_at, r.start_date, r.end_date) if t is not None),
+                       default=r.logical_date)
+            return last is None or last >= horizon
+
+        kept = {k: r for k, r in self.runs.items() if r.logical_date in keep or recent(r)}
+        if len(kept) != len(self.runs):
+            self.runs = kept
+            self.version += 1
+
+
+class Observer:
+    def __init__(self, store: Store, api: AirflowApi, settings: LoopSettings,
+                 clock: Clock) -> None:
+        self.store = store
+        self.api = api
+        self.settings = settings
+        self.clock = clock
+        self.desired: Desired | None = None
+        self.head_dirty = threading.Event()
+        """Set by the etcd watch on desired/head: read the head on the next observe."""
+        self.head_dirty.set()
+        self.cache = RunCache()
+        self.ledger: dict[tuple[datetime, str], LedgerEntry] | None = None
+        self.ledger_version = 0
+        self.quarantined: dict[str, str] = {}
+        """key -> why, for every stored value that could not be read (logged once)."""
+
+    # --- desired state ---
+
+    def load_desired(self) -> Desired | None:
+        if self.desired is not None and not self.head_dirty.is_set():
+            return self.desired
+        self.head_dirty.clear()
+        try:
+            head, _ = self.store.read_head()
+            if head is None:
+                if self.desired is None:
+                    event("no graph synced yet; run `reconciler sync` (or start with --repo)",
+                          logging.WARNING)
+                return self.desired
+            if self.desired is not None and head.commit == self.desired.commit:
+                return self.desired
+            graph = self.store.read_graph(head.commit)
+            if graph is None:
+                raise StoreCorrupt(f"desired/graphs/{head.commit}",
+                                   "the head names a graph that is not stored")
+            since = self.store.read_since(head.commit)
+        except StoreCorrupt as exc:
+            self.quarantine(exc.key, exc.why)
+            return self.desired  # the last good graph stays in force
+        self.desired = Desired(head.commit, graph, MappingProxyType(dict(since)))
+        self.cache.listed_at = None  # the set of DAGs may have changed: list again
+        event("desired graph loaded", commit=head.commit[:12], pipelines=len(graph),
+              edges=graph.edge_count())
+        return self.desired
+
+    def quarantine(self, key: str, why: str) -> None:
+        if self.quarantined.get(key) != why:
+            event("unreadable stored value quarantined (ignored until rewritten)",
+                  logging.ERROR, key=key, error=why)
+            self.quarantined[key] = why
+
+    # --- actual state ---
+
+    def observe_runs(self, now: datetime) -> None:
+        assert self.desired is not None
+        dag_ids = set(self.desired.graph.pipelines)
+        horizon = now - self.settings.window
+        mono = self.clock.monotonic()
+        stale = (self.cache.listed_at is None
+                 or mono - self.cache.listed_at >= self.settings.relist_interval)
+        if stale:
+            self.relist(dag_ids, horizon, now, mono)
+        else:
+            assert self.cache.watermark is not None
+            raw = self.api.list_runs(sorted(dag_ids),
+                                     updated_at_gte=self.cache.watermark - WATERMARK_OVERLAP)
+            self.cache.absorb(raw, dag_ids)
+            self.cache.watermark = now
+
+    def relist(self, dag_ids: set[str], horizon: datetime, now: datetime, mono: float) -> None:
+        """Every run updated inside the window, then the other runs of cycles that are
+        open although their logical date is older (a backfill, a weekly root)."""
+        raw = self.api.list_runs(sorted(dag_ids), updated_at_gte=horizon)
+        self.cache.replace_all(raw, dag_ids, now, mono)
+        assert self.desired is not None
+        graph = self.desired.graph
+        old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
+                             if r.logical_date is not None and r.logical_date < horizon
+                             and not graph.pipelines[r.dag_id].depends_on})
+        others = sorted(d for d, p in graph.pipelines.items() if p.depends_on)
+        for cycle in old_cycles:
+            if others:
+                self.cache.absorb(self.api.list_runs(others, logical_date_gte=cycle,
+                                                     logical_date_lte=cycle), dag_ids)
+
+    # --- the ledger ---
+
+    def load_ledger(self) -> dict[tuple[datetime, str], LedgerEntry]:
+        self.ledger = self.read_ledger()
+        self.ledger_version += 1
+        return self.ledger
+
+    def read_ledger(self) -> dict[tuple[datetime, str], LedgerEntry]:
+        out: dict[tuple[datetime, str], LedgerEntry] = {}
+        for (cycle, dag_id), data in self.store.read_ledger().items():
+            if isinstance(data, Unreadable):
+                self.quarantine(data.key, data.why)
+                continue
+            try:
+                parsed = parse_time(cycle)
+                if parsed is None:
+                    raise ValueError("the cycle in the key is empty")
+                out[(parsed, dag_id)] = LedgerEntry.from_json(data)
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                self.quarantine(self.store.ledger_key(cycle, dag_id),
+                                f"{type(exc).__name__}: {exc}")
+        return out
+
+    def record(self, cycle: datetime, dag_id: str, entry: LedgerEntry) -> None:
+        """What the executor wrote, applied to the in-memory ledger (write-through)."""
+        if self.ledger is not None and self.ledger.get((cycle, dag_id)) != entry:
+            self.ledger[(cycle, dag_id)] = entry
+            self.ledger_version += 1
+            self.quarantined.pop(self.store.ledger_key(iso(cycle), dag_id), None)
+
+    def forget(self, cycles: Iterable[datetime]) -> None:
+        if self.ledger is None:
+            return
+        gone = set(cycles)
+        kept = {k: v for k, v in self.ledger.items() if k[0] not in gone}
+        if len(kept) != len(self.ledger):
+            self.ledger = kept
+            self.ledger_version += 1
+
+    # --- one look ---
+
+    def observe(self, *, with_ledger: bool = True, refresh: bool = True) -> Observation:
+        """Desired graph, runs and (if asked) the ledger, now. The ledger is read from
+        etcd once and then kept up to date by `record` (only the leader writes it).
+        `refresh=False` asks nothing of Airflow: the runs as the cache holds them."""
+        now = self.clock.now()
+        desired = self.load_desired()
+        if desired is not None and refresh:
+            self.observe_runs(now)
+        ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
+        if with_ledger:
+            ledger = self.ledger if self.ledger is not None else self.load_ledger()
+        return Observation(desired=desired, runs=MappingProxyType(self.cache.runs),
+                           runs_version=self.cache.version,
+                           ledger=MappingProxyType(ledger), ledger_version=self.ledger_version,
+                           now=now)

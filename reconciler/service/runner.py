@@ -1,0 +1,146 @@
+"""The runner: when the next pass runs, and what an error means for it.
+
+Passes run every `interval`, earlier when an etcd watch fires (`desired/head`: the graph
+changed; `events/`: the Airflow listener saw a run end), later while a dependency is down
+(capped exponential backoff with jitter, from `core.errors.disposition`, the one mapping
+of an error to log level, backoff and readiness). Errors are logged once per change of
+state, not once per pass, and never end the loop. Leadership and pulling run on their own
+threads, started and stopped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from reconciler.adapters.store import StoreError
+from reconciler.core.errors import disposition
+from reconciler.service.loop import Reconciler
+from reconciler.service.observability import Health, event
+from reconciler.service.puller import Puller
+
+MIN_GAP = 0.02
+"""Seconds between two passes at least: a burst of wake-ups costs one pass, not many."""
+
+
+class Runner:
+    def __init__(self, reconciler: Reconciler, health: Health, *,
+                 puller: Puller | None = None) -> None:
+        self.r = reconciler
+        self.clock = reconciler.clock
+        self.settings = reconciler.settings
+        self.health = health
+        self.puller = puller
+        self.wake = threading.Event()
+        self.failures = 0
+        self._last_error: str | None = None
+        self._watches: list[Any] = []
+
+    # --- wake-ups ---
+
+    def _ensure_watch(self) -> None:
+        if self._watches and not any(h.broken.is_set() for h in self._watches):
+            return
+        self._drop_watch()
+        observer, wake = self.r.observer, self.wake
+
+        class _HeadChanged(threading.Event):
+            def set(self) -> None:
+                observer.head_dirty.set()
+                wake.set()
+
+        store = self.r.store
+        self._watches = [store.watch([store.head_key()], _HeadChanged()),
+                         store.watch([store.events_prefix()], wake)]
+
+    def _drop_watch(self) -> None:
+        for handle in self._watches:
+            with contextlib.suppress(StoreError):
+                handle()
+        self._watches = []
+
+    # --- one turn ---
+
+    def turn(self) -> float:
+        """One pass and what follows from it; the seconds to wait before the next."""
+        started = self.clock.monotonic()
+        ok = False
+        try:
+            self._ensure_watch()
+            self.r.run_pass()
+        except Exception as exc:
+            delay = self._failed(exc)
+        else:
+            ok = True
+            delay = self.settings.interval
+            if self.failures or self._last_error:
+                event("pass succeeds again", after_failures=self.failures)
+            self.failures = 0
+            self._last_error = None
+            self.health.passed()
+        finally:
+            self.r.metrics.pass_seconds.observe(self.clock.monotonic() - started)
+            self.health.beat()
+            self._readiness(ok)
+        return delay
+
+    def _failed(self, exc: BaseException) -> float:
+        self.failures += 1
+        how = disposition(exc, self.failures, interval=self.settings.interval)
+        self.r.metrics.errors.labels(how.dependency, how.kind).inc()
+        if how.kind == "lost-leadership":
+            self.r.leadership.lost(str(exc))
+            self.failures = 0
+            return MIN_GAP
+        text = f"{how.kind}:{exc}"
+        if text != self._last_error:
+            if how.kind == "bug":
+                event("unexpected error in a pass", logging.ERROR, exc_info=True,
+                      error=repr(exc))
+            else:
+                event(f"{how.dependency} problem, retrying", how.level, error=str(exc),
+                      next=how.kind, retry_in=round(how.delay, 1))
+            self._last_error = text
+        if how.unready:
+            self.health.unready(how.dependency, str(exc))
+        if how.dependency == "etcd":
+            self._drop_watch()
+        return how.delay
+
+    def _readiness(self, ok: bool) -> None:
+        """Each dependency from its last real contact, not from the last pass's luck."""
+        for name, client in (("etcd", self.r.store), ("airflow", self.r.api)):
+            contact = getattr(client, "last_contact", None)
+            failure = getattr(client, "last_failure", None)
+            if failure is not None and (contact is None or failure[0] >= contact):
+                self.health.unready(name, failure[1])
+            elif ok and contact is not None:
+                self.health.ready(name)
+        self.health.leader = self.r.leadership.is_leader()
+        self.r.metrics.ready.set(1 if self.health.is_ready else 0)
+
+    # --- the loop ---
+
+    def run_forever(self, stop: threading.Event) -> None:
+        self.health.start()
+        self.r.leadership.start()
+        if self.puller is not None:
+            self.puller.is_leader = self.r.leadership.is_leader
+            self.puller.on_synced = self.wake.set
+            self.puller.start()
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                delay = self.turn()
+                if stop.is_set():
+                    break
+                self.clock.wait(self.wake, max(MIN_GAP, delay))
+                self.clock.wait(stop, MIN_GAP)  # coalesce a burst of wake-ups
+        finally:
+            self._drop_watch()
+            if self.puller is not None:
+                self.puller.stop()
+            self.r.leadership.stop()
+            self.r.close()
