@@ -71,12 +71,12 @@ def main() -> None:
                 r = Reconciler(store, api, LoopSettings(interval=1), holder="bench")
                 # Record the ledger the loop would have written (adopt = no Airflow call),
                 # in bulk, so the benchmark starts from a steady state.
-                r._load_desired()
-                assert r.desired is not None
-                r._observe(now)
-                result = plan(r.desired.graph, r.runs.runs.values(), {}, now,
-                              window=timedelta(days=2), since=r.desired.since,
-                              commit=r.desired.commit)
+                seen = r.observer.observe(with_ledger=False)
+                desired = seen.desired
+                assert desired is not None
+                result = plan(desired.graph, seen.runs.values(), {}, now,
+                              window=timedelta(days=2), since=desired.since,
+                              commit=desired.commit)
                 puts = [(store.ledger_key(iso(a.cycle), a.dag_id),
                          json.dumps(a.ledger_entry(at=now, state=LedgerState.DONE).to_json())
                          .encode()) for a in result.actions]
@@ -94,12 +94,12 @@ def main() -> None:
                 plan_times = []
                 for _ in range(5):
                     started = time.perf_counter()
-                    plan(r.desired.graph, r.runs.runs.values(), r.ledger or {}, now,
-                         window=timedelta(days=2), since=r.desired.since,
-                         commit=r.desired.commit)
+                    plan(desired.graph, r.observer.cache.runs.values(),
+                         r.observer.ledger or {}, now, window=timedelta(days=2),
+                         since=desired.since, commit=desired.commit)
                     plan_times.append(time.perf_counter() - started)
             print(f"loop: {args.pipelines} pipelines x {len(cycles)} open cycles, "
-                  f"{len(r.runs.runs)} runs, {len(puts)} ledger entries")
+                  f"{len(r.observer.cache.runs)} runs, {len(puts)} ledger entries")
             print(f"  first pass (relist + ledger load + record): {first_s:.2f} s, "
                   f"{first.airflow_requests} Airflow requests, {first.etcd_writes} etcd writes, "
                   f"{len(first.actions)} actions")

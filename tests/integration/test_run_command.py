@@ -147,9 +147,94 @@ def test_run_serves_health_and_metrics_and_stops_cleanly_on_sigterm(
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     messages = [entry["message"] for entry in logs]
     assert "triggered" in messages
-    assert "airflow unavailable, retrying" in messages
+    assert "airflow problem, retrying" in messages
+    assert "pass succeeds again" in messages
     assert messages[-1] == "reconciler stopped"
     # one line per state change, not per poll: the failure was logged once
-    assert messages.count("airflow unavailable, retrying") == 1
+    assert messages.count("airflow problem, retrying") == 1
     with EtcdStore(synced) as store:
         assert store.leader() is None  # the lease was released on SIGTERM
+
+
+def test_a_one_shot_command_answers_within_about_10_s_when_airflow_hangs(
+        synced: EtcdSettings, fake: FakeAirflow) -> None:
+    fake.fail_next(1000, "hang", 60)
+    started = time.monotonic()
+    proc = cli("status", environ=env(synced, fake.url))
+    elapsed = time.monotonic() - started
+    fake.faults.clear()
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 15  # ONE_SHOT_DEADLINE (8 s) plus start-up
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--interval", "0"], "--interval must be above 0"),
+    (["--interval", "-1"], "'-1' is not a duration"),
+    (["--lease-ttl", "0"], "--lease-ttl must be at least 2"),
+    (["--interval", "30s", "--lease-ttl", "1"], "--lease-ttl must be at least 2"),
+    (["--interval", "soon"], "is not a duration"),
+])
+def test_run_refuses_settings_that_cannot_work_at_start(synced: EtcdSettings,
+                                                        fake: FakeAirflow, args: list[str],
+                                                        says: str) -> None:
+    proc = cli("run", "--http-port", "0", *args, environ=env(synced, fake.url))
+    assert proc.returncode == 2
+    assert says in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_without_airflow_credentials_exits_2_at_start(synced: EtcdSettings,
+                                                          fake: FakeAirflow) -> None:
+    environ = env(synced, fake.url)
+    del environ["RECONCILER_AIRFLOW_PASSWORD"]
+    proc = cli("run", "--http-port", "0", environ=environ)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: Airflow user 'admin' has no password: set "
+                                   "RECONCILER_AIRFLOW_PASSWORD (or --airflow-password-file)")
+    assert sum(fake.requests.values()) == 0
+
+
+def test_run_with_its_metrics_port_taken_exits_2_with_one_line(synced: EtcdSettings,
+                                                               fake: FakeAirflow) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("run", "--http-port", str(port), environ=env(synced, fake.url))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: cannot serve /metrics on 127.0.0.1:{port}")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_binary_password_file_is_one_line_and_exit_2(synced: EtcdSettings,
+                                                       fake: FakeAirflow,
+                                                       tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xff\xfe\x00binary")
+    proc = cli("status", "--airflow-password-file", str(secret),
+               environ=env(synced, fake.url))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: --airflow-password-file {secret}: not a UTF-8 text file"
+
+
+def test_healthz_fails_when_no_pass_ends_and_readyz_names_the_dependency() -> None:
+    from reconciler.service.observability import Health
+
+    now = [100.0]
+    health = Health(stall_after=30, monotonic=lambda: now[0])
+    assert health.alive  # starting
+    health.start()
+    health.beat()
+    health.passed()
+    assert health.alive and health.is_ready
+    now[0] += 31
+    assert not health.alive
+    health.beat()
+    health.unready("etcd", "etcd at 127.0.0.1:1 is unreachable")
+    assert health.alive
+    assert not health.is_ready
+    assert "etcd: etcd at 127.0.0.1:1 is unreachable" in health.describe()
