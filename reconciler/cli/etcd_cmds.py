@@ -1,20 +1,21 @@
 """`sync` (a commit's graph into etcd, push mode) and `history` (what was synced).
 
-Exit codes: 0 synced or no-op; 1 refused (invalid files, not a fast-forward); 2 etcd
-unreachable, credentials refused, or no such repository or commit. One line on failure.
+Exit codes: 0 synced or no-op; 1 refused (invalid files, an empty graph or a missing
+--path without --allow-empty, not a fast-forward); 2 etcd unreachable, credentials
+refused, or no such repository or commit. One line on failure.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 
 import click
 
 from reconciler.cli.app import EXIT_ENVIRONMENT, EXIT_FAILED, fail, handle_errors, main
-from reconciler.cli.options import etcd_options
+from reconciler.cli.checks_cmds import path_option, repo_option
+from reconciler.cli.options import etcd_options, json_answer, output_option
 from reconciler.core.settings import EtcdSettings
 
 
@@ -34,26 +35,28 @@ def default_source(environ: dict[str, str] | None = None) -> str:
 
 
 @main.command()
-@click.option("--repo", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="The git repository (its committed tree is read, never the working tree).")
-@click.option("--rev", default="HEAD", show_default=True, help="The commit to sync.")
-@click.option("--path", "subdir", default="pipelines", show_default=True,
-              help="Folder of the pipeline files inside the repository.")
-@click.option("--force", is_flag=True,
+@repo_option("The git repository (its committed tree is read, never the working tree).")
+@click.option("--rev", default="HEAD", show_default=True, show_envvar=True,
+              help="The commit to sync.")
+@path_option()
+@click.option("--force", is_flag=True, show_envvar=True,
               help="Sync even if REV does not descend from the synced head (a rollback); "
               "recorded as forced in the history.")
-@click.option("--source", envvar="RECONCILER_SYNC_SOURCE", default=None,
-              help="Who or what synced, recorded in the head [RECONCILER_SYNC_SOURCE; "
-              "default: cli:<user>@<host>, or the CI run].")
-@click.option("--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+@click.option("--allow-empty", is_flag=True, show_envvar=True,
+              help="Sync even a commit without pipeline files (or without --path): an empty "
+              "graph, which removes every dependency. Refused without this flag.")
+@click.option("--source", envvar="RECONCILER_SYNC_SOURCE", default=None, show_envvar=True,
+              help="Who or what synced, recorded in the head (default: cli:<user>@<host>, or "
+              "the CI run); credentials in a URL are removed.")
+@output_option(["text", "json"], "text")
 @etcd_options
 @handle_errors
-def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, output: str,
-         etcd: EtcdSettings) -> None:
+def sync(repo: str, rev: str, subdir: str, force: bool, allow_empty: bool,
+         source: str | None, output: str, etcd: EtcdSettings) -> None:
     """Write the graph of commit REV to etcd, fast-forward only.
 
     The files are validated with the same checks as `validate`; any problem writes nothing.
+    A commit without pipeline files, or without --path, is refused unless --allow-empty.
     Re-syncing the synced commit is a no-op. Exit 0 synced or no-op, 1 refused, 2 etcd
     unreachable or no such repository or commit.
     """
@@ -65,7 +68,7 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
     try:
         with EtcdStore(etcd) as store:
             result = run_sync(repo, rev, subdir, store, force=force,
-                              source=source or default_source())
+                              source=source or default_source(), allow_empty=allow_empty)
     except SourceError as exc:
         fail(str(exc), EXIT_ENVIRONMENT)
     except StoreRequestTooLarge as exc:
@@ -73,7 +76,7 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
     except StoreError as exc:
         fail(str(exc), EXIT_ENVIRONMENT)
     if output == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        click.echo(json_answer("SyncResult", result.to_dict()), nl=False)
     elif result.reason is Reason.INVALID:
         for problem in result.problems:
             click.echo(str(problem))
@@ -86,10 +89,9 @@ def sync(repo: str, rev: str, subdir: str, force: bool, source: str | None, outp
 
 
 @main.command()
-@click.option("--limit", type=click.IntRange(min=0), default=0,
+@click.option("--limit", type=click.IntRange(min=0), default=0, show_envvar=True,
               help="Show at most this many (0 = all).")
-@click.option("--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+@output_option(["text", "json"], "text")
 @etcd_options
 @handle_errors
 def history(limit: int, output: str, etcd: EtcdSettings) -> None:
@@ -102,7 +104,8 @@ def history(limit: int, output: str, etcd: EtcdSettings) -> None:
     except StoreError as exc:
         fail(str(exc), EXIT_ENVIRONMENT)
     if output == "json":
-        click.echo(json.dumps([e.to_dict() for e in entries], indent=2, ensure_ascii=False))
+        click.echo(json_answer("History", namespace=etcd.root,
+                               items=[e.to_dict() for e in entries]), nl=False)
         return
     if not entries:
         click.echo(f"nothing has been synced to {etcd.root} yet")

@@ -1,7 +1,9 @@
 """All checks of a set of pipeline files: YAML, schema, then the graph (DESIGN section 3).
 
-Input is (path, bytes) pairs, from a directory or from a git tree alike; output is a
-CheckResult holding the Graph when there is no problem, and every problem otherwise.
+Input is (path, bytes) pairs, from a directory or from a git tree alike (the readers in
+adapters/sources.py hand over refused entries too); output is a CheckResult holding the
+Graph when there is no problem, and every problem otherwise. Graph checks run over every
+file that loaded, valid or not, so one run shows all problems of a file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import PurePosixPath
 from reconciler.core.graph import Graph, Pipeline
 from reconciler.core.problems import Problem
 from reconciler.core.spec import check_document
-from reconciler.core.yamlload import MAX_FILE_BYTES, Document, load_document
+from reconciler.core.yamlload import MAX_FILE_BYTES, Document, load_document, too_large
 
 # etcd refuses requests over 1.5 MiB by default (--max-request-bytes); the graph blob and
 # the head go in one transaction, so keep the blob well below that.
@@ -24,14 +26,30 @@ PIPELINE_SUFFIXES = (".yaml", ".yml")
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A pipeline file's display path (e.g. ``pipelines/a.yaml``) and raw bytes."""
+    """A pipeline file's display path (e.g. ``pipelines/a.yaml``) and raw bytes.
+
+    A reader that refuses an entry (a symbolic link, a FIFO, ``a.YAML``) still hands it
+    over, with `problem` set and no data, so that it is reported beside every other
+    problem of the run. `size` is the file's real size when the reader did not read it
+    whole (over the limit): messages give the real size, not the bytes read.
+    """
 
     path: str
     data: bytes
+    size: int | None = None
+    problem: Problem | None = None
+
+    @classmethod
+    def refused(cls, path: str, message: str, code: str) -> SourceFile:
+        return cls(path, b"", 0, Problem(path, 1, 1, message, code))
 
     @property
     def stem(self) -> str:
         return PurePosixPath(self.path.replace("\\", "/")).stem
+
+    @property
+    def real_size(self) -> int:
+        return len(self.data) if self.size is None else self.size
 
 
 @dataclass
@@ -47,8 +65,15 @@ class CheckResult:
 
 @dataclass
 class _Spec:
-    pipeline: Pipeline
+    """What the graph checks use of one file that loaded, valid or not."""
+
+    dag_id: str
     doc: Document
+    upstreams: tuple[tuple[int, str], ...]  # (index in depends_on, id)
+    pipeline: Pipeline | None  # None when the file has a problem of its own
+
+    def position(self, index: int) -> tuple[int, int]:
+        return self.doc.position(("depends_on", index))
 
 
 def check_files(
@@ -60,45 +85,54 @@ def check_files(
     files = sorted(files, key=lambda f: f.path)
     problems: list[Problem] = []
     specs: list[_Spec] = []
+    readable = [f for f in files if f.problem is None]
     for f in files:
+        if f.problem is not None:
+            problems.append(f.problem)
+            continue
+        if f.real_size > max_file_bytes:
+            problems.append(too_large(f.path, f.real_size, max_file_bytes))
+            continue
         loaded = load_document(f.path, f.data, max_bytes=max_file_bytes)
         if isinstance(loaded, Problem):
             problems.append(loaded)
             continue
-        pipeline, found = check_document(loaded)
-        problems.extend(found)
-        dag_id = loaded.data.get("dag_id")
-        if isinstance(dag_id, str) and dag_id != f.stem:
+        problems.extend(loaded.problems)
+        checked = check_document(loaded)
+        problems.extend(checked.problems)
+        if checked.dag_id is not None and checked.dag_id != f.stem:
             line, col = loaded.position(("dag_id",))
-            problems.append(Problem(f.path, line, col, f"dag_id {dag_id!r} does not match the "
-                                    f"file name {f.stem!r}; rename one of them", "file-name"))
-        if pipeline is not None:
-            specs.append(_Spec(pipeline, loaded))
+            problems.append(Problem(f.path, line, col, f"dag_id {checked.dag_id!r} does not "
+                                    f"match the file name {f.stem!r}; rename one of them",
+                                    "file-name"))
+        if checked.dag_id is not None:
+            specs.append(_Spec(checked.dag_id, loaded, checked.upstreams, checked.pipeline))
     # Stems are also checked among files that failed to load, so a.yaml + a.yml is caught.
-    problems.extend(_duplicate_ids(files, specs))
+    problems.extend(_duplicate_ids(readable))
     by_id: dict[str, _Spec] = {}
     for spec in specs:
-        by_id.setdefault(spec.pipeline.dag_id, spec)
-    problems.extend(_edge_problems(by_id, all_ids={f.stem for f in files}))
-    if not any(p.code in ("unknown-upstream", "self-dependency") for p in problems):
-        problems.extend(_cycle_problems(by_id))
+        by_id.setdefault(spec.dag_id, spec)
+    # A refused a.YAML or link b.yaml still names a pipeline: depends_on [b] is not unknown.
+    known = {f.stem for f in files if f.path.lower().endswith(PIPELINE_SUFFIXES)}
+    problems.extend(_edge_problems(by_id, known))
+    problems.extend(_cycle_problems(by_id))
     result = CheckResult(files=len(files), problems=sorted(set(problems)))
     if result.ok:
-        graph = Graph(s.pipeline for s in specs)
+        graph = Graph(s.pipeline for s in specs if s.pipeline is not None)
         size = len(graph.compressed())
         if size > max_graph_bytes:
-            biggest = max(files, key=lambda f: len(f.data))
+            biggest = max(files, key=lambda f: f.real_size)
             result.problems.append(Problem(
                 biggest.path, 1, 1, f"the graph of {len(graph)} pipelines is {size} bytes "
                 f"compressed, over the {max_graph_bytes} byte limit of one etcd value "
-                f"(this is its largest file, {len(biggest.data)} bytes); shorten descriptions "
+                f"(this is its largest file, {biggest.real_size} bytes); shorten descriptions "
                 "and conf, or split the graph into namespaces", "graph-too-large"))
         else:
             result.graph = graph
     return result
 
 
-def _duplicate_ids(files: list[SourceFile], specs: list[_Spec]) -> list[Problem]:
+def _duplicate_ids(files: list[SourceFile]) -> list[Problem]:
     out: list[Problem] = []
     first_by_stem: dict[str, str] = {}
     for f in files:
@@ -110,13 +144,56 @@ def _duplicate_ids(files: list[SourceFile], specs: list[_Spec]) -> list[Problem]
     return out
 
 
+class Suggestions:
+    """ "Did you mean" at near-linear cost, for thousands of unknown names.
+
+    Comparing each unknown name with every known one (difflib) costs len(unknown) x
+    len(known) ratio computations: 3,000 x 3,000 took over 20 s. Instead the known names
+    are indexed by their one-character deletions (lower-cased): a typo of one or two edits
+    (a wrong, missing, extra or swapped character, or another case) shares a key with its
+    original, found in O(length). Only those candidates (at most MAX_CANDIDATES) are
+    ranked with difflib. A plain difflib scan over all names is kept for small sets, and
+    for the first FALLBACK_SCANS names only, so the worst case stays bounded.
+    """
+
+    MAX_CANDIDATES = 50
+    FALLBACK_SCANS = 20
+    SMALL = 500
+
+    def __init__(self, known: Iterable[str]) -> None:
+        self.known = sorted(set(known))
+        self.index: dict[str, list[str]] = {}
+        for name in self.known:
+            for key in self._keys(name):
+                self.index.setdefault(key, []).append(name)
+        self.scans = 0
+
+    @staticmethod
+    def _keys(name: str) -> set[str]:
+        low = name.lower()
+        return {low, *(low[:i] + low[i + 1:] for i in range(len(low)))}
+
+    def __call__(self, word: str) -> str | None:
+        candidates: set[str] = set()
+        for key in self._keys(word):
+            candidates.update(self.index.get(key, ())[:self.MAX_CANDIDATES])
+            if len(candidates) >= self.MAX_CANDIDATES:
+                break
+        pool: list[str] = sorted(candidates)
+        if not pool and len(self.known) <= self.SMALL and self.scans < self.FALLBACK_SCANS:
+            self.scans += 1
+            pool = self.known
+        close = difflib.get_close_matches(word, pool, n=1)
+        return close[0] if close else None
+
+
 def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str]) -> list[Problem]:
     out: list[Problem] = []
-    known = sorted(all_ids)
+    suggest = Suggestions(all_ids)
     for dag_id, spec in by_id.items():
         seen: dict[str, int] = {}
-        for index, up in enumerate(spec.pipeline.depends_on):
-            line, col = spec.doc.position(("depends_on", index))
+        for index, up in spec.upstreams:
+            line, col = spec.position(index)
             if up in seen:
                 out.append(Problem(spec.doc.path, line, col, f"{up!r} is listed twice in "
                                    f"depends_on (first as item {seen[up] + 1})",
@@ -127,8 +204,8 @@ def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str]) -> list[Problem]:
                 out.append(Problem(spec.doc.path, line, col, f"{dag_id!r} depends on itself",
                                    "self-dependency"))
             elif up not in all_ids:
-                close = difflib.get_close_matches(up, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                close = suggest(up)
+                hint = f"; did you mean {close!r}?" if close else ""
                 out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, but no "
                                    f"pipeline file defines it{hint}", "unknown-upstream"))
     return out
@@ -136,7 +213,7 @@ def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str]) -> list[Problem]:
 
 def _cycle_problems(by_id: dict[str, _Spec]) -> list[Problem]:
     """One problem per strongly connected component (Tarjan's algorithm, iterative)."""
-    graph = {d: [u for u in s.pipeline.depends_on if u in by_id] for d, s in by_id.items()}
+    graph = {d: [u for _, u in s.upstreams if u in by_id and u != d] for d, s in by_id.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
@@ -186,7 +263,7 @@ def _cycle_problems(by_id: dict[str, _Spec]) -> list[Problem]:
         path = _cycle_path(graph, set(component))
         first, second = path[0], path[1]
         spec = by_id[first]
-        line, col = spec.doc.position(("depends_on", spec.pipeline.depends_on.index(second)))
+        line, col = spec.position(next(i for i, up in spec.upstreams if up == second))
         # depends_on points upstream, so reverse the path to read in run order.
         shown = " -> ".join(reversed(path))
         out.append(Problem(spec.doc.path, line, col, f"dependency cycle: {shown} (each runs "

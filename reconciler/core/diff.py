@@ -1,5 +1,10 @@
 """What a change does to the graph: pipelines and edges added, removed or changed, and the
 downstream pipelines it newly affects. Pure; the CLI reads both graphs from git.
+
+Cost is near-linear in the graph: each side's transitive upstream sets are computed once,
+in topological order, as bitsets (one Python int per pipeline), instead of a walk per
+pipeline (quadratic on a deep chain). The markdown for a PR comment can be capped
+(`max_chars`); what is cut is said, and the full text is for the job summary.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from reconciler.core.render import mermaid_id, mermaid_label
 
 # Above this many nodes the picture shows only the changed part and its neighbours.
 MAX_PICTURE_NODES = 150
+COMMENT_LIMIT = 65_536
+"""GitHub's limit for a pull request comment, in characters."""
 _BEHAVIOUR_FIELDS = ("enabled", "trigger_rule", "backfill", "conf")
 
 
@@ -53,6 +60,7 @@ class Affected:
 @dataclass
 class GraphDiff:
     base: str | None = None
+    """The commit compared with head: the merge base of `base_tip` and head."""
     head: str | None = None
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -60,6 +68,8 @@ class GraphDiff:
     edges_added: list[tuple[str, str]] = field(default_factory=list)
     edges_removed: list[tuple[str, str]] = field(default_factory=list)
     affected: list[Affected] = field(default_factory=list)
+    base_tip: str | None = None
+    """The commit given as --base (its merge base with head is `base`)."""
 
     @property
     def empty(self) -> bool:
@@ -67,7 +77,7 @@ class GraphDiff:
                     or self.edges_removed)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {"kind": "GraphDiff", **asdict(self)}
         data["edges_added"] = [{"upstream": u, "downstream": d} for u, d in self.edges_added]
         data["edges_removed"] = [{"upstream": u, "downstream": d} for u, d in self.edges_removed]
         data["affected"] = [dict(asdict(a), reason=a.reason()) for a in self.affected]
@@ -92,13 +102,38 @@ def diff_graphs(base: Graph, head: Graph, *, base_rev: str | None = None,
 
     behaviour_changed = {c.dag_id for c in out.changed
                          if any(f.field in _BEHAVIOUR_FIELDS for f in c.changes)}
+    names = sorted(set(base.pipelines) | set(head.pipelines))
+    bit = {name: 1 << i for i, name in enumerate(names)}
+    before, after = _ancestor_bits(base, bit), _ancestor_bits(head, bit)
+    changed_mask = sum(bit[d] for d in behaviour_changed)
     for dag_id in sorted((d for d in head.pipelines if d in base), key=head_order.__getitem__):
-        before, after = base.ancestors(dag_id), head.ancestors(dag_id)
-        changed_ups = tuple(sorted(after & behaviour_changed))
-        if before != after or changed_ups:
-            out.affected.append(Affected(dag_id, tuple(sorted(after - before)),
-                                         tuple(sorted(before - after)), changed_ups))
+        was, now = before[dag_id], after[dag_id]
+        if was != now or now & changed_mask:
+            out.affected.append(Affected(dag_id, _names(now & ~was, names),
+                                         _names(was & ~now, names),
+                                         _names(now & changed_mask, names)))
     return out
+
+
+def _ancestor_bits(graph: Graph, bit: dict[str, int]) -> dict[str, int]:
+    """Each pipeline's transitive upstreams as a bitset, in one topological pass."""
+    out: dict[str, int] = {}
+    for dag_id in graph.topological_order():
+        acc = 0
+        for up in graph.upstreams(dag_id):
+            acc |= bit[up] | out.get(up, 0)
+        out[dag_id] = acc
+    return out
+
+
+def _names(bits: int, names: list[str]) -> tuple[str, ...]:
+    """The names of the set bits, in order (the names are sorted, so is the result)."""
+    out = []
+    while bits:
+        low = bits & -bits
+        out.append(names[low.bit_length() - 1])
+        bits ^= low
+    return tuple(out)
 
 
 def _fmt(value: Any) -> str:
@@ -123,6 +158,7 @@ def to_text(diff: GraphDiff) -> str:
 
 
 def to_json(diff: GraphDiff) -> str:
+    """{"kind": "GraphDiff", ...}."""
     return json.dumps(diff.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
 
@@ -130,40 +166,82 @@ def _md_cell(value: Any) -> str:
     return _fmt(value).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(diff: GraphDiff, base: Graph, head: Graph) -> str:
-    def short(rev):
-        return (f"`{rev[:12]}`" if rev else "working tree")
-    lines = [f"### Pipeline graph: {short(diff.base)} → {short(diff.head)}", ""]
+def to_markdown(diff: GraphDiff, base: Graph, head: Graph, *, max_chars: int = 0) -> str:
+    """The diff for $GITHUB_STEP_SUMMARY or a PR comment; with `max_chars` (e.g. under
+    COMMENT_LIMIT) long lists and the picture are cut to fit, and the text says so."""
+    def short(rev: str | None) -> str:
+        return f"`{rev[:12]}`" if rev else "working tree"
+    title = f"### Pipeline graph: {short(diff.base)} → {short(diff.head)}"
+    if diff.base_tip and diff.base_tip != diff.base:
+        title += f" (merge base with {short(diff.base_tip)})"
+    head_lines = [title, ""]
     if diff.empty:
-        lines.append("No change to the pipeline graph.")
-        return "\n".join(lines) + "\n"
-    lines.append(f"**{len(diff.added)}** added, **{len(diff.removed)}** removed, "
-                 f"**{len(diff.changed)}** changed pipelines; **{len(diff.edges_added)}** edges "
-                 f"added, **{len(diff.edges_removed)}** removed; **{len(diff.affected)}** "
-                 "downstream pipelines affected.")
-    lines.append("")
+        head_lines.append("No change to the pipeline graph.")
+        return "\n".join(head_lines) + "\n"
+    head_lines.append(f"**{len(diff.added)}** added, **{len(diff.removed)}** removed, "
+                      f"**{len(diff.changed)}** changed pipelines; **{len(diff.edges_added)}** "
+                      f"edges added, **{len(diff.edges_removed)}** removed; "
+                      f"**{len(diff.affected)}** downstream pipelines affected.")
+    head_lines.append("")
+    sections: list[tuple[list[str], list[str]]] = []  # (heading lines, rows)
     if diff.added or diff.removed or diff.changed:
-        lines += ["| | pipeline | change |", "|---|---|---|"]
-        lines += [f"| ➕ | `{d}` | added (owner {_md_cell(head[d].owner)}) |" for d in diff.added]
-        lines += [f"| ➖ | `{d}` | removed |" for d in diff.removed]
+        rows = [f"| ➕ | `{d}` | added (owner {_md_cell(head[d].owner)}) |" for d in diff.added]
+        rows += [f"| ➖ | `{d}` | removed |" for d in diff.removed]
         for c in diff.changed:
             what = "; ".join(f"{f.field}: {_md_cell(f.old)} → {_md_cell(f.new)}"
                              for f in c.changes)
-            lines.append(f"| ✏️ | `{c.dag_id}` | {what} |")
-        lines.append("")
+            rows.append(f"| ✏️ | `{c.dag_id}` | {what} |")
+        sections.append((["| | pipeline | change |", "|---|---|---|"], rows))
     if diff.edges_added or diff.edges_removed:
-        lines.append("**Dependencies**")
-        lines.append("")
-        lines += [f"- ➕ `{u}` → `{d}`" for u, d in diff.edges_added]
-        lines += [f"- ➖ `{u}` → `{d}`" for u, d in diff.edges_removed]
-        lines.append("")
+        rows = [f"- ➕ `{u}` → `{d}`" for u, d in diff.edges_added]
+        rows += [f"- ➖ `{u}` → `{d}`" for u, d in diff.edges_removed]
+        sections.append((["**Dependencies**", ""], rows))
     if diff.affected:
-        lines.append("**Newly affected downstream pipelines**")
-        lines.append("")
-        lines += [f"- `{a.dag_id}`: {a.reason()}" for a in diff.affected]
-        lines.append("")
-    lines += ["```mermaid", _mermaid(diff, base, head).rstrip("\n"), "```", ""]
-    return "\n".join(lines)
+        sections.append((["**Newly affected downstream pipelines**", ""],
+                         [f"- `{a.dag_id}`: {a.reason()}" for a in diff.affected]))
+    picture = ["```mermaid", _mermaid(diff, base, head).rstrip("\n"), "```", ""]
+
+    def joined(parts: list[str]) -> str:
+        return "\n".join(parts)
+
+    full = list(head_lines)
+    for heading, rows in sections:
+        full += [*heading, *rows, ""]
+    if not max_chars or len(joined([*full, *picture])) <= max_chars:
+        return joined([*full, *picture])
+    # Over the cap: keep the rows that fit, in order, and say how many were cut.
+    note_room = 400
+    budget = max_chars - note_room - len(joined(head_lines))
+    out = list(head_lines)
+    cut = 0
+    for heading, rows in sections:
+        budget -= len(joined(heading)) + 2
+        kept = 0
+        for row in rows:
+            if len(row) + 1 > budget:
+                break
+            if not kept:
+                out.extend(heading)
+            out.append(row)
+            budget -= len(row) + 1
+            kept += 1
+        if kept < len(rows):
+            if not kept:
+                out.extend(heading)
+            out.append(f"- … and {len(rows) - kept} more not shown")
+            cut += len(rows) - kept
+        out.append("")
+    picture_fits = len(joined(picture)) + 1 <= budget
+    if picture_fits:
+        out += picture
+    omitted = [f"{cut} rows"] if cut else []
+    if not picture_fits:
+        omitted.append("the picture")
+    out += [f"> [!NOTE]\n> Cut to fit a comment ({' and '.join(omitted)} not shown): the full "
+            "diff is in the job summary of the run, or run `reconciler diff` locally.", ""]
+    text = joined(out)
+    assert len(text) <= max_chars, (len(text), max_chars)
+    return text
 
 
 def _mermaid(diff: GraphDiff, base: Graph, head: Graph) -> str:

@@ -56,8 +56,10 @@ def to_dot(graph: Graph) -> str:
 
 
 def to_json(graph: Graph, commit: str | None = None) -> str:
+    """{"kind": "Graph", ...}: roots, layers, pipelines and edges in a stable order."""
     order = graph.topological_order()
     data = {
+        "kind": "Graph",
         "commit": commit,
         "digest": graph.digest(),
         "roots": graph.roots(),

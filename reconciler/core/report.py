@@ -29,7 +29,9 @@ def to_text(result: CheckResult) -> str:
 
 
 def to_json(result: CheckResult) -> str:
+    """{"kind": "ValidationResult", "ok", "files", "pipelines", "problems"}."""
     data = {
+        "kind": "ValidationResult",
         "ok": result.ok,
         "files": result.files,
         "pipelines": len(result.graph) if result.graph is not None else None,

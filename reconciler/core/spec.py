@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -62,14 +63,45 @@ def _where(path: tuple[str | int, ...]) -> str:
     return out or "the document"
 
 
-def check_document(doc: Document) -> tuple[Pipeline | None, list[Problem]]:
-    """Schema-check one document; returns the Pipeline when it is valid."""
+@dataclass(frozen=True)
+class Checked:
+    """One document after the schema: the Pipeline when it is valid, and in any case what
+    the graph checks can still use (its id and the upstreams that were readable), so that
+    an unknown key does not hide an unknown upstream or a cycle."""
+
+    pipeline: Pipeline | None
+    problems: list[Problem]
+    dag_id: str | None
+    upstreams: tuple[tuple[int, str], ...]
+    """(index in depends_on, upstream id) of each usable entry."""
+
+
+def check_document(doc: Document) -> Checked:
+    """Schema-check one document (its loader refusals are in doc.problems)."""
     problems: list[Problem] = []
+    bad: set[tuple[str | int, ...]] = set()
     for error in _validator().iter_errors(doc.data):
+        where = tuple(error.absolute_path)
+        if doc.is_refused(where):
+            continue  # the loader already said what is wrong there
+        bad.add(where)
         problems.extend(_to_problems(doc, error))
-    if problems:
-        return None, sorted(set(problems))
     data = doc.data
+    dag_id = data.get("dag_id")
+    if not isinstance(dag_id, str) or doc.is_refused(("dag_id",)):
+        dag_id = None
+    ups = data.get("depends_on")
+    upstreams = tuple(
+        (i, up) for i, up in enumerate(ups)
+        if isinstance(up, str) and ("depends_on", i) not in bad
+        and not doc.is_refused(("depends_on", i))
+    ) if isinstance(ups, list) else ()
+    if problems or doc.problems:
+        return Checked(None, sorted(set(problems)), dag_id, upstreams)
+    return Checked(_pipeline(data), [], dag_id, upstreams)
+
+
+def _pipeline(data: dict[str, Any]) -> Pipeline:
     return Pipeline(
         dag_id=data["dag_id"],
         owner=data["owner"],
@@ -79,7 +111,7 @@ def check_document(doc: Document) -> tuple[Pipeline | None, list[Problem]]:
         enabled=data.get("enabled", True),
         backfill=data.get("backfill", False),
         conf=data.get("conf") or {},
-    ), []
+    )
 
 
 def _to_problems(doc: Document, error: jsonschema.ValidationError) -> list[Problem]:

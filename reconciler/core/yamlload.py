@@ -4,7 +4,10 @@ PyYAML composes the document into nodes (libyaml's C parser when available); thi
 turns the nodes into plain JSON-compatible data itself, so that it can refuse what a
 pipeline file must never contain (duplicate keys, aliases, several documents, YAML 1.1
 booleans such as ``yes``, custom tags) and remember where each key and value was written.
-Nothing here raises on bad input: problems come back as values.
+Nothing here raises on bad input: problems come back as values. A refusal that leaves the
+rest of the document readable (a YAML 1.1 boolean, a duplicate key, a NaN) is recorded on
+the Document and loading goes on, so one run reports every problem of a file; only what
+stops parsing (syntax, aliases, depth, size, encoding) returns a lone Problem.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class Document:
     key_positions: dict[PathKey, Position] = field(default_factory=dict)
     implicit: dict[PathKey, str] = field(default_factory=dict)
     """Plain (unquoted) scalars that YAML read as something other than a string."""
+    problems: list[Problem] = field(default_factory=list)
+    """Refusals that did not stop loading; the document is invalid when there is any."""
+    refused: set[PathKey] = field(default_factory=set)
+    """Where a refused value was (its text stands in): no other check reports it again."""
 
     def position(self, where: PathKey) -> Position:
         """The position of the value at `where`, or of its nearest written ancestor."""
@@ -57,6 +64,16 @@ class Document:
 
     def key_position(self, where: PathKey) -> Position:
         return self.key_positions.get(where) or self.position(where)
+
+    def is_refused(self, where: PathKey) -> bool:
+        """True when the value at `where`, or one that contains it, was refused."""
+        return any(where[:n] in self.refused for n in range(len(where) + 1))
+
+    def _refuse(self, node: yaml.Node, where: PathKey | None, message: str, code: str) -> None:
+        line, col = _pos(node)
+        self.problems.append(Problem(self.path, line, col, message, code))
+        if where is not None:
+            self.refused.add(where)
 
 
 class _Refused(Exception):
@@ -79,11 +96,17 @@ def _line_col_of_offset(text: str | bytes, offset: int) -> Position:
     return line, offset - last
 
 
+def too_large(path: str, size: int, max_bytes: int) -> Problem:
+    """The refusal of a file of `size` bytes (its real size, not the bytes read)."""
+    return Problem(path, 1, 1, f"file is {size} bytes, over the {max_bytes} byte limit for a "
+                   "pipeline file", "too-large")
+
+
 def load_document(path: str, raw: bytes, *, max_bytes: int = MAX_FILE_BYTES) -> Document | Problem:
-    """Parse one pipeline file; returns the document or the first problem that stops parsing."""
+    """Parse one pipeline file: the document (with the refusals that did not stop loading
+    in `problems`), or the one problem that stopped it."""
     if len(raw) > max_bytes:
-        return Problem(path, 1, 1, f"file is {len(raw)} bytes, over the {max_bytes} byte limit "
-                       "for a pipeline file", "too-large")
+        return too_large(path, len(raw), max_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -179,13 +202,16 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR:
                 shown = (repr(key_node.value) if isinstance(key_node, yaml.ScalarNode)
                          else _kind(key_node))
-                raise _Refused(_pos(key_node), f"keys must be strings, not {shown}; quote the "
-                               "key", "key-type")
+                doc._refuse(key_node, None, f"keys must be strings, not {shown}; quote the "
+                            "key", "key-type")
+                continue
             key = key_node.value
             if key in out:
                 first = doc.key_positions[(*where, key)]
-                raise _Refused(_pos(key_node), f"duplicate key {key!r} (first at line "
-                               f"{first[0]}); each key may appear once", "duplicate-key")
+                # The first value stays; the second is not read (it cannot take effect).
+                doc._refuse(key_node, None, f"duplicate key {key!r} (first at line "
+                            f"{first[0]}); each key may appear once", "duplicate-key")
+                continue
             doc.key_positions[(*where, key)] = _pos(key_node)
             doc.positions[(*where, key)] = _pos(value_node)
             out[key] = _build(value_node, (*where, key), doc, seen, depth + 1)
@@ -210,46 +236,48 @@ _DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]{0,99})")
 
 
 def _scalar(node: yaml.ScalarNode, where: PathKey, doc: Document) -> Any:
+    """The scalar's value; a refused one is recorded and its text stands in for it."""
     tag, text = node.tag, node.value
     plain = node.style is None or node.style == ""
     if tag == _STR:
         return text
     if plain:
         doc.implicit[where] = text
+
+    def refuse(message: str, code: str) -> str:
+        doc._refuse(node, where, message, code)
+        return text
+
     if tag == _BOOL:
         if text.lower() in _YAML11_BOOLS:
-            raise _Refused(_pos(node), f"{text!r} is a YAML 1.1 boolean; write true or false, "
-                           f"or quote it (\"{text}\") if you mean the text", "yaml11-bool")
+            return refuse(f"{text!r} is a YAML 1.1 boolean; write true or false, or quote it "
+                          f"(\"{text}\") if you mean the text", "yaml11-bool")
         if text.lower() not in ("true", "false"):
-            raise _Refused(_pos(node), f"{text!r} is not a boolean; write true or false",
-                           "type")
+            return refuse(f"{text!r} is not a boolean; write true or false", "type")
         return text.lower() == "true"
     if tag == _NULL:
         if text not in ("", "~", "null", "Null", "NULL"):
-            raise _Refused(_pos(node), f"{text!r} is not null; remove the tag or quote it",
-                           "type")
+            return refuse(f"{text!r} is not null; remove the tag or quote it", "type")
         return None
     if tag == _INT:
         if plain and not _DECIMAL_INT.fullmatch(text):
-            raise _Refused(_pos(node), f"YAML 1.1 reads {text!r} as a number in another base "
-                           "or with separators; write a plain decimal number, or quote it if "
-                           "you mean the text", "yaml11-number")
+            return refuse(f"YAML 1.1 reads {text!r} as a number in another base or with "
+                          "separators; write a plain decimal number, or quote it if you mean "
+                          "the text", "yaml11-number")
         try:
             return _constructor.construct_yaml_int(node)
         except (ValueError, IndexError):
-            raise _Refused(_pos(node), f"{text[:40]!r} is not a valid integer", "type"
-                           ) from None
+            return refuse(f"{text[:40]!r} is not a valid integer", "type")
     if tag == _FLOAT:
         try:
             value = _constructor.construct_yaml_float(node)
         except (ValueError, IndexError):
-            raise _Refused(_pos(node), f"{text[:40]!r} is not a valid number", "type"
-                           ) from None
+            return refuse(f"{text[:40]!r} is not a valid number", "type")
         if math.isnan(value) or math.isinf(value):
-            raise _Refused(_pos(node), f"{text!r} is not a JSON number; quote it if you mean "
-                           "the text", "not-json")
+            return refuse(f"{text!r} is not a JSON number; quote it if you mean the text",
+                          "not-json")
         return value
     if tag == _TIMESTAMP:
         # Dates stay text: run conf is JSON, and a date string is what a DAG expects there.
         return text
-    raise _Refused(_pos(node), f"tag {tag} is not allowed in pipeline files", "tag")
+    return refuse(f"tag {tag} is not allowed in pipeline files", "tag")

@@ -13,20 +13,26 @@ head.
 from __future__ import annotations
 
 import enum
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from reconciler.adapters.sources import SourceError, open_repo, read_tree_files, resolve_commit
+from reconciler.adapters.sources import (
+    PathNotFound,
+    SourceError,
+    open_repo,
+    read_tree,
+    resolve_commit,
+)
 from reconciler.adapters.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
-from reconciler.core.checks import PIPELINE_SUFFIXES, SourceFile, check_files
+from reconciler.core.checks import check_files
 from reconciler.core.graph import Graph
-from reconciler.core.problems import Problem
+from reconciler.core.problems import Problem, redact
 from reconciler.core.settings import EtcdSettings
-from reconciler.core.yamlload import MAX_FILE_BYTES
+
+__all__ = ["read_tree"]  # re-exported: the tree reader lives in adapters/sources.py
 
 # Each retry follows a sync that moved the head: more than a few means something is
 # hammering the head, and the caller should hear about it rather than spin.
@@ -55,6 +61,8 @@ class Reason(enum.StrEnum):
     FORCED = "forced"
     SAME_COMMIT = "same-commit"
     INVALID = "invalid"
+    EMPTY = "empty"  # no pipeline files: would remove every dependency
+    MISSING_PATH = "missing-path"  # --path is not in the commit
     NOT_FAST_FORWARD = "not-fast-forward"
     UNKNOWN_HEAD = "unknown-head"
     DIGEST_MISMATCH = "digest-mismatch"
@@ -115,7 +123,7 @@ def build_head(commit: str, digest: str, *, now: datetime, source: str,
                previous: HeadRecord | None, forced: bool) -> HeadRecord:
     """The head record of a sync; `previous` chains it to the head it replaces."""
     return HeadRecord(commit=commit, graph_digest=digest, synced_at=now.astimezone(UTC),
-                      source=source, previous=previous.commit if previous else None,
+                      source=redact(source), previous=previous.commit if previous else None,
                       forced=forced, seq=(previous.seq if previous else 0) + 1)
 
 
@@ -156,7 +164,8 @@ class SyncResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "status": self.status.value, "reason": self.reason.value, "ok": self.ok,
+            "kind": "SyncResult", "status": self.status.value, "reason": self.reason.value,
+            "ok": self.ok,
             "commit": self.commit, "namespace": self.namespace, "message": self.message,
             "head": self.head.to_dict() if self.head else None,
             "problems": [p.to_dict() for p in self.problems], "pipelines": self.pipelines,
@@ -184,87 +193,41 @@ def ancestry(repo: Any, head_commit: str, commit: Any) -> Ancestry:
     return Ancestry.DIVERGED
 
 
-def read_tree(repo: Any, commit: Any, subdir: str = "pipelines", *,
-              max_file_bytes: int = MAX_FILE_BYTES) -> list[SourceFile]:
-    """The same files as sources.read_tree_files, read with one `git cat-file --batch`.
-
-    gitpython asks git for one blob at a time (about 0.1 ms each: 1.2 s of a 2 s budget
-    for 10,000 files); one batch reads them all in a few tens of milliseconds. Files over
-    `max_file_bytes` (rare, and refused by the checks) still go through gitpython, so
-    the checks see exactly the bytes they would see from read_tree_files.
-    """
-    subdir = str(PurePosixPath(subdir)).strip("/")
-    if subdir in ("", "."):
-        tree, base = commit.tree, ""
-    else:
-        try:
-            tree = commit.tree / subdir
-        except KeyError:
-            return []  # the commit has no pipelines yet: an empty graph
-        if tree.type != "tree":
-            raise SourceError(f"{subdir} is not a directory in commit {commit.hexsha[:12]}")
-        base = subdir + "/"
-    listing = _git(repo, "ls-tree", "-r", "-z", "--long", tree.hexsha)
-    wanted: list[tuple[str, str, int]] = []  # (path, sha, size)
-    for entry in listing.split(b"\0"):
-        if not entry:
-            continue
-        meta, _, raw_path = entry.partition(b"\t")
-        _mode, kind, object_id, object_size = meta.split()
-        path = base + raw_path.decode("utf-8", "surrogateescape")
-        name = path.rpartition("/")[2]
-        if kind != b"blob" or not name.endswith(PIPELINE_SUFFIXES) or name.startswith("."):
-            continue
-        wanted.append((path, object_id.decode(), int(object_size)))
-    small = [(path, sha, size) for path, sha, size in wanted if size <= max_file_bytes]
-    out = []
-    if small:
-        batch = _git(repo, "cat-file", "--batch",
-                     stdin=b"".join(sha.encode() + b"\n" for _, sha, _ in small))
-        at = 0
-        for path, sha, size in small:
-            header_end = batch.index(b"\n", at)
-            if not batch.startswith(f"{sha} blob {size}".encode(), at):
-                raise SourceError(f"git cat-file answered {batch[at:header_end]!r} for {path}")
-            out.append(SourceFile(path, batch[header_end + 1:header_end + 1 + size]))
-            at = header_end + 1 + size + 1  # the content is followed by a newline
-    by_path = {path for path, _, size in wanted if size > max_file_bytes}
-    if by_path:
-        out.extend(f for f in read_tree_files(commit, subdir, max_file_bytes=max_file_bytes)
-                   if f.path in by_path)
-    return sorted(out, key=lambda f: f.path)
-
-
-def _git(repo: Any, *args: str, stdin: bytes | None = None) -> bytes:
-    command = [repo.git.GIT_PYTHON_GIT_EXECUTABLE or "git", "--git-dir", str(repo.git_dir),
-               *args]
-    try:
-        return subprocess.run(command, input=stdin, capture_output=True, check=True,
-                              timeout=300).stdout
-    except subprocess.CalledProcessError as exc:
-        raise SourceError(f"git {args[0]} failed: {exc.stderr.decode(errors='replace')}"
-                          .strip()) from None
-
-
 def sync(repo_path: str | Path, rev: str, subdir: str, store: EtcdStore, *,
          force: bool = False, source: str = "", now: datetime | None = None,
-         max_attempts: int = MAX_ATTEMPTS) -> SyncResult:
+         max_attempts: int = MAX_ATTEMPTS, allow_empty: bool = False) -> SyncResult:
     """Sync the graph of commit `rev` of `repo_path` into the store's namespace.
 
-    Returns a result for synced, no-op and refused (invalid or not a fast-forward).
-    Raises SourceError (no such repository or commit), StoreUnavailable (etcd
-    unreachable), StoreConflict (still racing after `max_attempts`).
+    Returns a result for synced, no-op and refused (invalid, empty, `subdir` missing in
+    the commit, or not a fast-forward). An empty graph removes every dependency, so it is
+    only synced with `allow_empty`. Raises SourceError (no such repository or commit, an
+    unreadable tree), StoreUnavailable (etcd unreachable), StoreConflict (still racing
+    after `max_attempts`).
     """
     repo = open_repo(repo_path)
     commit = resolve_commit(repo, rev)
     sha = commit.hexsha
-    checked = check_files(read_tree(repo, commit, subdir))
+    try:
+        files = read_tree(repo, commit, subdir)
+    except PathNotFound:
+        if not allow_empty:
+            return SyncResult(Status.REFUSED, Reason.MISSING_PATH, sha,
+                              f"{subdir} is not in commit {sha[:12]}: syncing it would remove "
+                              "every dependency; check --path, or pass --allow-empty if that "
+                              "is what you mean; nothing written", namespace=store.root)
+        files = []
+    checked = check_files(files)
     if not checked.ok or checked.graph is None:
         return SyncResult(Status.REFUSED, Reason.INVALID, sha,
                           f"{sha[:12]}:{subdir} has {len(checked.problems)} problem(s); "
                           "nothing written", namespace=store.root,
                           problems=tuple(checked.problems))
     graph = checked.graph
+    if not len(graph) and not allow_empty:
+        return SyncResult(Status.REFUSED, Reason.EMPTY, sha,
+                          f"{sha[:12]}:{subdir} holds no pipeline file: syncing it would "
+                          "remove every dependency; pass --allow-empty if that is what you "
+                          "mean; nothing written", namespace=store.root)
     digest = graph.digest()
     blob = graph.compressed()
     for attempt in range(1, max_attempts + 1):

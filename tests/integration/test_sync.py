@@ -341,10 +341,11 @@ def test_ten_thousand_pipelines_sync(tmp_path: Path, store: EtcdStore) -> None:
     assert len(read_since(store, result.commit)) == 10_000
 
 
-def test_the_batched_tree_reader_matches_read_tree_files(repo: GitRepo) -> None:
-    from reconciler.adapters.sources import open_repo, read_tree_files
-    from reconciler.service.sync import read_tree
+def test_sync_reads_the_tree_by_the_one_reading_rule(repo: GitRepo) -> None:
+    from reconciler.adapters import sources
+    from reconciler.service import sync as sync_module
 
+    assert sync_module.read_tree is sources.read_tree  # the same reader as graph/diff --rev
     repo.commit({
         **pipelines(("a",), ("b", "a")),
         "pipelines/team/c.yml": pipeline("c"),
@@ -354,24 +355,70 @@ def test_the_batched_tree_reader_matches_read_tree_files(repo: GitRepo) -> None:
         "pipelines/empty.yaml": "",
         "pipelines/big.yaml": "# " + "x" * 70_000 + "\n",
         "pipelines/ünïcode.yaml": pipeline("u"),
+        "pipelines/upper.YAML": pipeline("upper"),
         "other/e.yaml": pipeline("e"),
         "pipelines_file": "x\n",
     })
     (repo.path / "pipelines" / "link.yaml").symlink_to("a.yaml")
     head = repo.commit({})
-    git_repo = open_repo(repo.path)
+    git_repo = sources.open_repo(repo.path)
     commit = git_repo.commit(head)
-    for subdir in ("pipelines", "pipelines/", "./pipelines", ".", "", "other", "missing"):
-        fast = read_tree(git_repo, commit, subdir)
-        assert fast == read_tree_files(commit, subdir), subdir
-    assert [f.path for f in read_tree(git_repo, commit, "pipelines")] == [
-        "pipelines/.dir/d.yaml", "pipelines/a.yaml", "pipelines/b.yaml", "pipelines/big.yaml",
-        "pipelines/empty.yaml", "pipelines/link.yaml", "pipelines/team/c.yml",
-        "pipelines/ünïcode.yaml"]
-    big = next(f for f in read_tree(git_repo, commit, "pipelines") if f.path.endswith("big.yaml"))
-    assert len(big.data) == 64 * 1024 + 1  # cut one byte over the limit, as read_tree_files does
+    files = sources.read_tree(git_repo, commit, "pipelines")
+    assert [(f.path, f.problem.code if f.problem else None) for f in files] == [
+        ("pipelines/a.yaml", None), ("pipelines/b.yaml", None), ("pipelines/big.yaml", None),
+        ("pipelines/empty.yaml", None), ("pipelines/link.yaml", "symlink"),
+        ("pipelines/team/c.yml", None), ("pipelines/upper.YAML", "file-extension"),
+        ("pipelines/ünïcode.yaml", None)]
+    big = next(f for f in files if f.path.endswith("big.yaml"))
+    assert (big.data, big.size) == (b"", 70_003)  # not read at all; its real size is kept
+    for subdir in ("pipelines", "pipelines/", "./pipelines"):
+        assert sources.read_tree(git_repo, commit, subdir) == files
+    assert len(sources.read_tree(git_repo, commit, ".")) == len(files) + 1  # + other/e.yaml
+    assert sources.read_tree(git_repo, commit, "") == sources.read_tree(git_repo, commit, ".")
     with pytest.raises(SourceError, match="not a directory"):
-        read_tree(git_repo, commit, "pipelines_file")
+        sources.read_tree(git_repo, commit, "pipelines_file")
+    with pytest.raises(sources.PathNotFound, match="missing is not in commit"):
+        sources.read_tree(git_repo, commit, "missing")
+
+
+def test_an_empty_graph_is_refused_unless_allowed(repo: GitRepo, store: EtcdStore) -> None:
+    repo.commit(pipelines(("a",), ("b", "a")))
+    do_sync(repo, store)
+    before = store.revision()
+    # Every pipeline file removed (a README stays): the whole graph would be gone.
+    empty = repo.commit({"pipelines/a.yaml": None, "pipelines/b.yaml": None,
+                         "pipelines/README.md": "moved elsewhere\n"})
+    result = do_sync(repo, store)
+    assert (result.status, result.reason, result.ok) == (Status.REFUSED, Reason.EMPTY, False)
+    assert "holds no pipeline file" in result.message
+    assert "--allow-empty" in result.message
+    assert store.revision() == before
+    allowed = sync(repo.path, "HEAD", "pipelines", store, source="test", now=T0,
+                   allow_empty=True)
+    assert (allowed.status, allowed.commit, allowed.pipelines) == (Status.SYNCED, empty, 0)
+
+
+def test_a_missing_path_is_refused_unless_allowed(repo: GitRepo, store: EtcdStore) -> None:
+    repo.commit(pipelines(("a",)))
+    do_sync(repo, store)
+    before = store.revision()
+    result = do_sync(repo, store, subdir="pipeline")  # a typo of --path
+    assert (result.status, result.reason) == (Status.REFUSED, Reason.MISSING_PATH)
+    assert result.message.startswith("pipeline is not in commit ")
+    assert store.revision() == before
+    forced = sync(repo.path, "HEAD", "pipeline", store, source="test", now=T0,
+                  allow_empty=True, force=True)
+    assert (forced.status, forced.pipelines) == (Status.SYNCED, 0)
+
+
+def test_credentials_in_the_source_are_never_stored(repo: GitRepo, store: EtcdStore) -> None:
+    repo.commit(pipelines(("a",)))
+    sync(repo.path, "HEAD", "pipelines", store, now=T0,
+         source="pull:https://bot:hunter2@git.example.com/graphs.git@main")
+    head, _ = store.read_head()
+    assert head is not None
+    assert head.source == "pull:https://git.example.com/graphs.git@main"
+    assert all(b"hunter2" not in value for _, value in store.get_prefix(store.root))
 
 
 def test_a_shallow_ci_clone_is_told_to_fetch_the_history(tmp_path: Path, repo: GitRepo,

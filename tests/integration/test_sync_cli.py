@@ -97,11 +97,15 @@ def test_sync_noop_refusal_rollback_and_history(cli: Cli) -> None:
     assert lines[0].endswith("head")
     assert "fast-forward" in lines[1]
     assert "first" in lines[2]
-    data = json.loads(cli("history", "--output", "json").stdout)
+    answer = json.loads(cli("history", "--output", "json").stdout)
+    assert (answer["kind"], answer["namespace"]) == ("History", cli.settings.root)
+    data = answer["items"]
     assert [(h["commit"], h["forced"], h["previous"]) for h in data] == [
         (c1, True, c2), (c2, False, c1), (c1, False, None)]
     assert data[1]["source"].startswith("cli:")
-    assert json.loads(cli("history", "--limit", "1", "--output", "json").stdout)[0]["seq"] == 3
+    limited = json.loads(cli("history", "--limit", "1", "-o", "json").stdout)
+    assert [h["seq"] for h in limited["items"]] == [3]
+    assert cli("history", "--format", "json").stdout == cli("history", "-o", "json").stdout
 
 
 def test_sync_json_output(cli: Cli) -> None:
@@ -111,8 +115,8 @@ def test_sync_json_output(cli: Cli) -> None:
                                                 "GITHUB_SHA": c1, "GITHUB_RUN_ID": "7"})
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert (data["status"], data["reason"], data["commit"], data["pipelines"]) == (
-        "synced", "first", c1, 2)
+    assert (data["kind"], data["status"], data["reason"], data["commit"], data["pipelines"]) == (
+        "SyncResult", "synced", "first", c1, 2)
     assert data["head"]["source"] == f"github:org/graph@{c1[:12]} run 7"
     assert data["blob_bytes"] > 0
     noop = json.loads(cli.sync("--output", "json", env={"CI": "true"}).stdout)
@@ -137,7 +141,7 @@ def test_the_working_tree_is_never_synced(cli: Cli) -> None:
     cli.repo.commit(pipelines(("a",)))
     cli.repo.write({"pipelines/dirty.yaml": "dag_id: [broken\n"})
     assert cli.sync().exit_code == 0  # the broken file is not committed: not even read
-    history = json.loads(cli("history", "--output", "json").stdout)
+    history = json.loads(cli("history", "--output", "json").stdout)["items"]
     with EtcdStore(cli.settings) as store:
         graph = store.read_graph(history[0]["commit"])
     assert graph is not None
@@ -157,6 +161,71 @@ def test_environment_errors_exit_2(cli: Cli, tmp_path: Path) -> None:
     bad_endpoint = cli.sync(env={"RECONCILER_ETCD_ENDPOINTS": "no-port"})
     assert bad_endpoint.exit_code == 2
     assert "is not host:port" in bad_endpoint.stderr
+
+
+def test_an_empty_graph_or_a_missing_path_is_refused_and_nothing_written(cli: Cli) -> None:
+    cli.repo.commit({"README.md": "pipelines come later\n"})
+    missing = cli.sync()
+    assert missing.exit_code == 1
+    assert "pipelines is not in commit" in one_error_line(missing)
+    assert "--allow-empty" in missing.stderr
+    cli.repo.commit({"pipelines/README.md": "soon\n"})
+    empty = cli.sync("--output", "json")
+    assert empty.exit_code == 1
+    assert (json.loads(empty.stdout)["reason"]) == "empty"
+    with EtcdStore(cli.settings) as store:
+        assert store.get_prefix(store.root) == []
+    allowed = cli.sync("--allow-empty")
+    assert allowed.exit_code == 0, allowed.output
+    assert "(0 pipelines," in allowed.stdout
+    # The environment variable works as the flag does.
+    cli.repo.commit({"pipelines/x.txt": "still none\n"})
+    assert cli.sync(env={"RECONCILER_SYNC_ALLOW_EMPTY": "1"}).exit_code == 0
+
+
+def test_durations_and_environment_variables_of_the_options(cli: Cli) -> None:
+    c1 = cli.repo.commit(pipelines(("a",)))
+    for timeout in ("5", "5s", "0.5m", "2.5"):
+        assert cli("history", "--etcd-timeout", timeout).exit_code == 0, timeout
+    bad = cli("history", "--etcd-timeout", "soon")
+    assert bad.exit_code == 2
+    assert "'soon' is not a duration" in bad.stderr
+    assert cli("history", "--etcd-timeout", "10m").exit_code == 2  # over 300 s
+    synced = cli("sync", env={"RECONCILER_REPO": str(cli.repo.path),
+                              "RECONCILER_SYNC_OUTPUT": "json",
+                              "RECONCILER_ETCD_TIMEOUT": "3s"})
+    assert synced.exit_code == 0, synced.output
+    assert json.loads(synced.stdout)["commit"] == c1
+
+
+def test_password_files_that_cannot_be_a_password_are_one_line_exit_2(
+        cli: Cli, tmp_path: Path) -> None:
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe" + SECRET.encode("utf-16-le"))
+    two_lines = tmp_path / "two-lines"
+    two_lines.write_text(f"{SECRET}\nsecond line\n")
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = {binary: "not UTF-8 text (byte 1 of", two_lines: "holds a control character",
+             empty: "the file is empty", fifo: "not a regular file",
+             tmp_path: "is a directory"}
+    for path, message in cases.items():
+        result = cli("history", "--etcd-password-file", str(path),
+                     env={"RECONCILER_ETCD_USER": "root"})
+        assert result.exit_code == 2, (path, result.output)
+        assert message in result.stderr, (path, result.stderr)
+        assert SECRET not in result.output
+        assert "Traceback" not in result.output
+        assert len(result.stderr.splitlines()) <= 4  # click's usage error for a directory
+
+
+def test_credentials_in_an_endpoint_are_refused_without_being_shown(cli: Cli) -> None:
+    result = cli("history", env={"RECONCILER_ETCD_ENDPOINTS": f"http://root:{SECRET}@h:2379"})
+    assert result.exit_code == 2
+    assert SECRET not in result.output
+    assert "credentials do not belong in an endpoint" in result.stderr
 
 
 def run_cli(*args: str, env: Mapping[str, str], timeout: float = 60

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from reconciler.core.diff import diff_graphs
+from reconciler.core.diff import COMMENT_LIMIT, diff_graphs, to_markdown
 from reconciler.core.graph import Graph, Pipeline
 from tests.helpers import example_repo, git
 
@@ -61,11 +64,14 @@ def test_graph_mermaid_lists_roots_first_in_stable_order(repo: Path) -> None:
 
 
 def test_graph_dot_and_json(repo: Path) -> None:
+    assert run("graph", "-o", "dot", cwd=repo).stdout == run("graph", "--output", "dot",
+                                                              cwd=repo).stdout
     dot = run("graph", "--format", "dot", cwd=repo).stdout
     assert dot.startswith("digraph pipelines {")
     assert '    "01_pipeline_init" [shape=oval];' in dot
     assert '    "06_pipeline" -> "07_pipeline";' in dot
     data = json.loads(run("graph", "--format", "json", cwd=repo).stdout)
+    assert data["kind"] == "Graph"
     assert data["roots"] == ["01_pipeline_init"]
     assert data["layers"] == [["01_pipeline_init"],
                               ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"],
@@ -151,15 +157,69 @@ def test_diff_reads_commits_not_the_working_tree(repo: Path) -> None:
     assert proc.stdout == "no change to the pipeline graph\n"
 
 
-def test_diff_against_a_commit_without_pipelines_adds_everything(repo: Path) -> None:
-    git(repo, "checkout", "-q", "--orphan", "empty")
-    git(repo, "rm", "-rqf", ".")
+def test_diff_against_a_commit_without_pipelines_adds_everything(tmp_path: Path) -> None:
+    # The first pull request of a repository: its base has no pipelines/ folder yet.
+    repo = tmp_path / "new"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "t")
     (repo / "README").write_text("x")
     empty = commit(repo, "empty")
-    git(repo, "checkout", "-q", "main")
+    shutil.copytree(REPO / "pipelines", repo / "pipelines")
+    commit(repo, "pipelines")
     d = json.loads(run("diff", "--base", empty, "--format", "json", cwd=repo).stdout)
+    assert d["kind"] == "GraphDiff"
     assert len(d["added"]) == 7
     assert d["affected"] == []
+
+
+def test_diff_of_a_change_that_removes_the_folder_removes_everything(repo: Path) -> None:
+    git(repo, "rm", "-rq", "pipelines")
+    commit(repo, "no more pipelines")
+    d = json.loads(run("diff", "--base", "HEAD~1", "-o", "json", cwd=repo).stdout)
+    assert len(d["removed"]) == 7
+
+
+def test_diff_between_unrelated_histories_is_refused(repo: Path) -> None:
+    git(repo, "checkout", "-q", "--orphan", "other")
+    (repo / "README").write_text("x")
+    other = commit(repo, "unrelated")
+    git(repo, "checkout", "-q", "main")
+    proc = run("diff", "--base", other, cwd=repo)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: {other[:12]} and {git(repo, 'rev-parse', 'HEAD')[:12]} "
+                           "have no common ancestor (unrelated histories): nothing to compare "
+                           "the change with\n")
+
+
+def test_diff_base_is_the_merge_base_like_git_diff_three_dots(repo: Path) -> None:
+    # A branch made before main gained 08_pipeline: main's change is not the branch's.
+    git(repo, "checkout", "-q", "-b", "feature")
+    write(repo, "07_pipeline", "dag_id: 07_pipeline\nowner: team-x\ndepends_on: [06_pipeline]\n")
+    feature = commit(repo, "feature: new owner of 07")
+    git(repo, "checkout", "-q", "main")
+    write(repo, "08_pipeline", "dag_id: 08_pipeline\nowner: x\ndepends_on: [07_pipeline]\n")
+    main_tip = commit(repo, "main: 08")
+    git(repo, "checkout", "-q", "feature")
+    d = json.loads(run("diff", "--base", "main", "-o", "json", cwd=repo).stdout)
+    assert d["removed"] == []  # two-dot compared main's tip and showed 08 as removed
+    assert [c["dag_id"] for c in d["changed"]] == ["07_pipeline"]
+    assert (d["base_tip"], d["head"]) == (main_tip, feature)
+    assert d["base"] == git(repo, "merge-base", "main", "feature")
+    md = run("diff", "--base", "main", cwd=repo).stdout
+    assert md.splitlines()[0] == (f"### Pipeline graph: `{d['base'][:12]}` → `{feature[:12]}` "
+                                  f"(merge base with `{main_tip[:12]}`)")
+
+
+def test_diff_exit_code_says_whether_the_graph_changed(repo: Path) -> None:
+    assert run("diff", "--base", "HEAD", "--exit-code", cwd=repo).returncode == 0
+    base, _ = _change_the_example(repo)
+    changed = run("diff", "--base", base, "--exit-code", "-o", "text", cwd=repo)
+    assert changed.returncode == 1
+    assert changed.stdout.startswith("+ pipeline 08_pipeline\n")
+    assert changed.stderr == ""
+    assert run("diff", "--base", base, cwd=repo).returncode == 0  # without the flag
 
 
 def test_diff_with_an_invalid_head_exits_1_and_names_the_file(repo: Path) -> None:
@@ -202,3 +262,71 @@ def test_redundant_edge_changes_no_ancestor_set() -> None:
     d = diff_graphs(base, head)
     assert d.edges_added == [("a", "c")]
     assert d.affected == []
+
+
+def chain(n: int, *, extra_root: bool = False) -> Graph:
+    nodes = [p("c00000")] + [p(f"c{i:05d}", f"c{i - 1:05d}") for i in range(1, n)]
+    if extra_root:
+        nodes[0] = p("c00000", "new_root")
+        nodes.append(p("new_root"))
+    return Graph(nodes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_affected_equals_the_per_pipeline_ancestor_walk(data: st.DataObject) -> None:
+    # The one-pass bitsets give what comparing ancestors() of each pipeline gave.
+    def graph() -> Graph:
+        ids = data.draw(st.lists(st.sampled_from("abcdefgh"), unique=True, max_size=8))
+        nodes = []
+        for i, d in enumerate(ids):
+            ups = data.draw(st.lists(st.sampled_from(ids[:i]), unique=True)) if i else []
+            nodes.append(p(d, *ups, enabled=data.draw(st.booleans())))
+        return Graph(nodes)
+
+    base, head = graph(), graph()
+    d = diff_graphs(base, head)
+    behaviour = {c.dag_id for c in d.changed if {f.field for f in c.changes} & {"enabled"}}
+    expected = []
+    for dag_id in head.topological_order():
+        if dag_id not in base:
+            continue
+        before, after = base.ancestors(dag_id), head.ancestors(dag_id)
+        ups = tuple(sorted(after & behaviour))
+        if before != after or ups:
+            expected.append((dag_id, tuple(sorted(after - before)),
+                             tuple(sorted(before - after)), ups))
+    assert [(a.dag_id, a.gained_upstreams, a.lost_upstreams, a.changed_upstreams)
+            for a in d.affected] == expected
+
+
+def test_a_deep_chain_diff_is_linear_and_its_comment_fits() -> None:
+    base, head = chain(3000), chain(3000, extra_root=True)
+    d = diff_graphs(base, head)
+    assert len(d.affected) == 3000
+    assert all(a.gained_upstreams == ("new_root",) for a in d.affected)
+    full = to_markdown(d, base, head)
+    assert len(full) > COMMENT_LIMIT
+    capped = to_markdown(d, base, head, max_chars=60_000)
+    assert len(capped) <= 60_000
+    assert "more not shown" in capped
+    assert "Cut to fit a comment" in capped
+    assert "the full diff is in the job summary" in capped
+    assert capped.splitlines()[0] == full.splitlines()[0]
+    # a small diff is not touched by the cap
+    small_base, small_head = chain(3), chain(3, extra_root=True)
+    small = diff_graphs(small_base, small_head)
+    assert to_markdown(small, small_base, small_head, max_chars=60_000) == to_markdown(
+        small, small_base, small_head)
+
+
+def test_diff_cli_max_chars(repo: Path) -> None:
+    base, _ = _change_the_example(repo)
+    full = run("diff", "--base", base, cwd=repo).stdout
+    cut = run("diff", "--base", base, "--max-chars", "2000", cwd=repo)
+    assert cut.returncode == 0, cut.stderr
+    assert len(full) > 2000 >= len(cut.stdout)
+    assert "Cut to fit a comment" in cut.stdout
+    too_small = run("diff", "--base", base, "--max-chars", "100", cwd=repo)
+    assert (too_small.returncode, too_small.stderr) == (
+        2, "error: --max-chars: at least 2000 (or 0 for no limit)\n")

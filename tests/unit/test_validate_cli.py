@@ -66,12 +66,14 @@ def test_every_error_of_the_run_is_reported_not_just_the_first() -> None:
     assert proc.stdout.splitlines()[-1] == "3 problem(s) in 3 file(s)"
 
 
-def test_oversized_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_bytes(b"dag_id: a\nowner: x\ndescription: " + b"x" * 70_000)
+def test_oversized_file_is_refused_with_its_real_size(tmp_path: Path) -> None:
+    # Read at most limit + 1 bytes, but report the size the file has (it said 65537).
+    (tmp_path / "a.yaml").write_bytes(b"dag_id: a\nowner: x\n#" + b"x" * (70 * 1024 - 20))
     proc = run("validate", str(tmp_path))
     assert proc.returncode == 1
     assert_no_traceback(proc)
-    assert f"{tmp_path}/a.yaml:1:1: file is 65537 bytes, over the 65536 byte limit" in proc.stdout
+    assert proc.stdout.splitlines()[0] == (f"{tmp_path}/a.yaml:1:1: file is 71680 bytes, over "
+                                           "the 65536 byte limit for a pipeline file")
 
 
 def test_graph_too_big_for_one_etcd_value(tmp_path: Path) -> None:
