@@ -173,16 +173,18 @@ class Suggestions:
         low = name.lower()
         return {low, *(low[:i] + low[i + 1:] for i in range(len(low)))}
 
-    def __call__(self, word: str) -> str | None:
+    def __call__(self, word: str, exclude: str | None = None) -> str | None:
+        """The known name closest to `word` (never `exclude`: a pipeline's own id)."""
         candidates: set[str] = set()
         for key in self._keys(word):
             candidates.update(self.index.get(key, ())[:self.MAX_CANDIDATES])
             if len(candidates) >= self.MAX_CANDIDATES:
                 break
+        candidates.discard(exclude or "")
         pool: list[str] = sorted(candidates)
         if not pool and len(self.known) <= self.SMALL and self.scans < self.FALLBACK_SCANS:
             self.scans += 1
-            pool = self.known
+            pool = [name for name in self.known if name != exclude]
         close = difflib.get_close_matches(word, pool, n=1)
         return close[0] if close else None
 
@@ -204,7 +206,7 @@ def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str]) -> list[Problem]:
                 out.append(Problem(spec.doc.path, line, col, f"{dag_id!r} depends on itself",
                                    "self-dependency"))
             elif up not in all_ids:
-                close = suggest(up)
+                close = suggest(up, exclude=dag_id)
                 hint = f"; did you mean {close!r}?" if close else ""
                 out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, but no "
                                    f"pipeline file defines it{hint}", "unknown-upstream"))

