@@ -61,8 +61,9 @@ def test_hook_entry_runs_our_console_script() -> None:
     program, *args = shlex.split(hook["entry"])
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts[program] == "reconciler.cli:main"
-    assert args == ["validate"]
+    assert args == ["validate", "--staged"]  # the index: what the commit will hold
     assert args[0] in main.commands
+    assert "--staged" in {o for p in main.commands["validate"].params for o in p.opts}
 
 
 @pytest.mark.parametrize(("path", "runs"), [
@@ -178,3 +179,55 @@ def test_a_config_can_point_the_hook_at_another_directory(
     (path, line, col, msg), = problems(proc.stdout)
     assert (path, line, col) == ("deploy/pipelines/02_pipeline.yaml", 3, 10)
     assert "YAML 1.1 boolean" in msg
+
+
+def test_a_commit_whose_upstream_is_only_an_untracked_file_is_refused(
+    hook_repo: Path, pre_commit_home: Path, user_repo: Path
+) -> None:
+    # The working tree has 09_pipeline, so a working-tree validate passed this commit.
+    (user_repo / "pipelines" / "08_pipeline.yaml").write_text(
+        "dag_id: 08_pipeline\nowner: team-dwh\ndepends_on: [09_pipeline]\n")
+    (user_repo / "pipelines" / "09_pipeline.yaml").write_text(
+        "dag_id: 09_pipeline\nowner: team-dwh\n")  # never staged
+    git(user_repo, "add", "pipelines/08_pipeline.yaml")
+    (user_repo / ".pre-commit-config.yaml").write_text(
+        f"repos:\n"
+        f"  - repo: {hook_repo}\n"
+        f"    rev: {git(hook_repo, 'rev-parse', 'HEAD')}\n"
+        f"    hooks:\n"
+        f"      - id: reconciler-validate\n")
+    git(user_repo, "add", ".pre-commit-config.yaml")
+    proc = pre_commit(user_repo, pre_commit_home, "run")  # on the staged files, as on commit
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    found = problems(proc.stdout)
+    assert [(path, line, col) for path, line, col, _ in found] == [
+        ("pipelines/08_pipeline.yaml", 3, 14)], proc.stdout
+    assert "'09_pipeline', but no pipeline file defines it" in found[0][3]
+    # Staging the upstream makes the same commit pass.
+    git(user_repo, "add", "pipelines/09_pipeline.yaml")
+    again = pre_commit(user_repo, pre_commit_home, "run")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_validate_staged_reads_the_index_not_the_working_tree(
+        user_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same check without pre-commit, so it runs in a second: the CLI flag itself.
+    from click.testing import CliRunner
+
+    monkeypatch.chdir(user_repo)
+    (user_repo / "pipelines" / "07_pipeline.yaml").write_text(
+        "dag_id: 07_pipeline\nowner: x\ndepends_on: [06_pipeline, 09_pipeline]\n")
+    (user_repo / "pipelines" / "09_pipeline.yaml").write_text("dag_id: 09_pipeline\nowner: x\n")
+    git(user_repo, "add", "pipelines/07_pipeline.yaml")
+    runner = CliRunner()
+    working_tree = runner.invoke(main, ["validate"])
+    staged = runner.invoke(main, ["validate", "--staged"])
+    assert working_tree.exit_code == 0, working_tree.output
+    assert staged.exit_code == 1, staged.output
+    assert staged.stdout.startswith("pipelines/07_pipeline.yaml:3:27: depends_on names "
+                                    "'09_pipeline', but no pipeline file defines it")
+    # An unstaged fix does not count either.
+    git(user_repo, "add", "pipelines/09_pipeline.yaml")
+    (user_repo / "pipelines" / "09_pipeline.yaml").write_text("dag_id: [broken\n")
+    assert runner.invoke(main, ["validate", "--staged"]).exit_code == 0
+    assert runner.invoke(main, ["validate"]).exit_code == 1
