@@ -137,7 +137,7 @@ def test_role_user_is_enough_and_role_viewer_may_only_read(airflow_server: Any) 
     _, created = user.trigger("04_pipeline", run_id, cycle, {})
     assert created
     eventually(lambda: finished(user, "04_pipeline", run_id), 120, "the run")
-    assert user.clear("04_pipeline", run_id)["dag_run_id"] == run_id
+    assert user.clear("04_pipeline", run_id)[0]["dag_run_id"] == run_id
 
     viewer = client_for(airflow_server, "viewer")
     assert any(r["dag_run_id"] == run_id for r in viewer.list_runs(["04_pipeline"]))
@@ -241,7 +241,7 @@ def test_clear_reruns_with_a_new_end_date_and_incremental_listing_sees_only_that
     assert api.request_count - before == 1  # a quiet incremental pass: one request
 
     mark = datetime.now(UTC)
-    cleared = api.clear("03_pipeline", run_id)
+    cleared, _ = api.clear("03_pipeline", run_id)
     assert (cleared["dag_run_id"], cleared["state"], cleared["end_date"]) == (run_id, "queued",
                                                                               None)
     changed = {(r["dag_id"], r["dag_run_id"])

@@ -188,7 +188,8 @@ def test_clear_queues_the_run_again_and_the_incremental_list_sees_it(
     ended = stored(fake, "a", run_id).end_date
     assert ended is not None
     mark = datetime.now(UTC)
-    cleared = api.clear("a", run_id)
+    cleared, sent = api.clear("a", run_id, cleared_end=ended)
+    assert sent
     assert (cleared["state"], cleared["start_date"], cleared["end_date"]) == ("queued", None,
                                                                               None)
     assert [r["dag_run_id"] for r in api.list_runs(updated_at_gte=mark)] == [run_id]
