@@ -162,11 +162,17 @@ class Suggestions:
 
     def __init__(self, known: Iterable[str]) -> None:
         self.known = sorted(set(known))
-        self.index: dict[str, list[str]] = {}
-        for name in self.known:
-            for key in self._keys(name):
-                self.index.setdefault(key, []).append(name)
+        self._index: dict[str, list[str]] | None = None
         self.scans = 0
+
+    @property
+    def index(self) -> dict[str, list[str]]:
+        if self._index is None:  # built on the first unknown name: valid graphs never pay
+            self._index = {}
+            for name in self.known:
+                for key in self._keys(name):
+                    self._index.setdefault(key, []).append(name)
+        return self._index
 
     @staticmethod
     def _keys(name: str) -> set[str]:
