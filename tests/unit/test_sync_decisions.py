@@ -166,3 +166,10 @@ def test_default_source() -> None:
     assert default_source(github) == f"github:o/r@{NEW[:12]} run 42"
     assert default_source({"CI": "1"}) == "ci"
     assert default_source({}).startswith("cli:")
+
+
+def test_build_head_never_records_a_credential_in_the_source() -> None:
+    head = build_head(NEW, "d", now=T0, source="pull:https://bot:hunter2@git.example.com/g.git@main",
+                      previous=None, forced=False)
+    assert head.source == "pull:https://git.example.com/g.git@main"
+
