@@ -18,6 +18,7 @@ from reconciler.adapters.airflow import (
     AirflowConflict,
     AirflowError,
     AirflowNotFound,
+    AirflowRejected,
     AirflowUnavailable,
 )
 from reconciler.core.settings import AirflowSettings
@@ -221,7 +222,7 @@ def test_a_client_error_is_not_retried(fake: FakeAirflow) -> None:
     api = client(fake.url, retries=4)
     with pytest.raises(AirflowError, match=r"answered 400.*does not match regex") as info:
         api.trigger("a", "bad run id!", CYCLE, {})
-    assert type(info.value) is AirflowError
+    assert type(info.value) is AirflowRejected  # needs a human: not retried
     assert fake.requests["POST /api/v2/dags/{dag_id}/dagRuns"] == 1
 
 

@@ -106,7 +106,10 @@ def test_ledger_and_observed_by_cycle_and_dag_id(store: EtcdStore) -> None:
                                    (cycle2, "b"): {"run_id": "r2"}}
     assert store.read_ledger(cycle2) == {(cycle2, "b"): {"run_id": "r2"}}
     assert store.read_observed() == {(cycle1, "a"): {"state": "success"}}
-    store.delete_cycle(cycle1)
+    with pytest.raises(StoreConflict, match="not the leader"):
+        store.delete_cycle("not-me", cycle1)  # fenced: only the leader forgets a cycle
+    assert len(store.read_ledger()) == 2
+    store.delete_cycle("me", cycle1)
     assert list(store.read_ledger()) == [(cycle2, "b")]
     assert store.read_observed() == {}
 
