@@ -58,6 +58,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -200,6 +201,9 @@ class FakeAirflow:
         self.log: list[Request] = []
         self.outcomes: dict[str, str] = {}
         """dag_id -> "failed": the scheduler ends that DAG's runs failed."""
+        self.before_reply: Callable[[Request], None] | None = None
+        """Called with each API request (its answer's status) once it took effect, just
+        before the answer is sent; it runs in the request's thread and may block."""
         self._scheduler: threading.Thread | None = None
         self._scheduling = threading.Event()
 
@@ -434,11 +438,15 @@ class FakeAirflow:
                                         parts[5] if named and len(parts) >= 6 else None,
                                         getattr(h, "_status", 0)))
 
-    @staticmethod
-    def _reply(h: BaseHTTPRequestHandler, status: int, body: Any,
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: Any,
                content_type: str = "application/json") -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         h._status = status  # type: ignore[attr-defined]  # for the log
+        hook = self.before_reply
+        if hook is not None and hasattr(h, "_request"):
+            # The request has taken effect; the client has not heard yet (a test kills it
+            # here: "crashed after the call, before recording the result").
+            hook(h._request._replace(status=status))
         h.send_response(status)  # adds the Date header, as uvicorn does
         h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
@@ -463,6 +471,10 @@ class FakeAirflow:
         except ValueError:
             return self._reply(h, 422, {"detail": "body is not JSON"})
         self.requests[self._route(method, parts)] += 1
+        named = parts[:3] == ["api", "v2", "dags"] and len(parts) >= 4 and parts[3] != "~"
+        h._request = Request(time.monotonic(), self._route(method, parts),  # type: ignore[attr-defined]
+                             parts[3] if named else None,
+                             parts[5] if named and len(parts) >= 6 else None, 0)
         if parts == ["auth", "token"] and method == "POST":
             return self._token(h, body)
         route = self._route(method, parts)
