@@ -496,6 +496,23 @@ class AirflowClient:
                 return run, False
             self.sleep(min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1)))
 
+    def list_dags(self, page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
+        """Every DAG Airflow knows (`GET /api/v2/dags`, all pages): `dag_id`, `is_paused`,
+        `timetable_summary` (null or "None" when it has no schedule), `is_stale`, ..."""
+        out: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = self._json("GET", "/api/v2/dags", params={"limit": page_size,
+                                                              "offset": offset})
+            if not isinstance(page, dict):
+                raise AirflowRejected(f"the DAG list from {self.base} is not an object: is "
+                                      "this the Airflow API?")
+            dags = page.get("dags") or []
+            out.extend(d for d in dags if isinstance(d, dict))
+            offset += len(dags)
+            if not dags or offset >= int(page.get("total_entries") or 0):
+                return out
+
     def unpause(self, dag_id: str) -> dict[str, Any]:
         """`PATCH /api/v2/dags/{dag_id}` `{"is_paused": false}`; answers the DAG."""
         return dict(self._json(

@@ -630,6 +630,43 @@ class EtcdStore:
         """Revoke the lease: the leader key goes with it, a standby takes over at once."""
         self._call("lease revoke", lambda c: c.revoke_lease(lease.id))
 
+    # --- operator controls -------------------------------------------------------------------
+
+    def suspended_prefix(self) -> str:
+        return self.key("suspended") + "/"
+
+    def suspend_key(self, target: str) -> str:
+        """`suspended/<dag_id>`, or `suspended/*` for the whole namespace."""
+        return self.key("suspended", target)
+
+    def read_suspended(self) -> dict[str, Any]:
+        """{dag_id or "*": the mark (who, when, why)}; an unreadable mark still suspends."""
+        base = self.suspended_prefix()
+        out: dict[str, Any] = {}
+        for key, value in self.get_prefix(base):
+            try:
+                out[key[len(base):]] = json.loads(value)
+            except ValueError as exc:
+                out[key[len(base):]] = Unreadable(key, _short(exc))
+        return out
+
+    def put_suspend(self, target: str, mark: Mapping[str, Any]) -> None:
+        self.put_json(self.suspend_key(target), dict(mark))
+
+    def delete_suspend(self, target: str) -> bool:
+        """Remove the mark; False when there was none."""
+        key = self.suspend_key(target)
+        self._count_write()
+        return bool(self._call(f"delete {key}", lambda c: c.delete(key)))
+
+    def control_key(self, name: str) -> str:
+        """`control/<name>`: requests to the loop (e.g. `reconcile`: a pass and a relist now)."""
+        return self.key("control", name)
+
+    def heartbeat_key(self) -> str:
+        """`status/loop`: the leader's last pass, written at most once a minute (fenced)."""
+        return self.key("status", "loop")
+
     # --- wake-ups ----------------------------------------------------------------------------
 
     def watch(self, prefixes: list[str], wake: threading.Event) -> WatchHandle:

@@ -1,4 +1,5 @@
-"""`run` (the loop, the container's entrypoint), `plan` (dry run) and `status`.
+"""`run` (the loop, the container's entrypoint) and `plan` (dry run); `status` and the
+other operator commands are in operate_cmds.py.
 
 Every option has an environment variable; times accept durations (`30s`, `5m`, `2d`) or
 plain seconds. Settings that cannot work (an interval of 0, a lease under 2 s, a user
@@ -13,7 +14,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options
 from reconciler.core.errors import ReconcilerError
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
-from reconciler.core.state import Plan, iso, parse_time
+from reconciler.core.state import Plan, iso
 
 ONE_SHOT_DEADLINE = 8.0
 """Seconds a one-shot command (plan, status) gives each Airflow call, retries included:
@@ -227,44 +228,6 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
     for a in result.actions:
         click.echo(f"{a.kind.value:8} {a.dag_id} cycle {iso(a.cycle)} run {a.run_id}: "
                    f"{a.reason}")
-
-
-@main.command()
-@etcd_options
-@airflow_options
-@_window_option
-@click.option("--cycle", envvar="RECONCILER_CYCLE",
-              help="Only this cycle (its logical date, ISO 8601) [RECONCILER_CYCLE].")
-@_output_option
-@handle_errors
-def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
-           cycle: str | None, output: str) -> None:
-    """Pipelines x open cycles: done, running, waiting for X, blocked by failed X, disabled."""
-    result, commit = _fresh_plan(etcd, airflow, window)
-    statuses = list(result.statuses)
-    if cycle is not None:
-        try:
-            wanted = parse_time(cycle)
-        except ValueError:
-            fail(f"--cycle {cycle!r} is not an ISO 8601 date")
-        statuses = [s for s in statuses if s.cycle == wanted]
-        if not statuses:
-            fail(f"no open cycle {cycle}", EXIT_FAILED)
-    if output == "json":
-        click.echo(json.dumps({"kind": "Status", "commit": commit,
-                               "cycles": [iso(c) for c in result.cycles],
-                               "statuses": [s.to_json() for s in statuses]}, indent=2))
-        return
-    by_cycle: dict[datetime, list[Any]] = {}
-    for s in statuses:
-        by_cycle.setdefault(s.cycle, []).append(s)
-    if not by_cycle:
-        click.echo(f"no open cycle (commit {commit[:12]})")
-    width = max((len(s.dag_id) for s in statuses), default=10)
-    for c in sorted(by_cycle, reverse=True):
-        click.echo(f"cycle {iso(c)}")
-        for s in by_cycle[c]:
-            click.echo(f"  {s.dag_id:{width}}  {s.state.value:12}  {s.message}")
 
 
 @main.command()

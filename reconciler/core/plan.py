@@ -69,6 +69,9 @@ Other rules and their edge cases
   "waiting for <root> (no run in this cycle)"; when none of its upstreams has anything
   for the cycle it is `not_in_cycle` (reason NotScheduled) instead: that cycle belongs
   to other roots.
+- Suspended (`reconciler suspend`, key `suspended/<dag_id>` or `suspended/*`): like
+  `enabled: false` for a non-root until resumed (status Suspended, downstreams wait);
+  roots keep opening cycles, so resuming catches up every open cycle.
 - `enabled: false`: never triggered, cleared or adopted; its downstreams wait for it
   (status Disabled; downstreams WaitingFor ... (disabled)), even if someone ran it by
   hand: git took it out of the chain, re-enabling it puts it back (its run is then
@@ -147,6 +150,7 @@ _NO_RUN = _Outcome(_ABSENT, None, "no run in this cycle")
 _UPSTREAMS_ABSENT = _Outcome(_ABSENT, None, "nothing upstream in this cycle")
 _NOT_SCHEDULED = _Outcome(_ABSENT, None, "not scheduled in this cycle")
 _DISABLED = _Outcome(_PENDING, None, "disabled")
+_SUSPENDED = _Outcome(_PENDING, None, "suspended")
 _WAITING = _Outcome(_PENDING, None, "waiting for its upstreams")
 _TRIGGER_PLANNED = _Outcome(_PENDING, None, "trigger planned")
 _RERUN_PLANNED = _Outcome(_PENDING, None, "re-run planned")
@@ -164,13 +168,16 @@ def plan(
     window: timedelta,
     since: Mapping[str, datetime] | None = None,
     commit: str = "",
+    suspended: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide what to do in every open cycle; see the module docstring for the rules.
 
     `runs`: observed runs of any DAGs (others than the graph's are ignored).
     `ledger`: entries keyed by (cycle, dag_id). `now`: aware datetime. `window`: lookback.
     `since`: dag_id -> when it was first synced (backfill rule). `commit`: the graph's
-    commit, put in statuses, provenance and ledger entries.
+    commit, put in statuses, provenance and ledger entries. `suspended`: dag_id (or
+    "*" for the whole namespace) -> why, from an operator's `reconciler suspend`; such a
+    pipeline is treated like `enabled: false` until resumed.
     """
     if now.tzinfo is None:
         raise ValueError("plan(): now must be timezone-aware")
@@ -212,7 +219,7 @@ def plan(
         _plan_cycle(
             cycle=cycle, opened_at=opened[cycle], bucket=by_date[cycle], order=order,
             pipelines=pipelines, upstreams=upstreams, ledger=ledger, since=since,
-            commit=commit, actions=actions, statuses=statuses,
+            commit=commit, actions=actions, statuses=statuses, suspended=suspended or {},
         )
     return Plan(actions=tuple(actions), statuses=tuple(statuses), cycles=tuple(cycles))
 
@@ -242,8 +249,10 @@ def _plan_cycle(
     commit: str,
     actions: list[Action],
     statuses: list[PipelineStatus],
+    suspended: Mapping[str, str],
 ) -> None:
     outcome: dict[str, _Outcome] = {}
+    everything = suspended.get("*")
     deterministic = run_id_for(cycle)
 
     def status(dag_id: str, state: State, reason: Reason, message: str,
@@ -269,6 +278,16 @@ def _plan_cycle(
 
         if not ups:
             outcome[dag_id] = _root(dag_id, run, status)
+            continue
+
+        why = suspended.get(dag_id, everything)
+        if why is not None:
+            extra = f"; run {run.run_id} is {run.state}" if run else ""
+            who = "suspended" if dag_id in suspended else "the namespace is suspended"
+            status(dag_id, State.SUSPENDED, Reason.SUSPENDED,
+                   f"{who} by an operator ({why}): not triggered until `reconciler "
+                   f"resume`{extra}", run)
+            outcome[dag_id] = _SUSPENDED
             continue
 
         entry = ledger.get((cycle, dag_id))

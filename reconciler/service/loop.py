@@ -72,7 +72,7 @@ class Reconciler:
         self.recorder = Recorder(store, self.holder, self.metrics)
         self.metrics.leader.set_function(lambda: 1.0 if self.leadership.is_leader() else 0.0)
         self._term = 0
-        self._plan_key: tuple[str, int, int] | None = None
+        self._plan_key: tuple[str, int, int, int] | None = None
         self._plan: Plan | None = None
         self._forgotten_at: float | None = None
 
@@ -95,6 +95,7 @@ class Reconciler:
             # A new term: another leader may have written the ledger and the mirror.
             self._term = self.leadership.term
             self.observer.ledger = None
+            self.observer.suspended = None
             self.observer.cache.listed_at = None
             self.recorder.reset()
             self._plan_key = None
@@ -105,6 +106,7 @@ class Reconciler:
         seen = self.observer.observe()
         if seen.desired is None:
             return
+        commit = seen.desired.commit
         result = self.plan(seen)
         report.plan = result
         if relisting:
@@ -118,18 +120,21 @@ class Reconciler:
                 seen = self.observer.observe(refresh=False)
                 result = report.plan = self.plan(seen)
         self.recorder.record(result, seen.runs)
+        self.recorder.heartbeat(seen.now, self.clock.monotonic(), commit,
+                                len(result.cycles))
 
     def plan(self, seen: Observation) -> Plan:
         """plan() on an observation; the last plan when its inputs are unchanged."""
         assert seen.desired is not None
-        key = (seen.desired.commit, seen.runs_version, seen.ledger_version)
+        key = (seen.desired.commit, seen.runs_version, seen.ledger_version,
+               seen.suspended_version)
         horizon = seen.now - self.settings.window
         if self._plan is not None and key == self._plan_key and not any(
                 c < horizon for c in self._plan.cycles):
             return self._plan
         result = plan(seen.desired.graph, seen.runs.values(), seen.ledger, seen.now,
                       window=self.settings.window, since=seen.desired.since,
-                      commit=seen.desired.commit)
+                      commit=seen.desired.commit, suspended=seen.suspended)
         self._plan_key, self._plan = key, result
         return result
 

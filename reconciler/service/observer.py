@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
@@ -53,6 +53,9 @@ class Observation:
     ledger: Mapping[tuple[datetime, str], LedgerEntry]
     ledger_version: int
     now: datetime
+    suspended: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """dag_id (or "*") -> who suspended it and why (`reconciler suspend`)."""
+    suspended_version: int = 0
 
 
 class RunCache:
@@ -125,6 +128,10 @@ class Observer:
         self.cache = RunCache()
         self.ledger: dict[tuple[datetime, str], LedgerEntry] | None = None
         self.ledger_version = 0
+        self.suspended: dict[str, str] | None = None
+        self.suspended_dirty = threading.Event()
+        """Set by the etcd watch on suspended/: read the marks on the next observe."""
+        self.suspended_version = 0
         self.quarantined: dict[str, str] = {}
         """key -> why, for every stored value that could not be read (logged once)."""
 
@@ -162,6 +169,27 @@ class Observer:
             event("unreadable stored value quarantined (ignored until rewritten)",
                   logging.ERROR, key=key, error=why)
             self.quarantined[key] = why
+
+    def load_suspended(self) -> dict[str, str]:
+        if self.suspended is not None and not self.suspended_dirty.is_set():
+            return self.suspended
+        self.suspended_dirty.clear()
+        marks: dict[str, str] = {}
+        for target, mark in self.store.read_suspended().items():
+            if isinstance(mark, Unreadable):
+                self.quarantine(mark.key, mark.why)
+                marks[target] = "a mark that cannot be read"  # still suspends: the safe side
+            elif isinstance(mark, dict):
+                who, why = mark.get("by", "someone"), mark.get("reason", "")
+                marks[target] = f"{who}: {why}" if why else str(who)
+            else:
+                marks[target] = str(mark)
+        if marks != self.suspended:
+            if self.suspended is not None or marks:
+                event("suspensions", suspended=",".join(sorted(marks)) or "none")
+            self.suspended = marks
+            self.suspended_version += 1
+        return self.suspended
 
     # --- actual state ---
 
@@ -244,6 +272,7 @@ class Observer:
         `refresh=False` asks nothing of Airflow: the runs as the cache holds them."""
         now = self.clock.now()
         desired = self.load_desired()
+        suspended = self.load_suspended()
         if desired is not None and refresh:
             self.observe_runs(now)
         ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
@@ -252,4 +281,5 @@ class Observer:
         return Observation(desired=desired, runs=MappingProxyType(self.cache.runs),
                            runs_version=self.cache.version,
                            ledger=MappingProxyType(ledger), ledger_version=self.ledger_version,
-                           now=now)
+                           now=now, suspended=MappingProxyType(suspended),
+                           suspended_version=self.suspended_version)

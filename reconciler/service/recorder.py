@@ -21,6 +21,9 @@ from reconciler.service.observability import Metrics, event
 from reconciler.service.ports import Store
 
 BATCH = 100
+HEARTBEAT_EVERY = 60.0
+"""Seconds between two writes of `status/loop` (the leader's last pass, for `status`):
+the one periodic write of a quiet loop."""
 
 
 class Recorder:
@@ -32,11 +35,26 @@ class Recorder:
         """(cycle ISO, dag_id) -> what observed/ holds; read once per term."""
         self._last_state: dict[tuple[datetime, str], tuple[str, str]] = {}
         self._recorded: Plan | None = None
+        self._beat: tuple[float, str] | None = None
 
     def reset(self) -> None:
         """A new term: what etcd holds may have been written by another leader."""
         self.mirror = None
         self._recorded = None
+        self._beat = None
+
+    def heartbeat(self, now: datetime, mono: float, commit: str, open_cycles: int) -> bool:
+        """Write `status/loop` when the commit changed or a minute passed; True if written."""
+        if self._beat is not None and self._beat[1] == commit \
+                and mono - self._beat[0] < HEARTBEAT_EVERY:
+            return False
+        data = {"holder": self.holder, "last_pass": iso(now), "commit": commit,
+                "open_cycles": open_cycles, "every": HEARTBEAT_EVERY}
+        if not self.store.put_fenced(self.holder, [(self.store.heartbeat_key(), _dumps(data))]):
+            raise NotLeader(f"not the leader any more ({self.holder}) while recording the "
+                            "heartbeat")
+        self._beat = (mono, commit)
+        return True
 
     def load(self) -> None:
         self.mirror = {k: v for k, v in self.store.read_observed().items()

@@ -51,9 +51,21 @@ class Runner:
                 observer.head_dirty.set()
                 wake.set()
 
+        class _SuspendedChanged(threading.Event):
+            def set(self) -> None:
+                observer.suspended_dirty.set()
+                wake.set()
+
+        class _ReconcileNow(threading.Event):
+            def set(self) -> None:
+                observer.cache.listed_at = None  # `reconciler reconcile`: relist as well
+                wake.set()
+
         store = self.r.store
         self._watches = [store.watch([store.head_key()], _HeadChanged()),
-                         store.watch([store.events_prefix()], wake)]
+                         store.watch([store.events_prefix()], wake),
+                         store.watch([store.suspended_prefix()], _SuspendedChanged()),
+                         store.watch([store.control_key("reconcile")], _ReconcileNow())]
 
     def _drop_watch(self) -> None:
         for handle in self._watches:

@@ -836,3 +836,32 @@ def test_fingerprint_changed_only_counts_upstreams_in_both() -> None:
         == ()
     assert old.changed(Fingerprint([("a", "r9", "1"), ("b", "r", "1")])) == ("a",)
     assert old == (("a", "r", "1"), ("b", "r", "1"))  # still a plain tuple
+
+
+def test_a_suspended_pipeline_is_like_disabled_until_resumed() -> None:
+    world = World(example_graph())
+    world.root_run()
+    held = plan(world.graph, list(world.runs.values()), {}, world.clock, window=WINDOW,
+                suspended={"03_pipeline": "alice: incident 42"})
+    assert sorted(a.dag_id for a in held.actions) == ["02_pipeline", "04_pipeline",
+                                                      "05_pipeline"]
+    st = held.status("03_pipeline", C)
+    assert st is not None
+    assert st.state is State.SUSPENDED
+    assert "alice: incident 42" in st.message
+    assert "`reconciler resume`" in st.message
+    resumed = plan(world.graph, list(world.runs.values()), {}, world.clock, window=WINDOW,
+                   suspended={})
+    assert "03_pipeline" in {a.dag_id for a in resumed.actions}
+
+
+def test_suspending_the_namespace_triggers_nothing_but_keeps_cycles_open() -> None:
+    world = World(example_graph())
+    world.root_run()
+    held = plan(world.graph, list(world.runs.values()), {}, world.clock, window=WINDOW,
+                suspended={"*": "bob"})
+    assert held.actions == ()
+    assert held.cycles == (C,)
+    states = {s.dag_id: s.state for s in held.statuses}
+    assert states["01_pipeline_init"] is State.DONE
+    assert {states[d] for d in states if d != "01_pipeline_init"} == {State.SUSPENDED}

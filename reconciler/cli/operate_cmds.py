@@ -1,0 +1,457 @@
+"""The commands operators reach for in an incident (the Argo CD / Flux set):
+
+    status     pipelines x cycles, with a header; from etcd's mirror (no Airflow
+               credentials needed) or, with credentials, observed live
+    suspend    stop triggering a pipeline, or the whole namespace (no PR needed)
+    resume     undo it
+    reconcile  wake the loop now (a pass and a relist)
+    rollback N history entry N back as the head (a forced sync, recorded)
+    wait       until a pipeline (or every pipeline of a cycle) reaches a state
+    doctor     what in Airflow will keep the graph from running
+
+Every command talks to etcd with the --etcd-* options; only `status --live` and `doctor`
+talk to Airflow.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.loop_cmds import (
+    ONE_SHOT_DEADLINE,
+    _duration,
+    _open,
+    _require_credentials,
+    _seconds,
+    airflow_options,
+)
+from reconciler.cli.options import etcd_options, json_answer, output_option
+from reconciler.core.errors import ReconcilerError
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.state import State, iso, parse_time
+
+STATES = [s.value for s in State]
+COLOURS = {"done": "green", "failed": "red", "blocked": "red", "running": "cyan",
+           "queued": "cyan", "triggering": "cyan", "rerunning": "cyan", "waiting": "yellow",
+           "suspended": "magenta", "disabled": "bright_black", "not_in_cycle": "bright_black"}
+
+
+def _store(etcd: EtcdSettings) -> Any:
+    from reconciler.adapters.store import EtcdStore
+
+    return EtcdStore(etcd)
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def _header(store: Any) -> dict[str, Any]:
+    head, _ = store.read_head()
+    beat = store.get(store.heartbeat_key()).json()
+    marks = {k: (v if isinstance(v, dict) else {"reason": "unreadable"})
+             for k, v in store.read_suspended().items()}
+    return {"commit": head.commit if head else None,
+            "synced_at": iso(head.synced_at) if head else None,
+            "source": head.source if head else None,
+            "leader": store.leader(),
+            "last_pass": beat.get("last_pass") if isinstance(beat, dict) else None,
+            "last_pass_by": beat.get("holder") if isinstance(beat, dict) else None,
+            "suspended": marks}
+
+
+def _from_mirror(store: Any) -> list[dict[str, Any]]:
+    """The statuses the leader mirrored into observed/ (what it saw on its last pass)."""
+    from reconciler.adapters.store import Unreadable
+
+    return [v for v in store.read_observed().values()
+            if isinstance(v, dict) and not isinstance(v, Unreadable) and "dag_id" in v]
+
+
+def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
+          window: timedelta) -> list[dict[str, Any]]:
+    from reconciler.adapters.airflow import AirflowClient
+    from reconciler.adapters.clock import SystemClock
+    from reconciler.core.plan import plan
+    from reconciler.service.observer import Observer
+
+    api = AirflowClient(airflow, deadline=ONE_SHOT_DEADLINE)
+    observer = Observer(store, api, LoopSettings(window=window), SystemClock())
+    seen = observer.observe(with_ledger=False)
+    if seen.desired is None:
+        fail("no graph has been synced to etcd yet: run `reconciler sync` first", EXIT_FAILED)
+    result = plan(seen.desired.graph, seen.runs.values(), observer.read_ledger(), seen.now,
+                  window=window, since=seen.desired.since, commit=seen.desired.commit,
+                  suspended=seen.suspended)
+    paused = {d["dag_id"] for d in api.list_dags() if d.get("is_paused")}
+    out = []
+    for s in result.statuses:
+        data = s.to_json()
+        if s.dag_id in paused and s.state in (State.QUEUED, State.TRIGGERING,
+                                              State.RUNNING, State.RERUNNING):
+            data["message"] += " (the DAG is paused in Airflow: unpause it or its runs stay " \
+                               "queued)"
+            data["paused"] = True
+        out.append(data)
+    return out
+
+
+@main.command()
+@etcd_options
+@airflow_options
+@click.option("--window", envvar="RECONCILER_WINDOW", default="2d", callback=_duration,
+              show_default=True, help="Lookback, with --live [RECONCILER_WINDOW].")
+@click.option("--cycle", envvar="RECONCILER_CYCLE",
+              help="Only this cycle (its logical date, ISO 8601) [RECONCILER_CYCLE].")
+@click.option("--dag", "dags", multiple=True, help="Only these pipelines (repeatable).")
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
+              help="Only pipelines in these states (repeatable).")
+@click.option("--live/--from-etcd", default=None,
+              help="Observe Airflow now (needs its credentials), or read what the leader "
+              "mirrored into etcd on its last pass. Default: live when Airflow credentials "
+              "are set, else the mirror.")
+@output_option(["text", "json"], "text")
+@handle_errors
+def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
+           cycle: str | None, dags: tuple[str, ...], states: tuple[str, ...],
+           live: bool | None, output: str) -> None:
+    """Pipelines x open cycles: done, running, waiting for X, blocked by failed X, suspended.
+
+    The header says which commit is synced (and when), who leads, and when its last pass
+    was. Exit 1 when nothing matches the filters.
+    """
+    from reconciler.adapters.store import StoreError
+
+    if live is None:
+        live = bool(airflow.token or (airflow.username and airflow.password is not None))
+    if live:
+        _require_credentials(airflow)
+    wanted = None
+    if cycle is not None:
+        try:
+            wanted = parse_time(cycle)
+        except ValueError:
+            fail(f"--cycle {cycle!r} is not an ISO 8601 date")
+    store = _store(etcd)
+    try:
+        header = _header(store)
+        if header["commit"] is None:
+            fail("no graph has been synced to etcd yet: run `reconciler sync` first",
+                 EXIT_FAILED)
+        rows = _live(store, etcd, airflow, window) if live else _from_mirror(store)
+    except (StoreError, ReconcilerError) as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    header["source_of_status"] = "live" if live else "etcd mirror"
+    rows = [r for r in rows
+            if (wanted is None or parse_time(r["cycle"]) == wanted)
+            and (not dags or r["dag_id"] in dags) and (not states or r["state"] in states)]
+    rows.sort(key=lambda r: (r["cycle"], r["dag_id"]))
+    if output == "json":
+        click.echo(json_answer("Status", header=header,
+                               cycles=sorted({r["cycle"] for r in rows}, reverse=True),
+                               statuses=rows), nl=False)
+    else:
+        _print_status(header, rows)
+    if not rows and (cycle or dags or states):
+        raise SystemExit(EXIT_FAILED)
+
+
+def _print_status(header: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+    commit = (header["commit"] or "")[:12]
+    click.echo(f"commit {commit}  synced {header['synced_at']}  ({header['source_of_status']})")
+    leader = header["leader"] or "none (no replica holds the lease)"
+    last = header["last_pass"] or "never"
+    click.echo(f"leader {leader}  last pass {last}")
+    for target, mark in sorted(header["suspended"].items()):
+        what = "the whole namespace" if target == "*" else target
+        click.echo(click.style(f"suspended: {what} by {mark.get('by', '?')} at "
+                               f"{mark.get('at', '?')}: {mark.get('reason', '')}", fg="magenta"))
+    if not rows:
+        click.echo("no pipeline matches" if header["commit"] else "no open cycle")
+        return
+    width = max(len(r["dag_id"]) for r in rows)
+    current = None
+    for r in sorted(rows, key=lambda r: r["cycle"], reverse=True):
+        if r["cycle"] != current:
+            current = r["cycle"]
+            click.echo(f"cycle {current}")
+        state = click.style(f"{r['state']:12}", fg=COLOURS.get(r["state"]))
+        click.echo(f"  {r['dag_id']:{width}}  {state}  {r['message']}")
+
+
+# --- suspend / resume / reconcile ------------------------------------------------------------
+
+
+def _target(dag: str | None, everything: bool) -> str:
+    if everything == (dag is not None):
+        fail("name one pipeline, or --all for the whole namespace")
+    return "*" if everything else str(dag)
+
+
+@main.command()
+@etcd_options
+@click.argument("dag", required=False)
+@click.option("--all", "everything", is_flag=True, help="Suspend the whole namespace.")
+@click.option("--reason", "-m", default="", help="Why (shown in status and the logs).")
+@output_option(["text", "json"], "text")
+@handle_errors
+def suspend(etcd: EtcdSettings, dag: str | None, everything: bool, reason: str,
+            output: str) -> None:
+    """Stop triggering DAG (or --all): recorded in etcd, honoured by the loop at once.
+
+    Roots keep running (Airflow schedules them), so `resume` catches up every open cycle.
+    """
+    from reconciler.adapters.store import StoreError
+
+    target = _target(dag, everything)
+    mark = {"by": _operator(), "at": iso(datetime.now(UTC)), "reason": reason}
+    store = _store(etcd)
+    try:
+        if target != "*":
+            head, _ = store.read_head()
+            if head is not None:
+                from reconciler.service.sync import read_synced_graph
+
+                _, graph = read_synced_graph(store, head.commit)
+                if target not in graph.pipelines:
+                    fail(f"{target} is not a pipeline of the synced graph "
+                         f"({head.commit[:12]})", EXIT_FAILED)
+        store.put_suspend(target, mark)
+    except (StoreError, ReconcilerError) as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    if output == "json":
+        click.echo(json_answer("Suspension", {"target": target, **mark}), nl=False)
+    else:
+        click.echo(f"suspended {'the namespace' if target == '*' else target}; "
+                   "`reconciler resume` undoes it")
+
+
+@main.command()
+@etcd_options
+@click.argument("dag", required=False)
+@click.option("--all", "everything", is_flag=True, help="Resume the whole namespace.")
+@handle_errors
+def resume(etcd: EtcdSettings, dag: str | None, everything: bool) -> None:
+    """Undo `suspend` for DAG (or --all). Exit 1 when it was not suspended."""
+    from reconciler.adapters.store import StoreError
+
+    target = _target(dag, everything)
+    store = _store(etcd)
+    try:
+        removed = store.delete_suspend(target)
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    if not removed:
+        fail(f"{'the namespace' if target == '*' else target} was not suspended", EXIT_FAILED)
+    click.echo(f"resumed {'the namespace' if target == '*' else target}")
+
+
+@main.command()
+@etcd_options
+@handle_errors
+def reconcile(etcd: EtcdSettings) -> None:
+    """Wake the loop now: the leader runs a pass with a full relist of the runs."""
+    from reconciler.adapters.store import StoreError
+
+    store = _store(etcd)
+    try:
+        store.put_json(store.control_key("reconcile"),
+                       {"by": _operator(), "at": iso(datetime.now(UTC))})
+        leader = store.leader()
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    if leader is None:
+        click.echo("asked; but no replica holds the lease now: the request waits for one")
+    else:
+        click.echo(f"asked {leader} to reconcile now")
+
+
+# --- rollback --------------------------------------------------------------------------------
+
+
+@main.command()
+@etcd_options
+@click.argument("seq", type=int)
+@output_option(["text", "json"], "text")
+@handle_errors
+def rollback(etcd: EtcdSettings, seq: int, output: str) -> None:
+    """Make history entry SEQ (see `reconciler history`) the head again: a forced sync of
+    that commit's graph, recorded as such. No git access is needed."""
+    from reconciler.adapters.store import StoreError, StoreNotFound
+    from reconciler.service.rollback import rollback as do_rollback
+
+    store = _store(etcd)
+    try:
+        result = do_rollback(store, seq, now=datetime.now(UTC), by=_operator())
+    except StoreNotFound as exc:
+        fail(str(exc), EXIT_FAILED)
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    if output == "json":
+        click.echo(json_answer("Rollback", changed=result.changed, head=result.head.to_dict(),
+                               message=result.message), nl=False)
+    else:
+        click.echo(result.message)
+
+
+# --- wait ------------------------------------------------------------------------------------
+
+TERMINAL = {"done", "failed", "blocked"}
+
+
+@main.command()
+@etcd_options
+@click.option("--dag", "dags", multiple=True,
+              help="The pipelines to wait for (repeatable; default: every pipeline).")
+@click.option("--cycle", help="The cycle (logical date, ISO 8601); default: the newest.")
+@click.option("--state", "wanted", default="done", show_default=True,
+              type=click.Choice(STATES), help="The state to wait for.")
+@click.option("--timeout", default="10m", callback=_seconds, show_default=True,
+              help="Give up after this long (exit 1).")
+@click.option("--every", default="1", callback=_seconds, show_default=True,
+              help="How often to look.")
+@handle_errors
+def wait(etcd: EtcdSettings, dags: tuple[str, ...], cycle: str | None, wanted: str,
+         timeout: float, every: float) -> None:
+    """Until the pipelines of a cycle reach --state in the leader's mirror, or --timeout.
+
+    Exit 0 when they did, 1 on timeout or when one of them settled in another final
+    state (done, failed, blocked) first: handy for smoke tests after a deploy.
+    """
+    from reconciler.adapters.store import StoreError
+
+    target = parse_time(cycle) if cycle else None
+    deadline = time.monotonic() + timeout
+    store = _store(etcd)
+    last: dict[str, str] = {}
+    try:
+        while True:
+            rows = _from_mirror(store)
+            cycles = sorted(t for t in {parse_time(r.get("cycle")) for r in rows}
+                            if t is not None)
+            chosen = target or (cycles[-1] if cycles else None)
+            mine = [r for r in rows if chosen is not None and parse_time(r["cycle"]) == chosen
+                    and (not dags or r["dag_id"] in dags)]
+            last = {r["dag_id"]: r["state"] for r in mine}
+            missing = set(dags) - set(last)
+            if mine and not missing and all(s == wanted for s in last.values()):
+                click.echo(f"{', '.join(sorted(last))}: {wanted} (cycle {iso(chosen)})"
+                           if chosen else wanted)
+                return
+            settled = {d: s for d, s in last.items() if s in TERMINAL and s != wanted}
+            if settled and wanted in TERMINAL:
+                fail(_describe("settled otherwise", settled), EXIT_FAILED)
+            if time.monotonic() >= deadline:
+                fail(_describe(f"timed out after {timeout:g} s waiting for {wanted}",
+                               last or dict.fromkeys(dags, "no status yet")), EXIT_FAILED)
+            time.sleep(max(0.05, min(every, deadline - time.monotonic())))
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+
+
+def _describe(what: str, states: Mapping[str, str]) -> str:
+    return f"{what}: " + ", ".join(f"{d} {s}" for d, s in sorted(states.items()))
+
+
+# --- doctor ----------------------------------------------------------------------------------
+
+
+def diagnose(graph: Any, dags: Iterable[Mapping[str, Any]],
+             roots_with_runs: set[str]) -> list[dict[str, str]]:
+    """What in Airflow will keep the graph from running, one finding per problem."""
+    known = {d["dag_id"]: d for d in dags if "dag_id" in d}
+    findings = []
+    for dag_id, pipeline in sorted(graph.pipelines.items()):
+        dag = known.get(dag_id)
+        if dag is None:
+            findings.append({"dag_id": dag_id, "problem": "missing",
+                             "message": "not in Airflow: is the DAG file deployed and parsed "
+                                        "without import errors?"})
+            continue
+        if dag.get("is_stale"):
+            findings.append({"dag_id": dag_id, "problem": "stale",
+                             "message": "stale in Airflow: its file is gone or no longer "
+                                        "defines it"})
+        if dag.get("is_paused") and pipeline.enabled:
+            findings.append({"dag_id": dag_id, "problem": "paused",
+                             "message": "paused in Airflow: its runs stay queued "
+                                        "(unpause it)"})
+        schedule = dag.get("timetable_summary")
+        scheduled = schedule not in (None, "", "None", "null")
+        if pipeline.depends_on and scheduled:
+            findings.append({"dag_id": dag_id, "problem": "scheduled-downstream",
+                             "message": f"has its own schedule ({schedule}) although it "
+                                        "depends on other pipelines: it would run twice; "
+                                        "set schedule=None"})
+        if not pipeline.depends_on and dag_id not in roots_with_runs:
+            findings.append({"dag_id": dag_id, "problem": "root-idle",
+                             "message": "a root without a run inside the window: nothing "
+                                        "downstream will run (is it scheduled? paused?)"})
+    return findings
+
+
+@main.command()
+@etcd_options
+@airflow_options
+@click.option("--window", envvar="RECONCILER_WINDOW", default="2d", callback=_duration,
+              show_default=True, help="Lookback for root runs [RECONCILER_WINDOW].")
+@output_option(["text", "json"], "text")
+@handle_errors
+def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
+           output: str) -> None:
+    """DAGs of the graph missing, stale or paused in Airflow; non-roots that also have a
+    schedule of their own (they would run twice); roots that never ran in the window.
+    Exit 1 when there is a finding."""
+    from reconciler.adapters.store import StoreError
+    from reconciler.service.sync import read_synced_graph
+
+    _require_credentials(airflow)
+    store, api = _open(etcd, airflow, deadline=ONE_SHOT_DEADLINE)
+    try:
+        commit, graph = read_synced_graph(store)
+        since = datetime.now(UTC) - window
+        roots = sorted(d for d, p in graph.pipelines.items() if not p.depends_on)
+        runs = api.list_runs(roots, updated_at_gte=since) if roots else []
+        findings = diagnose(graph, api.list_dags(), {r["dag_id"] for r in runs})
+    except (StoreError, ReconcilerError) as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    if output == "json":
+        click.echo(json_answer("Diagnosis", commit=commit, findings=findings), nl=False)
+    else:
+        for f in findings:
+            click.echo(f"{f['dag_id']}: {f['message']}")
+        if not findings:
+            click.echo(f"no finding: the {len(graph)} pipelines of {commit[:12]} are in "
+                       "Airflow, unpaused, and scheduled the way the graph expects")
+    if findings:
+        raise SystemExit(EXIT_FAILED)
