@@ -35,7 +35,7 @@ class ScheduledFake(FakeAirflow):
 
     def __init__(self, dag_ids: list[str]) -> None:
         super().__init__(dag_ids)
-        self.schedules: dict[str, str | None] = {d: None for d in dag_ids}
+        self.schedules: dict[str, str | None] = dict.fromkeys(dag_ids)
         self.schedules["01_pipeline_init"] = "@hourly"
         self.hidden: set[str] = set()
 
