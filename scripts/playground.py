@@ -96,9 +96,11 @@ def main() -> int:
         print(f"starting airflow standalone on 127.0.0.1:{airflow_port} (about 30 s)",
               flush=True)
         airflow = start_airflow(WORK / "airflow", airflow_port, extra_env={
-            # the optional listener plugin wakes the reconciler when a run ends
-            "RECONCILER_EVENTS_ETCD_URL": f"http://127.0.0.1:{etcd_port}",
-            "RECONCILER_EVENTS_PREFIX": "/reconciler/default/",
+            # the listener plugin (examples/plugins/) wakes the reconciler when a run or a
+            # task of a graph DAG ends; it reads the reconciler's own etcd variables
+            "RECONCILER_ETCD_ENDPOINTS": f"127.0.0.1:{etcd_port}",
+            "RECONCILER_ETCD_PREFIX": "reconciler",
+            "RECONCILER_NAMESPACE": "default",
         })
         env.update(RECONCILER_AIRFLOW_URL=airflow.url,
                    RECONCILER_AIRFLOW_USERNAME=airflow.username,

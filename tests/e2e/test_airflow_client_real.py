@@ -67,18 +67,3 @@ def test_clear_reruns_with_a_new_end_date_and_incremental_listing_sees_it(
     changed = api.list_runs(updated_at_gte=mark)
     assert run_id in {r["dag_run_id"] for r in changed}
 
-
-def test_the_listener_plugin_writes_a_wake_up_into_etcd(api: AirflowClient,
-                                                        etcd_server: Any) -> None:
-    from reconciler.adapters.store import EtcdStore
-    from reconciler.core.settings import EtcdSettings
-    from tests.fixtures.airflow import EVENTS_PREFIX
-
-    cycle = new_cycle()
-    run_id = run_id_for(cycle)
-    api.trigger("05_pipeline", run_id, cycle, {})
-    eventually(lambda: finished(api, "05_pipeline", run_id), 120, "the run")
-    key = f"{EVENTS_PREFIX}events/05_pipeline/{run_id}"
-    with EtcdStore(EtcdSettings(endpoints=(etcd_server.endpoint,))) as store:
-        value = eventually(lambda: store.get(key).value, 30, f"{key} in etcd")
-    assert value == b"success"

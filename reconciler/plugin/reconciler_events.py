@@ -1,0 +1,486 @@
+"""Airflow listener plugin: wake the reconciler the moment a run (or a task of it) ends.
+
+The reconciler works without it (it polls Airflow every --interval); with it, Airflow writes
+`events/<dag_id>/<run_id>` under the reconciler's namespace in etcd when a DAG run ends
+(`on_dag_run_success/failed`, in the scheduler) and when a task instance ends
+(`on_task_instance_success/failed/skipped`, where the task runs), the reconciler's etcd
+watch fires, and the downstream trigger follows at once instead of up to one interval
+later. The value is JSON: `{"kind": "run" | "task", "dag_id", "run_id", "task_id" (task
+level), "map_index", "try_number", "state", "at"}`; the key lives `RECONCILER_EVENTS_TTL`
+seconds (a lease).
+
+Standard library only, so it imports inside any Airflow: it speaks etcd's JSON gateway
+(the v3 HTTP API: `/v3/kv/put` with base64 keys, `/v3/lease/grant`, `/v3/kv/range`,
+`/v3/auth/authenticate`). The same file is shipped twice, byte for byte (a test keeps
+them equal): in the wheel as `reconciler.plugin.reconciler_events` (registered through the
+`airflow.plugins` entry point: `pip install airflow-dag-reconciler[airflow-plugin]`), and
+as the drop-in `examples/plugins/reconciler_events.py` for `$AIRFLOW_HOME/plugins`. Use
+one of the two, not both.
+
+It never blocks Airflow: a hook only puts the event into a bounded queue and returns; one
+background thread per process sends. When etcd is slow or down the queue fills and new
+events are dropped and counted (one warning a minute at most). HTTP timeouts are short. A
+task process flushes what it queued when it exits, for at most
+`RECONCILER_EVENTS_FLUSH_TIMEOUT` seconds. It never raises into Airflow.
+
+It writes only for DAGs of the synced graph: the thread reads `desired/head` and the graph
+blob it names (`desired/graphs/<commit>`, gzip JSON `{"pipelines": {dag_id: ...}}`), caches
+the DAG ids and reads them again every `RECONCILER_EVENTS_GRAPH_REFRESH` seconds.
+
+Configuration, the reconciler's own variables (unset RECONCILER_ETCD_ENDPOINTS: the plugin
+does nothing):
+
+    RECONCILER_ETCD_ENDPOINTS   host:port[,host:port] (or http(s)://host:port); in order,
+                                failing over to the next
+    RECONCILER_ETCD_PREFIX, RECONCILER_NAMESPACE        default reconciler, default
+    RECONCILER_ETCD_USER, RECONCILER_ETCD_PASSWORD      etcd auth (a token per process)
+    RECONCILER_ETCD_CA, RECONCILER_ETCD_CERT, RECONCILER_ETCD_KEY   TLS (https to etcd)
+
+and its own: RECONCILER_EVENTS_TTL (600 s), RECONCILER_EVENTS_TIMEOUT (1 s per HTTP
+request), RECONCILER_EVENTS_QUEUE (1000 events), RECONCILER_EVENTS_GRAPH_REFRESH (30 s),
+RECONCILER_EVENTS_TASKS (true: task-level events too), RECONCILER_EVENTS_FLUSH_TIMEOUT
+(2 s). Older names still read: RECONCILER_EVENTS_ETCD_URL (one endpoint URL) and
+RECONCILER_EVENTS_PREFIX (the namespace root, e.g. /reconciler/default/).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import gzip
+import json
+import logging
+import os
+import queue
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger("reconciler.plugin")
+
+_STOP: dict[str, Any] = {}
+"""Put into the queue by stop(): the thread ends."""
+
+DROP_LOG_INTERVAL = 60.0
+"""Seconds between two warnings about dropped events (the counter counts every one)."""
+
+
+def _b64(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoints: tuple[str, ...]
+    """Base URLs, e.g. ``http://127.0.0.1:2379``, in the order they are tried."""
+    root: str = "/reconciler/default/"
+    user: str | None = None
+    password: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    ttl: int = 600
+    timeout: float = 1.0
+    queue_size: int = 1000
+    graph_refresh: float = 30.0
+    tasks: bool = True
+    flush_timeout: float = 2.0
+
+    def __repr__(self) -> str:  # never the password
+        return (f"Config(endpoints={self.endpoints!r}, root={self.root!r}, "
+                f"user={self.user!r}, tls={self.tls})")
+
+    @property
+    def tls(self) -> bool:
+        return any(e.startswith("https://") for e in self.endpoints)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config | None:
+        """The settings from the environment; None when no etcd endpoint is configured."""
+        env = os.environ if env is None else env
+        ca, cert = env.get("RECONCILER_ETCD_CA") or None, env.get("RECONCILER_ETCD_CERT") or None
+        raw = env.get("RECONCILER_ETCD_ENDPOINTS") or env.get("RECONCILER_EVENTS_ETCD_URL") or ""
+        endpoints = tuple(_endpoint_url(e, tls=bool(ca or cert))
+                          for e in raw.split(",") if e.strip())
+        if not endpoints:
+            return None
+        root = env.get("RECONCILER_EVENTS_PREFIX") or (
+            f"/{env.get('RECONCILER_ETCD_PREFIX', 'reconciler').strip('/')}/"
+            f"{env.get('RECONCILER_NAMESPACE', 'default').strip('/')}/")
+        return cls(
+            endpoints=endpoints, root="/" + root.strip("/") + "/",
+            user=env.get("RECONCILER_ETCD_USER") or None,
+            password=env.get("RECONCILER_ETCD_PASSWORD"),
+            ca=ca, cert=cert, key=env.get("RECONCILER_ETCD_KEY") or None,
+            ttl=int(env.get("RECONCILER_EVENTS_TTL", "600")),
+            timeout=float(env.get("RECONCILER_EVENTS_TIMEOUT", "1")),
+            queue_size=int(env.get("RECONCILER_EVENTS_QUEUE", "1000")),
+            graph_refresh=float(env.get("RECONCILER_EVENTS_GRAPH_REFRESH", "30")),
+            tasks=_flag(env.get("RECONCILER_EVENTS_TASKS", "true")),
+            flush_timeout=float(env.get("RECONCILER_EVENTS_FLUSH_TIMEOUT", "2")))
+
+
+def _endpoint_url(text: str, *, tls: bool) -> str:
+    text = text.strip().rstrip("/")
+    if text.startswith(("http://", "https://")):
+        return text
+    return f"{'https' if tls else 'http'}://{text}"
+
+
+class GatewayError(Exception):
+    """etcd's JSON gateway could not be used (unreachable, refused, bad answer)."""
+
+
+class Gateway:
+    """A minimal client of etcd's v3 JSON gateway: range, put, lease grant, with auth and
+    TLS, failing over between endpoints. Never through a proxy of the environment."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._current = 0
+        self._token: str | None = None
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if config.tls:
+            handlers.append(urllib.request.HTTPSHandler(context=self._ssl_context()))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        c = self.config
+        context = ssl.create_default_context(cafile=c.ca)
+        if c.cert:
+            context.load_cert_chain(c.cert, c.key)
+        return context
+
+    def _send(self, base: str, path: str, body: Mapping[str, Any], token: str | None) -> Any:
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        if token:
+            request.add_header("Authorization", token)
+        with self._opener.open(request, timeout=self.config.timeout) as response:
+            return json.loads(response.read() or b"{}")
+
+    def call(self, path: str, body: Mapping[str, Any], *, auth: bool = True) -> Any:
+        """POST `body` to `path` on the first endpoint that answers; one new token on a 401."""
+        endpoints = self.config.endpoints
+        last = "no endpoint"
+        for step in range(len(endpoints)):
+            index = (self._current + step) % len(endpoints)
+            base = endpoints[index]
+            try:
+                token = self._auth_token(base) if auth else None
+                try:
+                    answer = self._send(base, path, body, token)
+                except urllib.error.HTTPError as exc:
+                    if exc.code != 401 or not token:
+                        raise
+                    self._token = None  # expired (etcd's simple tokens do): one new one
+                    answer = self._send(base, path, body, self._auth_token(base))
+                self._current = index
+                return answer
+            except urllib.error.HTTPError as exc:
+                detail = exc.read(300).decode(errors="replace")
+                raise GatewayError(f"etcd at {base} answered {exc.code} to {path}: "
+                                   f"{detail}") from None
+            except (OSError, ValueError) as exc:  # refused, timeout, TLS, not JSON
+                last = f"{base}: {exc}"
+        raise GatewayError(f"etcd unreachable ({last})")
+
+    def _auth_token(self, base: str) -> str | None:
+        c = self.config
+        if c.user is None:
+            return None
+        if self._token is None:
+            try:
+                answer = self._send(base, "/v3/auth/authenticate",
+                                    {"name": c.user, "password": c.password or ""}, None)
+            except urllib.error.HTTPError as exc:
+                raise GatewayError(f"etcd at {base} refused user {c.user!r} "
+                                   f"(HTTP {exc.code})") from None
+            self._token = str(answer.get("token") or "") or None
+        return self._token
+
+    def get(self, key: str) -> bytes | None:
+        answer = self.call("/v3/kv/range", {"key": _b64(key)})
+        kvs = answer.get("kvs") or []
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+
+    def grant(self, ttl: int) -> str:
+        return str(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+    def put(self, key: str, value: bytes, lease: str | None = None) -> None:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        self.call("/v3/kv/put", body)
+
+
+def graph_dag_ids(gateway: Gateway, root: str) -> frozenset[str]:
+    """The DAG ids of the graph `desired/head` names (empty when nothing is synced)."""
+    head_raw = gateway.get(f"{root}desired/head")
+    if head_raw is None:
+        return frozenset()
+    commit = json.loads(head_raw)["commit"]
+    blob = gateway.get(f"{root}desired/graphs/{commit}")
+    if blob is None:
+        return frozenset()
+    pipelines = json.loads(gzip.decompress(blob)).get("pipelines") or {}
+    return frozenset(str(d) for d in pipelines)
+
+
+class Sender:
+    """The bounded queue and its one sender thread (started on the first event, again in
+    a forked child). `submit` never blocks; `flush` waits a bounded time."""
+
+    def __init__(self, config: Config, gateway: Gateway | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.gateway = gateway or Gateway(config)
+        self.clock = clock
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            # A forked child (a task process) has no sender thread and maybe a lock that
+            # the parent's thread held: it starts afresh.
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self.queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=self.config.queue_size)
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        self.dropped = 0
+        """Events refused because the queue was full (etcd slow or down)."""
+        self.sent = 0
+        self.skipped = 0
+        """Events of DAGs that are not in the synced graph."""
+        self.failed = 0
+        """Events taken from the queue that could not be written."""
+        self._last_drop_log: float | None = None
+        self._last_error: str | None = None
+        self._dag_ids: frozenset[str] | None = None
+        self._dag_ids_at = 0.0
+        self._lease: tuple[str, float] | None = None
+
+    # --- the hook side: never blocks ----------------------------------------------------
+
+    def submit(self, event: dict[str, Any]) -> bool:
+        """Queue one event; False (counted, never blocking) when the queue is full."""
+        self._ensure_thread()
+        try:
+            self.queue.put_nowait(event)
+            return True
+        except queue.Full:
+            self._drop()
+            return False
+
+    def _drop(self) -> None:
+        with self.lock:
+            self.dropped += 1
+            now = self.clock()
+            if self._last_drop_log is not None and \
+                    now - self._last_drop_log < DROP_LOG_INTERVAL:
+                return
+            self._last_drop_log = now
+            dropped = self.dropped
+        log.warning("reconciler events: %d dropped so far (queue of %d full: etcd at %s "
+                    "slow or down); the reconciler still polls Airflow", dropped,
+                    self.config.queue_size, ",".join(self.config.endpoints))
+
+    def _ensure_thread(self) -> None:
+        if self.thread is not None:
+            return
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="reconciler-events",
+                                               daemon=True)
+                self.thread.start()
+                # Registered in this process (after a fork: after Airflow's atexit reset).
+                atexit.register(self.flush)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued event was handled, at most `timeout` seconds
+        (default: the config's flush timeout). True when the queue is empty."""
+        deadline = time.monotonic() + (self.config.flush_timeout if timeout is None
+                                       else timeout)
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.queue.unfinished_tasks
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.stopping.set()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(_STOP)  # wakes the thread now, not at its next timeout
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # --- the thread side ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                event = self.queue.get(timeout=min(1.0, self.config.graph_refresh))
+            except queue.Empty:
+                if self._dag_ids is not None and self._graph_stale():
+                    self._refresh_graph()
+                continue
+            if event is _STOP:
+                self.queue.task_done()
+                return
+            try:
+                self.handle(event)
+            except Exception as exc:  # a bug must not end the thread
+                self.failed += 1
+                self._note_error(f"{type(exc).__name__}: {exc}")
+            finally:
+                self.queue.task_done()
+
+    def _graph_stale(self) -> bool:
+        return self.clock() - self._dag_ids_at >= self.config.graph_refresh
+
+    def _refresh_graph(self) -> frozenset[str] | None:
+        try:
+            self._dag_ids = graph_dag_ids(self.gateway, self.config.root)
+        except (GatewayError, ValueError, KeyError, TypeError, OSError) as exc:
+            self._note_error(f"cannot read the graph: {exc}")
+            # Keep the last known ids; read again after the refresh interval.
+        self._dag_ids_at = self.clock()
+        return self._dag_ids
+
+    def handle(self, event: dict[str, Any]) -> bool:
+        """Write one event if its DAG is in the graph; True when written."""
+        dag_ids = self._dag_ids if self._dag_ids is not None and not self._graph_stale() \
+            else self._refresh_graph()
+        dag_id, run_id = str(event["dag_id"]), str(event["run_id"])
+        if dag_ids is None or dag_id not in dag_ids or "/" in dag_id or "/" in run_id:
+            self.skipped += 1
+            return False
+        key = f"{self.config.root}events/{dag_id}/{run_id}"
+        try:
+            self.gateway.put(key, json.dumps(event, sort_keys=True).encode(), self._lease_id())
+        except GatewayError as exc:
+            self.failed += 1
+            self._lease = None
+            self._note_error(str(exc))
+            return False
+        self.sent += 1
+        if self._last_error is not None:
+            log.info("reconciler events: etcd works again")
+            self._last_error = None
+        return True
+
+    def _lease_id(self) -> str:
+        """One lease for many events: a new one when half of its TTL is gone, so an
+        event key lives between TTL/2 and TTL and a busy scheduler grants few leases."""
+        now = self.clock()
+        if self._lease is None or now - self._lease[1] >= self.config.ttl / 2:
+            self._lease = (self.gateway.grant(self.config.ttl), now)
+        return self._lease[0]
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:  # once per change, not per event
+            log.warning("reconciler events: %s", message)
+        self._last_error = message
+
+
+# --- the Airflow side ------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def run_event(dag_run: Any, state: str) -> dict[str, Any]:
+    return {"kind": "run", "dag_id": dag_run.dag_id, "run_id": dag_run.run_id,
+            "state": state, "at": _now()}
+
+
+def task_event(task_instance: Any, state: str) -> dict[str, Any]:
+    return {"kind": "task", "dag_id": task_instance.dag_id, "run_id": task_instance.run_id,
+            "task_id": task_instance.task_id,
+            "map_index": getattr(task_instance, "map_index", -1),
+            "try_number": getattr(task_instance, "try_number", None),
+            "state": state, "at": _now()}
+
+
+_sender: Sender | None = None
+_sender_lock = threading.Lock()
+
+
+def sender() -> Sender | None:
+    """The process's sender, made on first use from the environment (None: not set up)."""
+    global _sender
+    if _sender is None:
+        with _sender_lock:
+            if _sender is None:
+                config = Config.from_env()
+                if config is None:
+                    return None
+                _sender = Sender(config)
+    return _sender
+
+
+def _emit(make: Callable[[], dict[str, Any]], *, task: bool = False) -> None:
+    try:
+        s = sender()
+        if s is not None and (s.config.tasks or not task):
+            s.submit(make())
+    except Exception as exc:  # a wake-up is an optimisation: never fail Airflow
+        log.warning("reconciler events: event not queued: %s", exc)
+
+
+def _hookimpl(fn: Callable[..., None]) -> Callable[..., None]:
+    return fn
+
+
+try:
+    from airflow.listeners import hookimpl as _airflow_hookimpl
+    from airflow.plugins_manager import AirflowPlugin as _AirflowPlugin
+except ImportError:  # outside Airflow: the sender alone (tests, tools)
+    _airflow_hookimpl, _AirflowPlugin = _hookimpl, None
+
+
+class Listener:
+    """The hooks. Each only queues an event: never blocks, never raises."""
+
+    @_airflow_hookimpl
+    def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
+        _emit(lambda: run_event(dag_run, "success"))
+
+    @_airflow_hookimpl
+    def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
+        _emit(lambda: run_event(dag_run, "failed"))
+
+    @_airflow_hookimpl
+    def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
+        _emit(lambda: task_event(task_instance, "success"), task=True)
+
+    @_airflow_hookimpl
+    def on_task_instance_failed(self, previous_state: Any, task_instance: Any,
+                                error: Any) -> None:
+        _emit(lambda: task_event(task_instance, "failed"), task=True)
+
+    @_airflow_hookimpl
+    def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:
+        _emit(lambda: task_event(task_instance, "skipped"), task=True)
+
+
+listener = Listener()
+
+if _AirflowPlugin is not None:
+    # Built with type() so the module also imports without Airflow; Airflow finds it
+    # among the module's attributes (a drop-in) or through the entry point.
+    ReconcilerEventsPlugin = type("ReconcilerEventsPlugin", (_AirflowPlugin,), {
+        "name": "reconciler_events",
+        "listeners": [listener],
+        "__doc__": "Writes run and task ends of the synced graph's DAGs into etcd.",
+    })

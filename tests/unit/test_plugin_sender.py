@@ -1,0 +1,289 @@
+"""The listener plugin's sender (reconciler/plugin/reconciler_events.py) without Airflow:
+the bounded queue never blocks a hook, drops are counted and logged at most once a
+minute, only DAGs of the synced graph are written, configuration comes from the
+reconciler's own variables, and the drop-in file is the packaged one, byte for byte.
+
+A fake gateway stands in for etcd's JSON gateway here (the real one is in
+tests/integration/test_plugin_gateway.py and tests/e2e/test_plugin.py); it can be
+blocked, to be an etcd that never answers."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.plugin import reconciler_events as ev
+from tests.fakes.clock import FakeClock
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = REPO / "reconciler" / "plugin" / "reconciler_events.py"
+DROP_IN = REPO / "examples" / "plugins" / "reconciler_events.py"
+ROOT = "/reconciler/default/"
+
+
+class FakeGateway:
+    """etcd's JSON gateway as a dict; `block` makes every call hang until released."""
+
+    def __init__(self, dag_ids: list[str] | None = None) -> None:
+        self.kv: dict[str, bytes] = {}
+        self.leases: list[int] = []
+        self.calls: list[str] = []
+        self.block = threading.Event()
+        self.block.set()  # set = not blocked
+        self.in_call = threading.Event()
+        self.fail: Exception | None = None
+        if dag_ids is not None:
+            self.sync(dag_ids)
+
+    def sync(self, dag_ids: list[str], commit: str = "abc123") -> None:
+        graph = {"format": 1, "pipelines": {d: {"dag_id": d} for d in dag_ids}}
+        self.kv[f"{ROOT}desired/head"] = json.dumps({"commit": commit}).encode()
+        self.kv[f"{ROOT}desired/graphs/{commit}"] = gzip.compress(json.dumps(graph).encode())
+
+    def _enter(self, what: str) -> None:
+        self.calls.append(what)
+        self.in_call.set()
+        self.block.wait()
+        if self.fail is not None:
+            raise self.fail
+
+    def get(self, key: str) -> bytes | None:
+        self._enter(f"get {key}")
+        return self.kv.get(key)
+
+    def grant(self, ttl: int) -> str:
+        self._enter(f"grant {ttl}")
+        self.leases.append(ttl)
+        return str(len(self.leases))
+
+    def put(self, key: str, value: bytes, lease: str | None = None) -> None:
+        self._enter(f"put {key}")
+        self.kv[key] = value
+
+
+def config(**overrides: Any) -> ev.Config:
+    values: dict[str, Any] = {"endpoints": ("http://127.0.0.1:1",), "root": ROOT,
+                              "queue_size": 4, "graph_refresh": 30.0, "ttl": 600}
+    values.update(overrides)
+    return ev.Config(**values)
+
+
+def event(dag_id: str = "02_pipeline", run_id: str = "r1", kind: str = "run") -> dict[str, Any]:
+    return {"kind": kind, "dag_id": dag_id, "run_id": run_id, "state": "success"}
+
+
+@pytest.fixture
+def gateway() -> FakeGateway:
+    return FakeGateway(["01_pipeline_init", "02_pipeline"])
+
+
+def make_sender(gateway: FakeGateway, clock: FakeClock | None = None, **overrides: Any
+                ) -> ev.Sender:
+    clock = clock or FakeClock()
+    return ev.Sender(config(**overrides), gateway, clock=clock.monotonic)  # type: ignore[arg-type]
+
+
+def test_an_event_of_a_graph_dag_is_written_with_a_lease_and_json(gateway: FakeGateway) -> None:
+    sender = make_sender(gateway)
+    assert sender.submit(event())
+    assert sender.flush(5)
+    value = json.loads(gateway.kv[f"{ROOT}events/02_pipeline/r1"])
+    assert value == event()
+    assert gateway.leases == [600]
+    assert (sender.sent, sender.skipped, sender.dropped) == (1, 0, 0)
+    sender.stop()
+
+
+def test_dags_outside_the_graph_are_never_written(gateway: FakeGateway) -> None:
+    sender = make_sender(gateway)
+    sender.submit(event("not_in_graph"))
+    sender.submit(event("02_pipeline", "bad/run"))  # a '/' would be another key level
+    assert sender.flush(5)
+    assert not [k for k in gateway.kv if "/events/" in k]
+    assert sender.skipped == 2
+    assert not [c for c in gateway.calls if c.startswith(("put", "grant"))]
+    sender.stop()
+
+
+def test_no_synced_graph_means_no_events() -> None:
+    gateway = FakeGateway()
+    sender = make_sender(gateway)
+    sender.submit(event())
+    assert sender.flush(5)
+    assert sender.skipped == 1
+    assert not [k for k in gateway.kv if "/events/" in k]
+    sender.stop()
+
+
+def test_the_graph_ids_are_cached_and_read_again_after_the_refresh_interval(
+        gateway: FakeGateway) -> None:
+    clock = FakeClock()
+    sender = make_sender(gateway, clock, graph_refresh=30.0)
+    for n in range(3):
+        sender.handle(event(run_id=f"r{n}"))
+    assert [c for c in gateway.calls if c.startswith("get")] == [
+        f"get {ROOT}desired/head", f"get {ROOT}desired/graphs/abc123"]
+    gateway.sync(["03_pipeline"], commit="def456")
+    assert sender.handle(event("02_pipeline", "r9"))  # cached: still the old graph
+    clock.advance(31)
+    assert not sender.handle(event("02_pipeline", "r10"))
+    assert sender.handle(event("03_pipeline", "r10"))
+    assert f"get {ROOT}desired/graphs/def456" in gateway.calls
+
+
+def test_one_lease_serves_many_events_until_half_its_ttl(gateway: FakeGateway) -> None:
+    clock = FakeClock()
+    sender = make_sender(gateway, clock, ttl=60, graph_refresh=1000.0)
+    for n in range(5):
+        sender.handle(event(run_id=f"r{n}"))
+    assert gateway.leases == [60]
+    clock.advance(31)
+    sender.handle(event(run_id="late"))
+    assert gateway.leases == [60, 60]
+
+
+def test_a_blocked_etcd_never_blocks_the_hook_and_drops_are_counted(
+        gateway: FakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    gateway.block.clear()  # etcd hangs
+    sender = make_sender(gateway, queue_size=4)
+    caplog.set_level(logging.WARNING, logger="reconciler.plugin")
+    sender.submit(event(run_id="first"))
+    assert gateway.in_call.wait(5)  # the thread is stuck in its first call
+    started = time.monotonic()
+    accepted = [sender.submit(event(run_id=f"r{n}")) for n in range(20)]
+    took = time.monotonic() - started
+    assert took < 0.5, f"20 submits took {took:.2f} s with etcd hanging"
+    assert accepted == [True] * 4 + [False] * 16  # 4 queued, the rest dropped
+    assert sender.dropped == 16
+    warnings = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1  # once, not 16 times
+    assert "16" not in warnings[0].getMessage()  # logged at the first drop: "1 dropped"
+    assert not sender.flush(0.05)  # a bounded wait, not forever
+    gateway.block.set()
+    assert sender.flush(5)
+    assert sender.sent == 5
+    sender.stop()
+
+
+def test_the_drop_warning_comes_at_most_once_a_minute(gateway: FakeGateway,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    gateway.block.clear()
+    sender = make_sender(gateway, clock, queue_size=1)
+    caplog.set_level(logging.WARNING, logger="reconciler.plugin")
+    sender.submit(event(run_id="in-flight"))
+    assert gateway.in_call.wait(5)
+    sender.submit(event(run_id="queued"))
+    for _ in range(10):
+        sender.submit(event())
+    clock.advance(59)
+    sender.submit(event())
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+    clock.advance(2)
+    sender.submit(event())
+    messages = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(messages) == 2
+    assert "12 dropped" in messages[1]
+    assert sender.dropped == 12
+    gateway.block.set()
+    sender.stop()
+
+
+def test_a_failing_etcd_is_counted_and_logged_once_per_change(
+        gateway: FakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    sender = make_sender(gateway)
+    sender.handle(event(run_id="warm"))  # graph cached
+    caplog.set_level(logging.WARNING, logger="reconciler.plugin")
+    gateway.fail = ev.GatewayError("etcd unreachable (http://127.0.0.1:1: refused)")
+    for n in range(5):
+        assert not sender.handle(event(run_id=f"r{n}"))
+    assert sender.failed == 5
+    assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
+    gateway.fail = None
+    caplog.set_level(logging.INFO, logger="reconciler.plugin")
+    assert sender.handle(event(run_id="back"))
+    assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+def test_the_sender_thread_survives_a_bad_event(gateway: FakeGateway) -> None:
+    sender = make_sender(gateway)
+    sender.submit({"no": "dag_id"})
+    sender.submit(event())
+    assert sender.flush(5)
+    assert sender.failed == 1
+    assert sender.sent == 1
+    sender.stop()
+
+
+def test_configuration_from_the_reconcilers_variables() -> None:
+    assert ev.Config.from_env({}) is None  # not configured: the plugin does nothing
+    c = ev.Config.from_env({
+        "RECONCILER_ETCD_ENDPOINTS": "etcd-1:2379, etcd-2:2379,https://etcd-3:2379",
+        "RECONCILER_ETCD_PREFIX": "/team/", "RECONCILER_NAMESPACE": "dwh",
+        "RECONCILER_ETCD_USER": "airflow", "RECONCILER_ETCD_PASSWORD": "s3cret",
+        "RECONCILER_EVENTS_TTL": "60", "RECONCILER_EVENTS_TASKS": "false"})
+    assert c is not None
+    assert c.endpoints == ("http://etcd-1:2379", "http://etcd-2:2379", "https://etcd-3:2379")
+    assert c.root == "/team/dwh/"
+    assert (c.user, c.password, c.ttl, c.tasks) == ("airflow", "s3cret", 60, False)
+    assert "s3cret" not in repr(c)
+    tls = ev.Config.from_env({"RECONCILER_ETCD_ENDPOINTS": "etcd:2379",
+                              "RECONCILER_ETCD_CA": "/ca.pem"})
+    assert tls is not None
+    assert tls.endpoints == ("https://etcd:2379",)
+    assert tls.tls
+    legacy = ev.Config.from_env({"RECONCILER_EVENTS_ETCD_URL": "http://127.0.0.1:2379",
+                                 "RECONCILER_EVENTS_PREFIX": "/e2e/plugin"})
+    assert legacy is not None
+    assert (legacy.endpoints, legacy.root) == (("http://127.0.0.1:2379",), "/e2e/plugin/")
+
+
+def test_events_say_run_or_task_level() -> None:
+    class Run:
+        dag_id, run_id = "02_pipeline", "manual__1"
+
+    class TaskInstance:
+        dag_id, run_id, task_id, map_index, try_number = "02_pipeline", "manual__1", "load", -1, 2
+
+    run = ev.run_event(Run(), "failed")
+    assert {k: run[k] for k in ("kind", "dag_id", "run_id", "state")} == {
+        "kind": "run", "dag_id": "02_pipeline", "run_id": "manual__1", "state": "failed"}
+    task = ev.task_event(TaskInstance(), "skipped")
+    assert (task["kind"], task["task_id"], task["try_number"], task["state"]) == (
+        "task", "load", 2, "skipped")
+    assert task["at"].endswith("+00:00")
+
+
+def test_the_listener_never_raises_into_airflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> ev.Sender:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ev, "sender", broken)
+    ev.listener.on_dag_run_success(object(), "msg")  # no attribute, no sender: no raise
+    ev.listener.on_task_instance_failed(None, object(), RuntimeError("task"))
+
+
+def test_the_drop_in_is_the_packaged_plugin_byte_for_byte() -> None:
+    assert DROP_IN.read_bytes() == PLUGIN.read_bytes(), (
+        "examples/plugins/reconciler_events.py differs from reconciler/plugin/"
+        "reconciler_events.py: copy the packaged one over the drop-in")
+
+
+def test_the_plugin_imports_only_the_standard_library_and_airflow() -> None:
+    tree = ast.parse(PLUGIN.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert names - set(sys.stdlib_module_names) == {"airflow"}
