@@ -496,6 +496,26 @@ class AirflowClient:
                 return run, False
             self.sleep(min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1)))
 
+    def task_instances(self, dag_id: str, run_id: str,
+                       page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
+        """Every task instance of one run (mapped ones: one per map index), all pages:
+        `task_id`, `map_index`, `state`, `end_date`, `try_number`, ..."""
+        path = f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/taskInstances"
+        out: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = self._json("GET", path, params={"limit": page_size, "offset": offset},
+                              not_found=f"run {run_id!r} of DAG {dag_id!r} is not in Airflow "
+                                        f"at {self.base}")
+            if not isinstance(page, dict):
+                raise AirflowRejected(f"the task list from {self.base} is not an object: "
+                                      "is this the Airflow API?")
+            tis = page.get("task_instances") or []
+            out.extend(t for t in tis if isinstance(t, dict))
+            offset += len(tis)
+            if not tis or offset >= int(page.get("total_entries") or 0):
+                return out
+
     def list_dags(self, page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
         """Every DAG Airflow knows (`GET /api/v2/dags`, all pages): `dag_id`, `is_paused`,
         `timetable_summary` (null or "None" when it has no schedule), `is_stale`, ..."""

@@ -103,14 +103,15 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, window: timedelta, interval: float, relist_interval: float,
                 lease_ttl: float, http_host: str, http_port: int, log_format: str,
-                concurrency: int, airflow_deadline: float | None, **kwargs: Any) -> Any:
+                concurrency: int, airflow_deadline: float | None, eager: bool,
+                **kwargs: Any) -> Any:
         try:
             kwargs["loop"] = LoopSettings(
                 window=window, interval=interval, relist_interval=relist_interval,
                 lease_ttl=int(lease_ttl), http_host=http_host, http_port=http_port,
                 log_format=log_format, concurrency=concurrency,
-                call_deadline=airflow_deadline, pull_interval=kwargs.get("pull_interval")
-                or 30.0)
+                call_deadline=airflow_deadline, eager=eager,
+                pull_interval=kwargs.get("pull_interval") or 30.0)
         except ValueError as exc:
             fail(str(exc))
         return func(*args, **kwargs)
@@ -136,6 +137,10 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--concurrency", envvar="RECONCILER_CONCURRENCY", type=int, default=8,
                      show_default=True, help="Actions of one pass in flight at once "
                      "[RECONCILER_CONCURRENCY]."),
+        click.option("--eager/--no-eager", envvar="RECONCILER_EAGER", default=True,
+                     show_default=True, help="Trigger a downstream once every task of its "
+                     "upstream run is done (the listener plugin's task events), before "
+                     "Airflow closes the run [RECONCILER_EAGER]."),
         click.option("--http-host", envvar="RECONCILER_HTTP_HOST", default="127.0.0.1",
                      show_default=True, help="Address of /healthz, /readyz, /metrics; "
                      "0.0.0.0 in a container [RECONCILER_HTTP_HOST]."),

@@ -110,8 +110,10 @@ from typing import Any, NamedTuple
 
 from reconciler.core.graph import Graph, Pipeline
 from reconciler.core.state import (
+    EAGER,
     FAILED,
     QUEUED,
+    RUNNING,
     SUCCESS,
     Action,
     ActionKind,
@@ -124,6 +126,8 @@ from reconciler.core.state import (
     Plan,
     Reason,
     State,
+    eager_item,
+    execution_start,
     fingerprint_item,
     iso,
     run_id_for,
@@ -169,6 +173,7 @@ def plan(
     since: Mapping[str, datetime] | None = None,
     commit: str = "",
     suspended: Mapping[str, str] | None = None,
+    eager: bool = True,
 ) -> Plan:
     """Decide what to do in every open cycle; see the module docstring for the rules.
 
@@ -177,7 +182,8 @@ def plan(
     `since`: dag_id -> when it was first synced (backfill rule). `commit`: the graph's
     commit, put in statuses, provenance and ledger entries. `suspended`: dag_id (or
     "*" for the whole namespace) -> why, from an operator's `reconciler suspend`; such a
-    pipeline is treated like `enabled: false` until resumed.
+    pipeline is treated like `enabled: false` until resumed. `eager`: a running upstream
+    whose every task is done (`DagRun.tasks_done_at`) counts as succeeded.
     """
     if now.tzinfo is None:
         raise ValueError("plan(): now must be timezone-aware")
@@ -220,6 +226,7 @@ def plan(
             cycle=cycle, opened_at=opened[cycle], bucket=by_date[cycle], order=order,
             pipelines=pipelines, upstreams=upstreams, ledger=ledger, since=since,
             commit=commit, actions=actions, statuses=statuses, suspended=suspended or {},
+            eager=eager,
         )
     return Plan(actions=tuple(actions), statuses=tuple(statuses), cycles=tuple(cycles))
 
@@ -250,6 +257,7 @@ def _plan_cycle(
     actions: list[Action],
     statuses: list[PipelineStatus],
     suspended: Mapping[str, str],
+    eager: bool,
 ) -> None:
     outcome: dict[str, _Outcome] = {}
     everything = suspended.get("*")
@@ -277,7 +285,7 @@ def _plan_cycle(
             continue
 
         if not ups:
-            outcome[dag_id] = _root(dag_id, run, status)
+            outcome[dag_id] = _root(dag_id, run, status, eager)
             continue
 
         why = suspended.get(dag_id, everything)
@@ -330,9 +338,13 @@ def _plan_cycle(
                 absent += kind == _ABSENT
 
         if blocked:
+            turned = [i.upstream for i in (entry.fingerprint if entry else ())
+                      if i.upstream in blocked and i.end_date.startswith(EAGER)]
             status(dag_id, State.BLOCKED, Reason.BLOCKED_BY,
                    "blocked by " + ", ".join(blocked_notes)
-                   + (f"; also waiting for {', '.join(notes)}" if notes else ""),
+                   + (f"; also waiting for {', '.join(notes)}" if notes else "")
+                   + (f"; its run started on an eager success of {', '.join(turned)}, "
+                      "whose run then ended failed" if turned else ""),
                    run, waiting_for=tuple(waiting), blocked_by=tuple(blocked))
             outcome[dag_id] = _Outcome(_BLOCKED, None, "blocked", tuple(sorted(causes)))
             continue
@@ -350,12 +362,15 @@ def _plan_cycle(
 
         # Satisfied: the table of DESIGN section 5.
         fingerprint = Fingerprint.presorted(items)  # `ups` is sorted
-        ends = [r.end_date for r in inputs if r.end_date is not None]
+        ends = [e for e in (r.end_date or r.tasks_done_at for r in inputs) if e is not None]
+        eager_ups = [i.upstream for i in items if i.end_date.startswith(EAGER)]
+        eager_note = (f" (eager: every task of {', '.join(eager_ups)} is done)"
+                      if eager_ups else "")
         latest_end = max(ends) if ends else None
 
         if run is None:
             if entry is None:
-                why = "all upstreams " + ("done" if all_done else "succeeded")
+                why = "all upstreams " + ("done" if all_done else "succeeded") + eager_note
             else:
                 why = (f"the ledger has {entry.action} ({entry.state}) of {entry.run_id} "
                        "but Airflow has no run for this cycle: triggering again")
@@ -373,18 +388,28 @@ def _plan_cycle(
         if confirmed:
             assert entry is not None
             changed = entry.fingerprint.changed(fingerprint)
+            closed = _closed_after_eager(entry.fingerprint, changed, outcome)
+            if closed and len(closed) == len(changed):
+                # The eager path's upstream run has ended, as the same execution: record
+                # its end date, nothing to re-run.
+                actions.append(_adopt(dag_id, cycle, run, fingerprint,
+                                      f"{', '.join(closed)} ended after the eager trigger "
+                                      "(the same run): recording its end date", commit))
+                changed = ()
+            how = " (triggered on the eager path)" if entry.decided == "eager" else ""
             if not run.finished:
                 later = (f"; {', '.join(changed)} re-ran meanwhile: it will be re-run when "
                          "it ends") if changed else ""
-                _own_run_status(dag_id, run, status, later)
-                outcome[dag_id] = _Outcome(_PENDING, run, run.state)
+                _own_run_status(dag_id, run, status, how + later)
+                outcome[dag_id] = (_done(run, eager) if not changed
+                                   else _Outcome(_PENDING, run, run.state))
             elif changed:
                 why = f"{', '.join(changed)} re-ran since run {run.run_id} was started"
                 actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
                 status(dag_id, State.RERUNNING, Reason.RERUNNING, f"re-running: {why}", run)
                 outcome[dag_id] = _RERUN_PLANNED
             else:
-                _own_run_status(dag_id, run, status, "")
+                _own_run_status(dag_id, run, status, how)
                 outcome[dag_id] = _finished(run)
             continue
 
@@ -425,13 +450,39 @@ def _plan_cycle(
             outcome[dag_id] = _RERUN_PLANNED
 
 
-def _root(dag_id: str, run: DagRun | None, status: _StatusFn) -> _Outcome:
+def _root(dag_id: str, run: DagRun | None, status: _StatusFn, eager: bool) -> _Outcome:
     if run is None:
         status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
                "root without a run for this cycle (Airflow schedules roots)")
         return _NO_RUN
     _own_run_status(dag_id, run, status, "")
-    return _finished(run) if run.finished else _Outcome(_PENDING, run, run.state)
+    return _done(run, eager)
+
+
+def _done(run: DagRun, eager: bool) -> _Outcome:
+    """A pipeline's own run as its downstreams see it: finished, or (eager) running with
+    every task done, or still pending."""
+    if run.finished:
+        return _finished(run)
+    if eager and run.state == RUNNING and run.tasks_done_at is not None:
+        return _Outcome(_OK, run, item=eager_item(run))
+    return _Outcome(_PENDING, run, run.state)
+
+
+def _closed_after_eager(recorded: Fingerprint, changed: tuple[str, ...],
+                        outcome: Mapping[str, _Outcome]) -> tuple[str, ...]:
+    """Of the `changed` upstreams, those recorded on the eager path whose run has since
+    ended as the same execution (same run id and start): not a re-run of their data."""
+    by_upstream = {i.upstream: i for i in recorded}
+    same = []
+    for up in changed:
+        item = by_upstream[up]
+        o = outcome.get(up)
+        if (o is not None and o.run is not None and item.end_date.startswith(EAGER)
+                and o.run.run_id == item.run_id and o.kind in (_OK, _FAILED)
+                and item.end_date == EAGER + execution_start(o.run)):
+            same.append(up)
+    return tuple(same)
 
 
 def _finished(run: DagRun) -> _Outcome:

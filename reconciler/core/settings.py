@@ -67,6 +67,9 @@ class LoopSettings:
     """Seconds one Airflow call may take in all, retries included. Default: a third of
     the lease, so an action that starts with enough lease ends while we still lead."""
     pull_interval: float = 30.0
+    eager: bool = True
+    """Count an upstream as succeeded once every task of its run is done (confirmed through
+    the REST API after a task-level event), before Airflow closes the run."""
     stall_after: float | None = None
     """/healthz fails when no pass ended for this long. Default: 10 intervals, at least
     twice the longest backoff."""

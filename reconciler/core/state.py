@@ -86,9 +86,12 @@ class DagRun:
     end_date: datetime | None = None
     run_type: str = "manual"
     conf: Mapping[str, Any] = field(default_factory=dict)
+    tasks_done_at: datetime | None = None
+    """The eager path: every task instance of this (still running) run succeeded or was
+    skipped, confirmed through the REST API; the latest task end. None otherwise."""
 
     def __post_init__(self) -> None:
-        for name in ("logical_date", "queued_at", "start_date", "end_date"):
+        for name in ("logical_date", "queued_at", "start_date", "end_date", "tasks_done_at"):
             _require_aware("DagRun", name, getattr(self, name))
 
     @property
@@ -125,8 +128,24 @@ class FingerprintItem(NamedTuple):
     """`iso(end_date)`, or "" if Airflow reported a finished run without one."""
 
 
+EAGER = "eager:"
+"""The end date of a fingerprint item decided on the eager path: `eager:<run start ISO>`.
+The run had no end yet; its start names the execution, so when the same execution
+closes later the downstream is not re-run (the ledger is brought up to date instead)."""
+
+
 def fingerprint_item(run: DagRun) -> FingerprintItem:
     return FingerprintItem(run.dag_id, run.run_id, iso(run.end_date) if run.end_date else "")
+
+
+def execution_start(run: DagRun) -> str:
+    started = run.start_date or run.queued_at or run.logical_date
+    return iso(started) if started else ""
+
+
+def eager_item(run: DagRun) -> FingerprintItem:
+    """The item of a run that is still running but has every task done (the eager path)."""
+    return FingerprintItem(run.dag_id, run.run_id, EAGER + execution_start(run))
 
 
 class Fingerprint(tuple[FingerprintItem, ...]):
@@ -219,8 +238,16 @@ class LedgerEntry:
             "commit": self.commit,
             "at": iso(self.at),
             "state": self.state.value,
+            "decided": self.decided,
             **({"cleared_end": iso(self.cleared_end)} if self.cleared_end else {}),
         }
+
+    @property
+    def decided(self) -> str:
+        """`eager` when an upstream counted as done because all its tasks were, else
+        `run-end` (every upstream run had ended)."""
+        return "eager" if any(i.end_date.startswith(EAGER) for i in self.fingerprint) \
+            else "run-end"
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LedgerEntry:

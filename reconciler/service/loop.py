@@ -134,7 +134,8 @@ class Reconciler:
             return self._plan
         result = plan(seen.desired.graph, seen.runs.values(), seen.ledger, seen.now,
                       window=self.settings.window, since=seen.desired.since,
-                      commit=seen.desired.commit, suspended=seen.suspended)
+                      commit=seen.desired.commit, suspended=seen.suspended,
+                      eager=self.settings.eager)
         self._plan_key, self._plan = key, result
         return result
 

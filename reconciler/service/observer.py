@@ -14,10 +14,11 @@ leaves the last good graph in force).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
@@ -28,6 +29,10 @@ from reconciler.core.settings import LoopSettings
 from reconciler.core.state import DagRun, LedgerEntry, iso, parse_time
 from reconciler.service.observability import event
 from reconciler.service.ports import AirflowApi, Clock, Store
+
+TASKS_DONE = frozenset({"success", "skipped"})
+"""Task states that count as done on the eager path: what the scheduler needs to close
+the run as a success. `removed` task instances (no longer in the DAG) are not counted."""
 
 WATERMARK_OVERLAP = timedelta(seconds=2)
 """An incremental list asks for runs updated since the watermark minus this, so a run
@@ -88,7 +93,12 @@ class RunCache:
                       dag_id=item.get("dag_id"), run_id=item.get("dag_run_id"), error=str(exc))
                 continue
             key = (run.dag_id, run.run_id)
-            if self.runs.get(key) != run:
+            old = self.runs.get(key)
+            if (old is not None and old.tasks_done_at is not None and run.state == "running"
+                    and run.start_date == old.start_date):
+                # The same execution, still running: the eager finding stands.
+                run = replace(run, tasks_done_at=old.tasks_done_at)
+            if old != run:
                 self.runs[key] = run
                 self.version += 1
                 changed += 1
@@ -128,6 +138,8 @@ class Observer:
         self.cache = RunCache()
         self.ledger: dict[tuple[datetime, str], LedgerEntry] | None = None
         self.ledger_version = 0
+        self._task_events: set[tuple[str, str]] = set()
+        self._events_lock = threading.Lock()
         self.suspended: dict[str, str] | None = None
         self.suspended_dirty = threading.Event()
         """Set by the etcd watch on suspended/: read the marks on the next observe."""
@@ -225,6 +237,52 @@ class Observer:
                 self.cache.absorb(self.api.list_runs(others, logical_date_gte=cycle,
                                                      logical_date_lte=cycle), dag_ids)
 
+    # --- the eager path ---
+
+    def on_event(self, key: str, value: bytes) -> None:
+        """An `events/<dag_id>/<run_id>` put from the Airflow listener (watch thread): a
+        task-level one makes that run a candidate for the eager check."""
+        rest = key[len(self.store.events_prefix()):] if key.startswith(
+            self.store.events_prefix()) else ""
+        dag_id, _, run_id = rest.partition("/")
+        if not dag_id or not run_id:
+            return
+        try:
+            kind = json.loads(value).get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind in (None, "task"):
+            with self._events_lock:
+                self._task_events.add((dag_id, run_id))
+
+    def check_tasks(self, now: datetime) -> int:
+        """For runs with a task-level event: are all their tasks done? (`GET
+        .../taskInstances`, one request per such run). Marks the cached run with
+        `tasks_done_at`; returns how many runs became eager-done."""
+        with self._events_lock:
+            pending, self._task_events = self._task_events, set()
+        if not self.settings.eager or self.desired is None or not pending:
+            return 0
+        graph = self.desired.graph
+        feeds = {u for p in graph.pipelines.values() for u in p.depends_on}
+        found = 0
+        for n, (dag_id, run_id) in enumerate(sorted(pending)):
+            run = self.cache.runs.get((dag_id, run_id))
+            if dag_id not in feeds or run is None or run.state != "running" \
+                    or run.tasks_done_at is not None:
+                continue
+            try:
+                tis = self.api.task_instances(dag_id, run_id)
+            except Exception:
+                with self._events_lock:  # ask again on the next pass
+                    self._task_events.update(sorted(pending)[n:])
+                raise
+            done = tasks_done_at(tis, now)
+            if done is not None:
+                self.cache.put(replace(run, tasks_done_at=done))
+                found += 1
+        return found
+
     # --- the ledger ---
 
     def load_ledger(self) -> dict[tuple[datetime, str], LedgerEntry]:
@@ -275,6 +333,7 @@ class Observer:
         suspended = self.load_suspended()
         if desired is not None and refresh:
             self.observe_runs(now)
+            self.check_tasks(now)
         ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
         if with_ledger:
             ledger = self.ledger if self.ledger is not None else self.load_ledger()
@@ -283,3 +342,23 @@ class Observer:
                            ledger=MappingProxyType(ledger), ledger_version=self.ledger_version,
                            now=now, suspended=MappingProxyType(suspended),
                            suspended_version=self.suspended_version)
+
+
+def tasks_done_at(task_instances: Iterable[Mapping[str, Any]], now: datetime) -> datetime | None:
+    """The latest task end when every task instance is done (success or skipped), else
+    None: a task queued, running, up for retry, failed, or not scheduled yet is not done."""
+    ends: list[datetime] = []
+    counted = 0
+    for ti in task_instances:
+        state = ti.get("state")
+        if state == "removed":
+            continue
+        if state not in TASKS_DONE:
+            return None
+        counted += 1
+        end = parse_time(ti.get("end_date"))
+        if end is not None:
+            ends.append(end)
+    if counted == 0:
+        return None
+    return max(ends) if ends else now

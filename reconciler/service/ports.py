@@ -4,7 +4,7 @@ of these (tests/fakes) beside the real-etcd and real-Airflow tiers."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
@@ -63,7 +63,8 @@ class Store(Protocol):
 
     def leader(self) -> str | None: ...
 
-    def watch(self, prefixes: list[str], wake: threading.Event) -> Any: ...
+    def watch(self, prefixes: list[str], wake: threading.Event, *,
+              on_put: Callable[[str, bytes], None] | None = None) -> Any: ...
 
     def suspended_prefix(self) -> str: ...
 
@@ -87,6 +88,8 @@ class AirflowApi(Protocol):
                   logical_date_lte: datetime | None = None) -> list[dict[str, Any]]: ...
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None: ...
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]: ...
 
     def trigger(self, dag_id: str, run_id: str, logical_date: datetime,
                 conf: Mapping[str, Any]) -> tuple[dict[str, Any], bool]: ...

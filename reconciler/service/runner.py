@@ -63,7 +63,8 @@ class Runner:
 
         store = self.r.store
         self._watches = [store.watch([store.head_key()], _HeadChanged()),
-                         store.watch([store.events_prefix()], wake),
+                         store.watch([store.events_prefix()], wake,
+                                     on_put=observer.on_event),
                          store.watch([store.suspended_prefix()], _SuspendedChanged()),
                          store.watch([store.control_key("reconcile")], _ReconcileNow())]
 

@@ -812,7 +812,8 @@ def test_ledger_entry_round_trips_through_json() -> None:
     data = entry.to_json()
     assert data == {"run_id": "reconciler__x", "action": "clear",
                     "fingerprint": [["a", "r1", "e1"], ["b", "r2", "e2"]], "commit": "abc",
-                    "at": "2025-06-01T00:00:00+00:00", "state": "intent"}
+                    "at": "2025-06-01T00:00:00+00:00", "state": "intent",
+                    "decided": "run-end"}
     assert LedgerEntry.from_json(data) == entry
     assert not entry.confirmed
     with pytest.raises(ValueError, match="delete"):
@@ -865,3 +866,78 @@ def test_suspending_the_namespace_triggers_nothing_but_keeps_cycles_open() -> No
     states = {s.dag_id: s.state for s in held.statuses}
     assert states["01_pipeline_init"] is State.DONE
     assert {states[d] for d in states if d != "01_pipeline_init"} == {State.SUSPENDED}
+
+
+# --- the eager path (DESIGN section 5) ----------------------------------------------------
+
+
+def tasks_done(world: World, dag_id: str, cycle: datetime = C) -> DagRun:
+    """Every task of the (running) run is done; Airflow has not closed the run yet."""
+    run = world.run_of(dag_id, cycle)
+    assert run is not None
+    if run.state == "queued":
+        run = world.put(replace(run, state="running", start_date=world.tick()))
+    return world.put(replace(run, tasks_done_at=world.tick()))
+
+
+def test_eager_a_running_upstream_with_every_task_done_counts_as_succeeded() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.apply(world.plan())  # 02-05 triggered
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        world.finish(dag_id)
+    tasks_done(world, "05_pipeline")
+    result = world.plan()
+    assert kinds(result) == [("trigger", "06_pipeline")]
+    (action,) = result.actions
+    assert "eager: every task of 05_pipeline is done" in action.reason
+    assert action.ledger_entry(at=world.clock).decided == "eager"
+    assert kinds(plan(world.graph, list(world.runs.values()), world.ledger, world.clock,
+                      window=WINDOW, eager=False)) == []  # --no-eager waits for the run
+
+
+def test_eager_the_same_run_closing_later_records_its_end_without_a_rerun() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.apply(world.plan())
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        world.finish(dag_id)
+    tasks_done(world, "05_pipeline")
+    world.apply(world.plan())  # 06 triggered eagerly
+    world.finish("05_pipeline")  # Airflow closes 05: same run, now with an end date
+    result = world.plan()
+    assert kinds(result) == [("adopt", "06_pipeline")]
+    world.apply(result)
+    assert kinds(world.plan()) == []
+    entry = world.ledger[(C, "06_pipeline")]
+    assert entry.decided == "run-end"
+
+
+def test_eager_an_upstream_that_ends_failed_after_all_shows_why_and_reruns_later() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.apply(world.plan())
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        world.finish(dag_id)
+    tasks_done(world, "05_pipeline")
+    world.apply(world.plan())
+    world.finish("05_pipeline", state="failed")  # e.g. a teardown failed the run
+    world.finish("06_pipeline")
+    st = by_id(world.plan())["06_pipeline"]
+    assert st.state is State.BLOCKED
+    assert "eager success of 05_pipeline, whose run then ended failed" in st.message
+    world.user_clear("05_pipeline")
+    world.finish("05_pipeline")
+    assert ("clear", "06_pipeline") in kinds(world.plan())
+
+
+def test_eager_a_task_up_for_retry_is_not_done() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.apply(world.plan())
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        world.finish(dag_id)
+    run = world.run_of("05_pipeline")
+    assert run is not None
+    world.put(replace(run, state="running", start_date=world.tick()))  # no tasks_done_at
+    assert kinds(world.plan()) == []

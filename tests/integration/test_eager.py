@@ -1,0 +1,172 @@
+"""The eager path against a real etcd and the fake Airflow: a task-level event in etcd
+(as the listener plugin writes it) makes the loop ask for the run's task instances, and
+a downstream starts once every task of its upstream is done, before Airflow closes the
+run; the same run closing later re-runs nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.store import EtcdStore
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.state import run_id_for
+from reconciler.service.loop import Reconciler
+from reconciler.service.observability import Health
+from reconciler.service.runner import Runner
+from reconciler.service.sync import sync
+from tests.fakes.fake_airflow import FakeAirflow
+from tests.helpers import EXAMPLE_DAGS, example_repo
+
+CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+RUN = run_id_for(CYCLE)
+
+
+class TaskFake(FakeAirflow):
+    """The fake Airflow with `GET .../dagRuns/{run}/taskInstances` from `self.tis`."""
+
+    def __init__(self, dag_ids: list[str]) -> None:
+        super().__init__(dag_ids)
+        self.tis: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def _dags(self, h: Any, method: str, rest: list[str], query: dict[str, list[str]],
+              body: Any, user: str) -> None:
+        if len(rest) == 4 and rest[1] == "dagRuns" and rest[3] == "taskInstances":
+            key = (rest[0], rest[2])
+            if self.run(*key) is None:
+                return self._reply(h, 404, {"detail": "not found"})
+            tis = self.tis.get(key, [])
+            return self._reply(h, 200, {"task_instances": tis, "total_entries": len(tis)})
+        return super()._dags(h, method, rest, query, body, user)
+
+
+def ti(task_id: str, state: str | None, map_index: int = -1) -> dict[str, Any]:
+    end = datetime.now(UTC).isoformat() if state in ("success", "skipped", "failed") else None
+    return {"task_id": task_id, "map_index": map_index, "state": state, "end_date": end}
+
+
+@pytest.fixture
+def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
+    s = EtcdStore(etcd_settings)
+    assert sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="t",
+                now=datetime.now(UTC) - timedelta(days=60)).ok
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[TaskFake]:
+    with TaskFake(EXAMPLE_DAGS) as f:
+        f.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
+                  run_type="scheduled")
+        f.finish_all()
+        yield f
+
+
+def reconciler(store: EtcdStore, fake: FakeAirflow, **loop: Any) -> Reconciler:
+    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                                        timeout=2, retries=2), backoff_initial=0.01)
+    return Reconciler(store, api, LoopSettings(**{"interval": 0.05, "lease_ttl": 6, **loop}),
+                      holder="r1")
+
+
+def up_to_05_running(r: Reconciler, fake: FakeAirflow) -> None:
+    r.run_pass()  # 02-05 triggered
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        fake.advance(dag_id, RUN, "running")
+        fake.advance(dag_id, RUN, "success")
+    fake.advance("05_pipeline", RUN, "running")
+    r.run_pass()
+
+
+def task_event(store: EtcdStore, dag_id: str, run_id: str, task_id: str) -> None:
+    store.put(store.event_key(dag_id, run_id), json.dumps(
+        {"kind": "task", "dag_id": dag_id, "run_id": run_id, "task_id": task_id,
+         "state": "success"}).encode())
+
+
+def watched(r: Reconciler) -> Runner:
+    runner = Runner(r, Health())
+    runner._ensure_watch()
+    return runner
+
+
+def wait_until(check: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_task_event_with_every_task_done_triggers_the_downstream_before_the_run_ends(
+        store: EtcdStore, fake: TaskFake) -> None:
+    r = reconciler(store, fake)
+    runner = watched(r)
+    try:
+        up_to_05_running(r, fake)
+        fake.tis[("05_pipeline", RUN)] = [ti("extract", "success"),
+                                         ti("mapped", "success", 0), ti("mapped", "success", 1),
+                                         ti("branch_not_taken", "skipped"),
+                                         ti("teardown", "success")]
+        task_event(store, "05_pipeline", RUN, "teardown")
+        wait_until(lambda: r.observer._task_events)  # the watch saw it
+        report = r.run_pass()
+        assert [a.dag_id for a in report.actions] == ["06_pipeline"]
+        assert "eager" in report.actions[0].reason
+        assert fake.run("05_pipeline", RUN).state == "running"  # Airflow has not closed it
+        assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["decided"] == "eager"
+        observed = store.read_observed()[(CYCLE.isoformat(), "06_pipeline")]
+        assert "eager path" in observed["message"]
+        fake.advance("05_pipeline", RUN, "success")  # the scheduler closes the same run
+        report = r.run_pass()
+        assert [(a.kind.value, a.dag_id) for a in report.actions] == [("adopt", "06_pipeline")]
+        assert r.run_pass().actions == []
+        assert len(fake.runs("06_pipeline")) == 1
+        assert fake.requests["POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"] == 0
+    finally:
+        runner._drop_watch()
+
+
+@pytest.mark.parametrize("pending", ["up_for_retry", "running", "queued", None, "failed"])
+def test_a_task_not_done_keeps_the_downstream_waiting(store: EtcdStore, fake: TaskFake,
+                                                      pending: str | None) -> None:
+    r = reconciler(store, fake)
+    up_to_05_running(r, fake)
+    fake.tis[("05_pipeline", RUN)] = [ti("extract", "success"), ti("load", pending)]
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    assert r.run_pass().actions == []
+    assert fake.runs("06_pipeline") == []
+
+
+def test_no_eager_waits_for_the_run_to_end(store: EtcdStore, fake: TaskFake) -> None:
+    r = reconciler(store, fake, eager=False)
+    up_to_05_running(r, fake)
+    fake.tis[("05_pipeline", RUN)] = [ti("extract", "success")]
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    before = sum(fake.requests.values())
+    assert r.run_pass().actions == []
+    assert sum(fake.requests.values()) - before == 1  # no task-instance request either
+    fake.advance("05_pipeline", RUN, "success")
+    assert [a.dag_id for a in r.run_pass().actions] == ["06_pipeline"]
+    assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["decided"] == "run-end"
+
+
+def test_a_run_cleared_after_the_check_is_not_eager_any_more(store: EtcdStore,
+                                                             fake: TaskFake) -> None:
+    r = reconciler(store, fake)
+    up_to_05_running(r, fake)
+    fake.tis[("05_pipeline", RUN)] = [ti("extract", "success")]
+    fake.advance("05_pipeline", RUN, "queued")  # cleared in between: start reset
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    assert r.run_pass().actions == []
+    assert fake.runs("06_pipeline") == []
