@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
-from reconciler.cli.options import etcd_options
+from reconciler.cli.options import etcd_options, output_option
 from reconciler.core.errors import ReconcilerError
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
 from reconciler.core.state import Plan, iso
@@ -208,9 +208,7 @@ def _window_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _output_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("-o", "--output", "--format", "output", envvar="RECONCILER_OUTPUT",
-                        type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="[RECONCILER_OUTPUT]")(func)
+    return output_option(["text", "json"], "text")(func)
 
 
 @main.command("plan")
