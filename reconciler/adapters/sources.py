@@ -238,14 +238,41 @@ def open_repo(repo_path: str | Path) -> Any:  # -> git.Repo
                           f"{redact(str(exc)).splitlines()[0]}") from None
 
 
+def ownership_refusal(where: str | Path, stderr: str) -> SourceError | None:
+    """git's "dubious ownership" refusal (the repository belongs to another user, e.g. a
+    read-only mount in a container) as one clear error; None for any other failure."""
+    if "dubious ownership" not in stderr:
+        return None
+    shown = redact(str(where))
+    try:
+        owner = f"uid {os.stat(where).st_uid}"
+    except OSError:
+        owner = "another user"
+    return SourceError(
+        f"{shown}: git refuses to read this repository: it is owned by {owner}, not by this "
+        f"user (uid {os.getuid()}) (git: dubious ownership). Trust it: `git config --system "
+        f"--add safe.directory {shown}` (the reconciler image trusts every path), or "
+        f"GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0={shown}")
+
+
 def resolve_commit(repo: Any, rev: str) -> Any:  # -> git.Commit
     import git
 
     try:
         return repo.commit(rev)
-    except (git.BadName, git.BadObject, ValueError, git.GitCommandError):
-        raise SourceError(f"{rev!r} is not a commit in {repo.working_dir or repo.git_dir}"
-                          ) from None
+    except git.GitCommandError as exc:
+        where = repo.working_dir or repo.git_dir
+        refused = ownership_refusal(where, str(exc.stderr or ""))
+        if refused is not None:
+            raise refused from None
+        raise SourceError(f"{rev!r} is not a commit in {where}") from None
+    except (git.BadName, git.BadObject, ValueError) as exc:
+        where = repo.working_dir or repo.git_dir
+        # gitpython says "possible dubious ownership" in a ValueError of its own
+        refused = ownership_refusal(where, str(exc))
+        if refused is not None:
+            raise refused from None
+        raise SourceError(f"{rev!r} is not a commit in {where}") from None
 
 
 def merge_base(repo: Any, base: Any, head: Any) -> Any:  # -> git.Commit
@@ -287,7 +314,12 @@ def _git(repo: Any, *args: str, stdin: bytes | None = None,
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SourceError(f"git {args[0]} failed: {exc}") from None
     if proc.returncode not in ok_codes:
-        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        stderr = proc.stderr.decode(errors="replace")
+        refused = ownership_refusal(getattr(repo, "working_tree_dir", None) or repo.git_dir,
+                                    stderr)
+        if refused is not None:
+            raise refused
+        detail = stderr.strip().splitlines()
         raise SourceError(redact(f"git {args[0]} failed: {detail[-1] if detail else ''}"
                                  ).strip())
     return proc.stdout

@@ -25,7 +25,8 @@ task process flushes what it queued when it exits, for at most
 
 It writes only for DAGs of the synced graph: the thread reads `desired/head` and the graph
 blob it names (`desired/graphs/<commit>`, gzip JSON `{"pipelines": {dag_id: ...}}`), caches
-the DAG ids and reads them again every `RECONCILER_EVENTS_GRAPH_REFRESH` seconds.
+the DAG ids and reads them again every `RECONCILER_EVENTS_GRAPH_REFRESH` seconds (a large
+graph is a manifest and numbered parts `desired/graphs/<commit>/<n>`: joined, checked).
 
 Configuration, the reconciler's own variables (unset RECONCILER_ETCD_ENDPOINTS: the plugin
 does nothing):
@@ -49,6 +50,7 @@ import atexit
 import base64
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +66,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger("reconciler.plugin")
+
+PARTS_MAGIC = b"reconciler-parts/1\n"
+"""The first bytes of a graph value that is a manifest of parts (adapters/store.py)."""
 
 _STOP: dict[str, Any] = {}
 """Put into the queue by stop(): the thread ends."""
@@ -234,6 +239,16 @@ def graph_dag_ids(gateway: Gateway, root: str) -> frozenset[str]:
     blob = gateway.get(f"{root}desired/graphs/{commit}")
     if blob is None:
         return frozenset()
+    if blob.startswith(PARTS_MAGIC):  # a large graph: a manifest and numbered parts
+        manifest = json.loads(blob[len(PARTS_MAGIC):])
+        parts = [gateway.get(f"{root}desired/graphs/{commit}/{n:06d}")
+                 for n in range(int(manifest["parts"]))]
+        if any(p is None for p in parts):
+            raise ValueError(f"a part of the graph of {commit} is missing")
+        blob = b"".join(p for p in parts if p is not None)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        if manifest.get("digest") and manifest["digest"] != digest:
+            raise ValueError(f"the parts of the graph of {commit} do not match its digest")
     pipelines = json.loads(gzip.decompress(blob)).get("pipelines") or {}
     return frozenset(str(d) for d in pipelines)
 

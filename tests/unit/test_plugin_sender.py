@@ -287,3 +287,25 @@ def test_the_plugin_imports_only_the_standard_library_and_airflow() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
     assert names - set(sys.stdlib_module_names) == {"airflow"}
+
+
+def test_a_graph_split_across_parts_is_joined_and_checked() -> None:
+    import hashlib
+
+    gateway = FakeGateway()
+    graph = {"format": 1, "pipelines": {f"dag_{n}": {} for n in range(50)}}
+    blob = gzip.compress(json.dumps(graph).encode())
+    parts = [blob[i:i + 100] for i in range(0, len(blob), 100)]
+    manifest = {"parts": len(parts), "bytes": len(blob),
+                "digest": "sha256:" + hashlib.sha256(blob).hexdigest()}
+    gateway.kv[f"{ROOT}desired/head"] = json.dumps({"commit": "c0ffee"}).encode()
+    gateway.kv[f"{ROOT}desired/graphs/c0ffee"] = ev.PARTS_MAGIC + json.dumps(manifest).encode()
+    for n, part in enumerate(parts):
+        gateway.kv[f"{ROOT}desired/graphs/c0ffee/{n:06d}"] = part
+    assert ev.graph_dag_ids(gateway, ROOT) == {f"dag_{n}" for n in range(50)}  # type: ignore[arg-type]
+    gateway.kv[f"{ROOT}desired/graphs/c0ffee/000001"] = parts[0]  # a mixed part
+    with pytest.raises(ValueError, match="digest"):
+        ev.graph_dag_ids(gateway, ROOT)  # type: ignore[arg-type]
+    del gateway.kv[f"{ROOT}desired/graphs/c0ffee/000001"]
+    with pytest.raises(ValueError, match="missing"):
+        ev.graph_dag_ids(gateway, ROOT)  # type: ignore[arg-type]
