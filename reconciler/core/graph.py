@@ -2,7 +2,9 @@
 
 Pure values. The canonical form (sorted keys, sorted upstreams, compact JSON, gzip with a
 fixed timestamp) is what sync stores in etcd and what its digest is computed over, so the
-same graph always gives the same bytes.
+same graph always gives the same bytes. A Graph is not changed after it is built, so its
+canonical JSON is computed once (a sync asks for the size check, the digest and the blob:
+three serialisations of 13 MB at 50,000 pipelines before).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Graph:
             for up in p.depends_on:
                 downstream.setdefault(up, []).append(p.dag_id)
         self._downstream = {k: tuple(sorted(v)) for k, v in downstream.items()}
+        self._canonical: bytes | None = None
+        self._compressed: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.pipelines)
@@ -155,14 +159,19 @@ class Graph:
         }
 
     def canonical_json(self) -> bytes:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False).encode("utf-8")
+        if self._canonical is None:
+            self._canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False).encode("utf-8")
+        return self._canonical
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
 
     def compressed(self) -> bytes:
-        return gzip.compress(self.canonical_json(), compresslevel=9, mtime=0)
+        # Level 6: 4x faster than 9 on a 13 MB graph, 5 % larger (877 vs 832 KB at 50,000).
+        if self._compressed is None:
+            self._compressed = gzip.compress(self.canonical_json(), compresslevel=6, mtime=0)
+        return self._compressed
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Graph:

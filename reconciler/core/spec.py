@@ -2,12 +2,21 @@
 
 The schema (schemas/pipeline.schema.json) is the single source of the file format; this
 module only turns jsonschema's errors into messages anchored at the offending YAML node.
+
+Speed: jsonschema walks every keyword of every file (7 s of a 17 s validate at 50,000
+files). Valid files are the common case, so the schema is also compiled (`_compile`) into
+one plain predicate that answers "certainly valid" for the keywords this schema uses;
+only a file it does not vouch for goes through jsonschema, which then produces the
+messages. The predicate is conservative (False means "ask jsonschema", never "invalid"),
+and a schema using any keyword it does not know compiles to None: jsonschema for all.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -36,6 +45,113 @@ def _validator() -> jsonschema.protocols.Validator:
     cls = jsonschema.validators.validator_for(schema())
     cls.check_schema(schema())
     return cls(schema())
+
+
+Predicate = Callable[[Any], bool]
+
+# Keywords that only annotate: they never make an instance invalid.
+_ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "default",
+                          "examples", "deprecated", "readOnly", "writeOnly"})
+_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "boolean": bool, "array": list,
+                                              "object": dict}
+
+
+def _compile(node: Any) -> Predicate | None:
+    """A predicate true only for instances that `node` (a schema) certainly accepts, or
+    None when the schema uses a keyword outside the subset below (then jsonschema decides
+    everything). Each check mirrors jsonschema's for the same keyword; where jsonschema's
+    rule is subtler (enum and const compare 1 and True apart, integers, formats) only the
+    plain string case is vouched for. One closure per schema node, its checks inline: a
+    closure per keyword cost as much as jsonschema saved."""
+    if not isinstance(node, dict):
+        return None
+    typ: type | tuple[type, ...] | None = None
+    min_len = max_len = None
+    search: Callable[[str], Any] | None = None
+    allowed: frozenset[str] | None = None
+    unique = False
+    item: Predicate | None = None
+    required: tuple[str, ...] = ()
+    props: dict[str, Predicate] = {}
+    closed = False
+    reserved: str | None = None
+    for keyword, value in node.items():
+        if keyword in _ANNOTATIONS:
+            continue
+        if keyword == "type" and isinstance(value, str) and value in _TYPES:
+            typ = _TYPES[value]
+        elif keyword in ("minLength", "maxLength") and type(value) is int:
+            if keyword == "minLength":
+                min_len = value
+            else:
+                max_len = value
+        elif keyword == "pattern" and isinstance(value, str):
+            search = re.compile(value).search  # jsonschema uses re.search too
+        elif keyword == "enum" and isinstance(value, list) and all(
+                isinstance(v, str) for v in value):
+            allowed = frozenset(value)
+        elif keyword == "uniqueItems" and isinstance(value, bool):
+            unique = value
+        elif keyword == "items":
+            item = _compile(value)
+            if item is None:
+                return None
+        elif keyword == "required" and isinstance(value, list):
+            required = tuple(value)
+        elif keyword == "properties" and isinstance(value, dict):
+            for name, sub in value.items():
+                compiled = _compile(sub)
+                if compiled is None:
+                    return None
+                props[name] = compiled
+        elif keyword == "additionalProperties" and value is False \
+                and "patternProperties" not in node:
+            closed = True
+        elif keyword == "propertyNames" and isinstance(value, dict) and list(value) == ["not"] \
+                and isinstance(value["not"], dict) and list(value["not"]) == ["const"] \
+                and isinstance(value["not"]["const"], str):
+            reserved = value["not"]["const"]  # only this form: one reserved key
+        else:
+            return None
+    known = frozenset(node.get("properties", {}))
+
+    def check(instance: Any) -> bool:
+        if typ is not None and not isinstance(instance, typ):
+            return False
+        if isinstance(instance, str):
+            if (min_len is not None and len(instance) < min_len) or (
+                    max_len is not None and len(instance) > max_len) or (
+                    search is not None and search(instance) is None):
+                return False
+        elif isinstance(instance, list):
+            if unique and not (all(isinstance(v, str) for v in instance)
+                               and len(set(instance)) == len(instance)):
+                return False
+            if item is not None:
+                for value in instance:
+                    if not item(value):
+                        return False
+        elif isinstance(instance, dict):
+            for key in required:
+                if key not in instance:
+                    return False
+            if closed and not known.issuperset(instance):
+                return False
+            if reserved is not None and (reserved in instance or not all(
+                    isinstance(k, str) for k in instance)):
+                return False
+            for key, value in instance.items():
+                sub = props.get(key)
+                if sub is not None and not sub(value):
+                    return False
+        return allowed is None or (isinstance(instance, str) and instance in allowed)
+
+    return check
+
+
+@cache
+def _certainly_valid() -> Predicate | None:
+    return _compile(schema())
 
 
 _TYPE_NAMES = {"string": "a string", "boolean": "true or false", "array": "a list",
@@ -80,7 +196,9 @@ def check_document(doc: Document) -> Checked:
     """Schema-check one document (its loader refusals are in doc.problems)."""
     problems: list[Problem] = []
     bad: set[tuple[str | int, ...]] = set()
-    for error in _validator().iter_errors(doc.data):
+    fast = _certainly_valid()
+    errors = () if fast is not None and fast(doc.data) else _validator().iter_errors(doc.data)
+    for error in errors:
         where = tuple(error.absolute_path)
         if doc.is_refused(where):
             continue  # the loader already said what is wrong there

@@ -39,6 +39,7 @@ _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
+_SCALAR = yaml.ScalarNode
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Document:
 
     def is_refused(self, where: PathKey) -> bool:
         """True when the value at `where`, or one that contains it, was refused."""
+        if not self.refused:
+            return False
         return any(where[:n] in self.refused for n in range(len(where) + 1))
 
     def _refuse(self, node: yaml.Node, where: PathKey | None, message: str, code: str) -> None:
@@ -185,12 +188,15 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
     seen.add(id(node))
     if depth > MAX_DEPTH:
         raise _Refused(_pos(node), f"nested deeper than {MAX_DEPTH} levels", "too-deep")
-    doc.positions.setdefault(where, _pos(node))
+    positions = doc.positions
+    if where not in positions:
+        positions[where] = _pos(node)
     if isinstance(node, yaml.MappingNode):
         if node.tag != _MAP:
             raise _Refused(_pos(node), f"tag {node.tag} is not allowed in pipeline files",
                            "tag")
         out: dict[str, Any] = {}
+        key_positions = doc.key_positions
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
                 raise _Refused(_pos(key_node), "merge keys (<<) are not allowed in pipeline "
@@ -206,15 +212,16 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
                             "key", "key-type")
                 continue
             key = key_node.value
+            at = (*where, key)
             if key in out:
-                first = doc.key_positions[(*where, key)]
+                first = key_positions[at]
                 # The first value stays; the second is not read (it cannot take effect).
                 doc._refuse(key_node, None, f"duplicate key {key!r} (first at line "
                             f"{first[0]}); each key may appear once", "duplicate-key")
                 continue
-            doc.key_positions[(*where, key)] = _pos(key_node)
-            doc.positions[(*where, key)] = _pos(value_node)
-            out[key] = _build(value_node, (*where, key), doc, seen, depth + 1)
+            key_positions[at] = _pos(key_node)
+            positions[at] = _pos(value_node)
+            out[key] = _value(value_node, at, doc, seen, depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         if node.tag != _SEQ:
@@ -222,12 +229,23 @@ def _build(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth
                            "tag")
         items = []
         for index, item in enumerate(node.value):
+            at = (*where, index)
             if id(item) not in seen:
-                doc.positions[(*where, index)] = _pos(item)
-            items.append(_build(item, (*where, index), doc, seen, depth + 1))
+                positions[at] = _pos(item)
+            items.append(_value(item, at, doc, seen, depth + 1))
         return items
     assert isinstance(node, yaml.ScalarNode)
     return _scalar(node, where, doc)
+
+
+def _value(node: yaml.Node, where: PathKey, doc: Document, seen: set[int], depth: int) -> Any:
+    """_build for a child whose position is recorded: a plain string (most values of a
+    pipeline file) is taken at once, exactly as _build would, without the general walk."""
+    if (type(node) is _SCALAR and node.tag == _STR and depth <= MAX_DEPTH
+            and id(node) not in seen):
+        seen.add(id(node))
+        return node.value
+    return _build(node, where, doc, seen, depth)
 
 
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}

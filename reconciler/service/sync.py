@@ -7,14 +7,16 @@ it with the same checks as `validate`, read the head with its mod revision, deci
 write in one transaction guarded by that revision. When another sync wins the race the
 transaction's comparison fails; `sync` re-reads and re-decides (a bounded number of
 times), so it ends as a no-op, a fast-forward, or a refusal, and never overwrites a newer
-head.
+head. A graph over one etcd value is split across part keys by the store (see
+adapters/store.py); the head names its parts.
 """
 
 from __future__ import annotations
 
 import enum
+import gzip
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,13 @@ from reconciler.adapters.sources import (
     read_tree,
     resolve_commit,
 )
-from reconciler.adapters.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
+from reconciler.adapters.store import (
+    EtcdStore,
+    HeadRecord,
+    StoreConflict,
+    StoreCorrupt,
+    StoreNotFound,
+)
 from reconciler.core.checks import check_files
 from reconciler.core.graph import Graph
 from reconciler.core.problems import Problem, redact
@@ -238,16 +246,22 @@ def sync(repo_path: str | Path, rev: str, subdir: str, store: EtcdStore, *,
                             namespace=store.root, head=head, pipelines=len(graph),
                             blob_bytes=len(blob), attempts=attempt)
         if not decision.writes:
+            if decision.status is Status.NOOP and head is not None and head.graph_parts:
+                repaired = store.repair_parts(sha, blob)
+                if repaired:
+                    return replace(result, message=f"{result.message} (but rewrote "
+                                   f"{repaired} missing part(s) of its graph)")
             return result
         at = now or datetime.now(UTC)
         new_head = build_head(sha, digest, now=at, source=source, previous=head,
                               forced=decision.reason is Reason.FORCED)
         previous_since = store.read_since(head.commit) if head else {}
         # The blob of a commit is written once; a rollback to it reuses what is there.
-        stored = store.read_graph_blob(sha)
+        keep = _is_stored(store, sha, graph)
         try:
-            store.write_sync(new_head, mod_revision, None if stored == blob else blob,
-                             carry_since(previous_since, graph.pipelines, at))
+            new_head = store.write_sync(new_head, mod_revision, None if keep else blob,
+                                        carry_since(previous_since, graph.pipelines, at),
+                                        split=True)
         except StoreConflict:
             continue  # another sync moved the head: read it again and decide again
         return SyncResult(decision.status, decision.reason, sha, decision.message,
@@ -255,6 +269,24 @@ def sync(repo_path: str | Path, rev: str, subdir: str, store: EtcdStore, *,
                           blob_bytes=len(blob), attempts=attempt)
     raise StoreConflict(f"{store.head_key()} kept changing during {max_attempts} attempts to "
                         f"sync {sha[:12]}; try again")
+
+
+def _is_stored(store: EtcdStore, commit: str, graph: Graph) -> bool:
+    """True when etcd already holds this graph for `commit` (a rollback to it). Compared
+    by content, not bytes: a blob written with another compression level is the same
+    graph. A torn or unreadable one is not stored: writing it again repairs it."""
+    try:
+        stored = store.read_graph_blob(commit)
+    except StoreCorrupt:
+        return False
+    if stored is None:
+        return False
+    if stored == graph.compressed():
+        return True
+    try:
+        return gzip.decompress(stored) == graph.canonical_json()
+    except (OSError, EOFError, ValueError):
+        return False
 
 
 def _with_store(target: EtcdStore | EtcdSettings) -> tuple[EtcdStore, bool]:
@@ -291,7 +323,11 @@ def read_synced_graph(target: EtcdStore | EtcdSettings, commit: str | None = Non
             blob = store.read_graph_blob(commit)
             if blob is None:
                 raise StoreNotFound(f"the graph of {commit} disappeared from {store.root}")
-        return commit, Graph.from_compressed(blob)
+        try:
+            return commit, Graph.from_compressed(blob)
+        except Exception as exc:  # any decoding failure of stored bytes is bad data
+            raise StoreCorrupt(store.graph_key(commit),
+                               f"{type(exc).__name__}: {exc}"[:200]) from None
     finally:
         if owned:
             store.close()
