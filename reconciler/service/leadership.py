@@ -40,6 +40,9 @@ class Leadership:
         self._next = 0.0
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._poke = threading.Event()
+        """Set by the watch on the leader key (and by stop): take the next step now."""
+        self._watch: Any = None
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
 
@@ -135,18 +138,35 @@ class Leadership:
         self._thread = threading.Thread(target=self._run, name="leadership", daemon=True)
         self._thread.start()
 
+    def _watch_leader_key(self) -> None:
+        """A standby campaigns the moment the leader key goes (its lease lapsed or was
+        revoked), not at its next poll: failover costs the lease's rest, nothing more."""
+        if self._watch is not None and not self._watch.broken.is_set():
+            return
+        try:
+            self._watch = self.store.watch([self.store.leader_key()], self._poke)
+        except StoreError:
+            self._watch = None  # polling still works; try again on the next step
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._poke.clear()
             try:
+                self._watch_leader_key()
                 delay = self.tick()
             except Exception as exc:  # a bug must not end keep-alive silently
                 event("leadership step failed", logging.ERROR, exc_info=True, error=repr(exc))
                 delay = 1.0
-            self.clock.wait(self._stop, delay)
+            self.clock.wait(self._poke, delay)
 
     def stop(self) -> None:
         """Stop the keep-alive and give the lease back so a standby takes over at once."""
         self._stop.set()
+        self._poke.set()
+        if self._watch is not None:
+            with contextlib.suppress(StoreError):
+                self._watch()
+            self._watch = None
         if self._thread is not None:
             self._thread.join(timeout=self.ttl)
             self._thread = None

@@ -74,6 +74,8 @@ class Store(Protocol):
 
     def heartbeat_key(self) -> str: ...
 
+    def leader_key(self) -> str: ...
+
 
 class AirflowApi(Protocol):
     """The Airflow client as the loop uses it (reconciler.adapters.airflow.AirflowClient)."""

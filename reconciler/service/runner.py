@@ -138,6 +138,8 @@ class Runner:
 
     def run_forever(self, stop: threading.Event) -> None:
         self.health.start()
+        # Elected: act at once rather than at the end of the current wait.
+        self.r.leadership.on_change = lambda leading: self.wake.set()
         self.r.leadership.start()
         if self.puller is not None:
             self.puller.is_leader = self.r.leadership.is_leader
