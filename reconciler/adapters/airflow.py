@@ -7,6 +7,14 @@ What it owns
   password, a 401 ("Token Expired") and a 403 "Invalid JWT token" (the API server's JWT
   secret changed: a restart without a fixed secret, another replica) fetch a new token
   once and repeat the request once. A static token is never refreshed.
+- Token file: with `settings.token_file` (managed Airflow services rotate tokens), the
+  token is read from the file at start and read again on a 401 or a 403 "Invalid JWT
+  token"; the request is repeated once if the file now holds another token.
+- Networks: `settings.ca` verifies Airflow's certificate against a CA bundle (the CLI takes
+  RECONCILER_AIRFLOW_CA, else REQUESTS_CA_BUNDLE). Proxies only when asked: an explicit
+  `settings.proxy`, or `settings.proxy_from_env` (HTTP(S)_PROXY and NO_PROXY). By default
+  nothing of the environment is trusted (`trust_env = False`: no proxy, no netrc), so
+  the bearer token never crosses a proxy the operator did not choose for Airflow.
 - Transport: connect and read timeouts on every request; connection errors, timeouts and
   5xx answers are retried with capped exponential backoff and jitter (tenacity), at most
   `settings.retries` attempts and never past a total deadline; 4xx is never retried.
@@ -135,6 +143,8 @@ class AirflowClient:
         self._lock = threading.Lock()
         self._token_lock = threading.Lock()
         self._token: str | None = settings.token
+        self._file_token: str | None = None
+        """The token last read from settings.token_file."""
         self._backoff = (backoff_initial, backoff_max)
         self.deadline = deadline
         self.last_contact: float | None = None
@@ -158,9 +168,10 @@ class AirflowClient:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            # Never through a proxy taken from the environment: Airflow is usually
-            # internal, and HTTP(S)_PROXY in a container must not see our bearer token.
+            # Never through a proxy taken from the environment unless asked: Airflow is
+            # usually internal, and HTTP(S)_PROXY in a container must not see our token.
             session.trust_env = False
+            configure_session(session, self.settings, self._url)
             self._local.session = session
         return session
 
@@ -185,20 +196,39 @@ class AirflowClient:
 
     def _redact(self, text: str) -> str:
         """Defence in depth: an answer echoing the request (a 422) must not leak a secret."""
-        for secret in (self.settings.password, self.settings.token, self._token):
+        for secret in (self.settings.password, self.settings.token, self._token,
+                       self._file_token):
             if secret:
                 text = text.replace(secret, "***")
         return text
 
     def _who(self) -> str:
+        if self.settings.token_file and not self.settings.token:
+            return f"the token in {self.settings.token_file} at {self.base}"
         if self.settings.username and not self.settings.token:
             return f"user {self.settings.username!r} at {self.base}"
         return f"the token (RECONCILER_AIRFLOW_TOKEN) at {self.base}"
+
+    def _read_token_file(self) -> str:
+        path = self.settings.token_file
+        assert path is not None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise AirflowAuthError(f"cannot read the Airflow token file {path}: "
+                                   f"{exc.strerror or exc}") from None
+        if not token:
+            raise AirflowAuthError(f"the Airflow token file {path} is empty")
+        self._file_token = token
+        return token
 
     def _fetch_token(self) -> str:
         s = self.settings
         if s.token:
             return s.token
+        if s.token_file:
+            return self._read_token_file()
         if not s.username or s.password is None:
             raise AirflowAuthError(
                 f"no Airflow credentials for {self.base}: set RECONCILER_AIRFLOW_USERNAME and "
@@ -253,6 +283,11 @@ class AirflowClient:
             try:
                 response = self.session.request(method, self._url + path, headers=headers,
                                                 timeout=timeout, **kwargs)
+            except requests.exceptions.SSLError as exc:
+                # A certificate that does not verify needs a human, not a retry.
+                raise AirflowRejected(
+                    f"TLS with Airflow at {self.base} failed ({_ssl_reason(exc)}); give its "
+                    "CA bundle with RECONCILER_AIRFLOW_CA (or REQUESTS_CA_BUNDLE)") from None
             except requests.Timeout:
                 raise _Retryable(f"{method} {self.base}{path} timed out after "
                                  f"{read:g} s") from None
@@ -303,12 +338,26 @@ class AirflowClient:
         """`_send` plus authentication: one token refresh, then 401/403 are errors."""
         response = self._send(method, path, **kwargs)
         if self._stale_token(response) and not self.settings.token:
-            self._token = None  # expired or signed with an old secret: one fresh token
-            response = self._send(method, path, **kwargs)
+            if self.settings.token_file:
+                # A rotated token: read the file again; the same token is not sent twice.
+                with self._token_lock:
+                    sent, self._token = self._token, None
+                    fresh = self._fetch_token()
+                    self._token = fresh
+                if fresh != sent:
+                    response = self._send(method, path, **kwargs)
+            else:
+                self._token = None  # expired or signed with an old secret: one fresh token
+                response = self._send(method, path, **kwargs)
         if response.status_code == 401:
-            what = ("set a fresh RECONCILER_AIRFLOW_TOKEN" if self.settings.token else
-                    "a freshly issued token was refused too; check the API server's "
-                    "[api_auth] JWT settings")
+            if self.settings.token:
+                what = "set a fresh RECONCILER_AIRFLOW_TOKEN"
+            elif self.settings.token_file:
+                what = (f"the file was read again and holds no newer token; write a valid "
+                        f"one to {self.settings.token_file}")
+            else:
+                what = ("a freshly issued token was refused too; check the API server's "
+                        "[api_auth] JWT settings")
             raise AirflowAuthError(f"Airflow refused {self._who()} (HTTP 401: "
                                    f"{self._detail(response)}); {what}")
         if response.status_code == 403:
@@ -539,6 +588,26 @@ class AirflowClient:
             "PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False},
             not_found=f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG file "
                       "deployed and parsed?"))
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for known in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "hostname mismatch"):
+        if known in text:
+            return known.lower().replace("_", " ")
+    return type(exc).__name__
+
+
+def configure_session(session: requests.Session, settings: AirflowSettings, url: str) -> None:
+    """TLS verification and proxies of one session, from the settings only (trust_env
+    stays off: the environment is read only with `proxy_from_env`)."""
+    if settings.ca:
+        session.verify = settings.ca
+    if settings.proxy:
+        session.proxies = {"http": settings.proxy, "https": settings.proxy}
+    elif settings.proxy_from_env:
+        # HTTP(S)_PROXY / ALL_PROXY, minus NO_PROXY for this URL's host
+        session.proxies = dict(requests.utils.get_environ_proxies(url))
 
 
 def restarted(run: Mapping[str, Any], cleared_end: datetime | None) -> bool:

@@ -65,15 +65,21 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, airflow_url: str, airflow_username: str | None,
                 airflow_password_file: str | None, airflow_timeout: float,
+                airflow_ca: str | None, airflow_proxy: str | None,
+                airflow_proxy_from_env: bool, airflow_token_file: str | None,
                 **kwargs: Any) -> Any:
         password = (_read_secret_file(airflow_password_file, "--airflow-password-file")
                     or os.environ.get("RECONCILER_AIRFLOW_PASSWORD") or None)
         token = os.environ.get("RECONCILER_AIRFLOW_TOKEN") or None
         if not airflow_timeout > 0:
             fail(f"--airflow-timeout must be above 0 seconds, got {airflow_timeout:g}")
-        kwargs["airflow"] = AirflowSettings(url=airflow_url.rstrip("/"),
-                                            username=airflow_username, password=password,
-                                            token=token, timeout=airflow_timeout)
+        kwargs["airflow"] = AirflowSettings(
+            url=airflow_url.rstrip("/"), username=airflow_username, password=password,
+            token=token, timeout=airflow_timeout,
+            # the variable requests itself would read, when ours is not set
+            ca=airflow_ca or os.environ.get("REQUESTS_CA_BUNDLE") or None,
+            proxy=airflow_proxy or None, proxy_from_env=airflow_proxy_from_env,
+            token_file=airflow_token_file or None)
         return func(*args, **kwargs)
 
     options = [
@@ -91,6 +97,21 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--airflow-timeout", envvar="RECONCILER_AIRFLOW_TIMEOUT", default="10",
                      callback=_seconds, show_default=True,
                      help="Seconds for one Airflow request [RECONCILER_AIRFLOW_TIMEOUT]."),
+        click.option("--airflow-ca", envvar="RECONCILER_AIRFLOW_CA",
+                     type=click.Path(exists=True),
+                     help="CA bundle to verify Airflow's TLS certificate "
+                     "[RECONCILER_AIRFLOW_CA, else REQUESTS_CA_BUNDLE]."),
+        click.option("--airflow-proxy", envvar="RECONCILER_AIRFLOW_PROXY",
+                     help="HTTP(S) proxy URL for Airflow requests [RECONCILER_AIRFLOW_PROXY]; "
+                     "default: none, Airflow is reached directly."),
+        click.option("--airflow-proxy-from-env/--no-airflow-proxy-from-env",
+                     envvar="RECONCILER_AIRFLOW_PROXY_FROM_ENV", default=False,
+                     help="Use HTTP(S)_PROXY and NO_PROXY for Airflow requests (the bearer "
+                     "token then crosses that proxy) [RECONCILER_AIRFLOW_PROXY_FROM_ENV]."),
+        click.option("--airflow-token-file", envvar="RECONCILER_AIRFLOW_TOKEN_FILE",
+                     type=click.Path(dir_okay=False),
+                     help="Read the bearer token from this file, again on a 401 (rotated "
+                     "tokens) [RECONCILER_AIRFLOW_TOKEN_FILE]."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)

@@ -49,6 +49,18 @@ class AirflowSettings:
     timeout: float = 10.0
     """Seconds for one HTTP request (connect and read)."""
     retries: int = 4
+    ca: str | None = None
+    """CA bundle (PEM file or folder) to verify Airflow's TLS certificate; None: the
+    system's / certifi's roots. The CLI fills it from RECONCILER_AIRFLOW_CA, else
+    REQUESTS_CA_BUNDLE."""
+    proxy: str | None = None
+    """An HTTP(S) proxy URL for every Airflow request. None (and not proxy_from_env):
+    Airflow is reached directly, so the bearer token never crosses a proxy nobody asked for."""
+    proxy_from_env: bool = False
+    """Use HTTP_PROXY / HTTPS_PROXY / NO_PROXY of the environment (opt-in)."""
+    token_file: str | None = None
+    """A file holding the bearer token (managed Airflow services rotate it): read at start
+    and again when Airflow answers 401."""
 
 
 @dataclass(frozen=True)
