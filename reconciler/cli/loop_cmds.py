@@ -186,11 +186,12 @@ def _open(etcd: EtcdSettings, airflow: AirflowSettings, *,
 
 
 def _require_credentials(airflow: AirflowSettings) -> None:
-    if airflow.token:
+    if airflow.token or airflow.token_file:
         return
     if not airflow.username:
         fail("no Airflow credentials: set RECONCILER_AIRFLOW_USERNAME and "
-             "RECONCILER_AIRFLOW_PASSWORD (or RECONCILER_AIRFLOW_TOKEN)")
+             "RECONCILER_AIRFLOW_PASSWORD (or RECONCILER_AIRFLOW_TOKEN or "
+             "RECONCILER_AIRFLOW_TOKEN_FILE)")
     if airflow.password is None:
         fail(f"Airflow user {airflow.username!r} has no password: set "
              "RECONCILER_AIRFLOW_PASSWORD (or --airflow-password-file)")

@@ -139,7 +139,8 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
     from reconciler.adapters.store import StoreError
 
     if live is None:
-        live = bool(airflow.token or (airflow.username and airflow.password is not None))
+        live = bool(airflow.token or airflow.token_file
+                    or (airflow.username and airflow.password is not None))
     if live:
         _require_credentials(airflow)
     wanted = None
