@@ -125,12 +125,12 @@ def test_faults_for_one_route_html_and_the_request_log(fake: FakeAirflow) -> Non
     assert call(fake, "GET", "/api/v2/dags/~/dagRuns", token=t)[0] == 200  # not that route
     assert call(fake, "POST", "/api/v2/dags/05_pipeline/dagRuns", trigger, t)[0] == 503
     assert call(fake, "POST", "/api/v2/dags/05_pipeline/dagRuns", trigger, t)[0] == 200
-    first = fake.first_request("POST /api/v2/dags/{dag_id}/dagRuns", after=started)
-    assert first is not None
-    assert (first.dag_id, first.run_id, first.status) == ("05_pipeline", None, 503)
     # The fake logs a request after its answer is sent: give the handler thread a moment.
     deadline = time.monotonic() + 5
     while len([r for r in fake.log if r.route.startswith("POST /api/v2/dags/{")]) < 2:
         assert time.monotonic() < deadline, fake.log
         time.sleep(0.01)
+    first = fake.first_request("POST /api/v2/dags/{dag_id}/dagRuns", after=started)
+    assert first is not None
+    assert (first.dag_id, first.run_id, first.status) == ("05_pipeline", None, 503)
     assert [r.status for r in fake.log if r.route.startswith("POST /api/v2/dags/{")] == [503, 200]
