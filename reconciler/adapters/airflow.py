@@ -115,6 +115,16 @@ def _path(text: str) -> str:
     return quote(text, safe="")
 
 
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
 def redact_url(url: str) -> str:
     """The URL without `user:password@`: what messages and logs may show."""
     parts = urlsplit(url)
@@ -135,7 +145,9 @@ class AirflowClient:
                  *, backoff_initial: float = 0.5, backoff_max: float = 8.0,
                  deadline: float = DEFAULT_DEADLINE) -> None:
         self.settings = settings
-        self._url = settings.url.rstrip("/")
+        # Requests would turn `user:password@` in the URL into basic auth over our bearer
+        # token: the URL is used without them (credentials come from the settings).
+        self._url = _without_credentials(settings.url.rstrip("/"))
         self.base = redact_url(self._url)
         """The URL as messages show it: never with credentials."""
         self._shared_session = session

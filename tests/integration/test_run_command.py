@@ -239,3 +239,26 @@ def test_healthz_fails_when_no_pass_ends_and_readyz_names_the_dependency() -> No
     assert health.alive
     assert not health.is_ready
     assert "etcd: etcd at 127.0.0.1:1 is unreachable" in health.describe()
+
+
+def test_run_never_prints_credentials_of_its_urls(synced: EtcdSettings, fake: FakeAirflow,
+                                                   tmp_path: Path) -> None:
+    url = fake.url.replace("http://", "http://someone:url-s3cret@")
+    origin = example_repo(tmp_path / "origin")
+    repo = f"file://someone:repo-s3cret@localhost{origin}"  # git ignores the user part here
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "run", "--http-port", "0",
+                             "--repo", repo, "--workdir", str(tmp_path / "clone"),
+                             "--log-format", "json"], env=env(synced, url),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(fake.runs("05_pipeline")) == 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "url-s3cret" not in stderr
+    assert "repo-s3cret" not in stderr
+    assert "***@" in stderr  # the URLs are shown, without their credentials
+    with EtcdStore(synced) as store:
+        for entry in store.read_history():
+            assert "s3cret" not in entry.source
