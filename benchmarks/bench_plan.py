@@ -1,4 +1,5 @@
-"""Time of one `plan()` pass on 10,000 pipelines x 3 open cycles (target: well under 1 s).
+"""Time of one `plan()` pass on 50,000 pipelines x 3 open cycles (target: under 2 s;
+it was under 1 s at 10,000).
 
 The graph is the synthetic layered one of benchmarks/synthetic.py (100 roots, layers of
 100, about 3 upstreams each). Run histories come from simulated durations (30-90 s, each
@@ -98,7 +99,7 @@ def build(n: int, seed: int = 11
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipelines", type=int, default=10_000)
+    parser.add_argument("--pipelines", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     graph, runs, ledger, now = build(args.pipelines)
@@ -118,7 +119,8 @@ def main() -> None:
     print(f"plan: {len(graph)} pipelines, {graph.edge_count()} edges, "
           f"{len(result.cycles)} open cycles, {len(runs)} runs, {len(ledger)} ledger entries")
     print(f"  one pass: median {statistics.median(times) * 1000:.0f} ms, "
-          f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms (target < 1 s)")
+          f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms (target < 2 s at "
+          "50,000)")
     print(f"  actions: {len(result.actions)} {dict(sorted(kinds.items()))}")
     print(f"  statuses: {dict(sorted(states.items()))}")
 

@@ -1,7 +1,9 @@
-"""Validate wall time and peak memory for a synthetic repository of 10,000 pipelines.
+"""Validate wall time and peak memory for a synthetic repository of 50,000 pipelines.
 
-Target on a 2-core machine: under 3 s and under 300 MB. Runs `reconciler validate` as a
-child process (so start-up and imports count) and reads its peak RSS from getrusage.
+Target on a 2-core machine (issue 11): under 10 s and under 1 GB at 50,000 (it was 3 s and
+300 MB at 10,000). Runs `reconciler validate` as a child process (so start-up and
+imports count) and reads its peak RSS from getrusage (ru_maxrss of the children: the
+largest of them, each run is alike).
 A second case adds --unknown files (3,000 by default) whose upstream exists nowhere, half
 of them typos of a real id: every one gets its "did you mean" search (23-73 s before the
 suggestions were indexed).
@@ -25,7 +27,7 @@ from synthetic import layered_graph, write_pipelines
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipelines", type=int, default=10_000)
+    parser.add_argument("--pipelines", type=int, default=50_000)
     parser.add_argument("--unknown", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -78,8 +80,8 @@ def valid(args: argparse.Namespace) -> None:
         edges = sum(len(v) for v in layered_graph(args.pipelines).values())
         print(f"validate: {args.pipelines} pipelines, {edges} edges")
         print(f"  wall time: median {statistics.median(times):.2f} s, "
-              f"min {min(times):.2f} s, max {max(times):.2f} s (target < 3 s)")
-        print(f"  peak memory: {max(peaks) / 1024:.0f} MB (target < 300 MB)")
+              f"min {min(times):.2f} s, max {max(times):.2f} s (target < 10 s at 50,000)")
+        print(f"  peak RSS: {max(peaks) / 1024:.0f} MB (target < 1 GB)")
 
 
 if __name__ == "__main__":

@@ -122,9 +122,10 @@ class Rest:
         self.airflow = airflow
         self.token = airflow.token()
 
-    def post(self, path: str, body: dict[str, Any], attempts: int = 4) -> tuple[int, Any]:
-        """POST with a fresh token on 401, again after a timeout (a loaded machine): the
-        run id is fixed, so a retry of a trigger that went through answers 409."""
+    def post(self, path: str, body: dict[str, Any], attempts: int = 6) -> tuple[int, Any]:
+        """POST with a fresh token on 401, again after a timeout or a 5xx (SQLite says
+        "database is locked" on a loaded machine): the run id is fixed, so a retry of a
+        trigger that went through answers 409."""
         for attempt in range(attempts):
             try:
                 status, answer = self.airflow.request("POST", path, body, self.token,
@@ -135,6 +136,9 @@ class Rest:
                 continue
             if status == 401:
                 self.token = self.airflow.token()
+                continue
+            if status >= 500 and attempt < attempts - 1:
+                time.sleep(1)
                 continue
             if status == 409 and attempt:
                 return 200, answer  # our earlier attempt created it
@@ -161,6 +165,7 @@ def trigger_roots(rest: Rest, cycles: int, gap: float, base: datetime
                 cycle = Cycle("B", iso(logical), EXAMPLE_DAGS)
             if status not in (200, 201):
                 raise SystemExit(f"triggering the {family} root answered {status}: {body}")
+            print(f"  triggered {family} root {i + 1}/{cycles}", file=sys.stderr, flush=True)
             yield cycle
             time.sleep(gap)
 
@@ -313,12 +318,14 @@ def _interrupt(_signum: int, _frame: object) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=12, help="root runs per family")
-    parser.add_argument("--gap", type=float, default=6.0,
+    parser.add_argument("--gap", type=float, default=8.0,
                         help="seconds between two root triggers (A and B alternate)")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds for every cycle to finish after the last trigger")
     parser.add_argument("--idle-sleep", default=AIRFLOW_DEFAULT_IDLE_SLEEP,
                         help="[scheduler] scheduler_idle_sleep_time (Airflow's default)")
+    parser.add_argument("--stall", type=float, default=180.0,
+                        help="give up when no run changes state for this long")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # so that every finally below runs
@@ -332,6 +339,10 @@ def main() -> None:
         shutil.copytree(REPO / "examples" / "dags", dags)
         shutil.copy(REPO / "examples" / "assets" / "asset_graph.py", dags / "asset_graph.py")
         shutil.copytree(REPO / "examples" / "plugins", work / "plugins")
+        # SQLite's lock wait is 5 s by default: on a busy 2-core machine the scheduler then
+        # dies of "database is locked" mid-run. A longer wait only delays a contended write.
+        (work / "pylib").mkdir()
+        (work / "pylib" / "bench_sqlite.py").write_text("CONNECT_ARGS = {'timeout': 20}\n")
         repo = example_repo(work / "repo")
         etcd = EtcdServer(work / "etcd").start()
         settings = EtcdSettings(endpoints=(etcd.endpoint,), namespace=NAMESPACE)
@@ -343,6 +354,9 @@ def main() -> None:
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": args.idle_sleep,
             "RECONCILER_ETCD_ENDPOINTS": etcd.endpoint,
             "RECONCILER_NAMESPACE": NAMESPACE,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "pylib"),
+                                                        os.environ.get("PYTHONPATH")])),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "bench_sqlite.CONNECT_ARGS",
         })
         airflow.wait_ready(EXAMPLE_DAGS + ASSET_DAGS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
@@ -362,6 +376,7 @@ def main() -> None:
         time.sleep(3)  # the reconciler's first pass (leadership, relist) before the roots
         cycles = list(trigger_roots(rest, args.cycles, args.gap, base))
         deadline = time.monotonic() + args.timeout
+        progress, moved = None, time.monotonic()
         while True:
             collect(api, cycles)
             if all(c.done() for c in cycles) or time.monotonic() > deadline:
@@ -369,6 +384,14 @@ def main() -> None:
             if reconciler.poll() is not None:
                 raise SystemExit(f"reconciler run exited {reconciler.returncode}; see "
                                  f"{work / 'reconciler.log'}")
+            now_seen = sorted((c.key, p, r.state) for c in cycles
+                              for p, rs in c.runs.items() for r in rs)
+            if now_seen != progress:
+                progress, moved = now_seen, time.monotonic()
+            elif time.monotonic() - moved > args.stall:
+                # e.g. the scheduler died of "database is locked" (SQLite on a busy machine)
+                raise SystemExit(f"no run changed state for {args.stall:.0f} s: is the "
+                                 f"scheduler alive?\n{airflow.tail(15)}")
             time.sleep(2)
         time.sleep(3)  # a late duplicate would show up now
         collect(api, cycles)
