@@ -47,18 +47,15 @@ from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import EtcdSettings
 from tests.e2e.conftest import eventually
 from tests.fixtures.airflow import airflow_venv
-from tests.fixtures.etcd import etcd_binary
+from tests.fixtures.etcd import (
+    etcd_binary,
+    free_port,  # never the same port twice
+)
 from tests.helpers import example_repo
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_UID, RECONCILER_UID = 50000, 10001
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def interpolate(value: Any) -> Any:
