@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -51,6 +52,7 @@ from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import LedgerState, iso  # noqa: E402
 from reconciler.service.loop import PassReport, Reconciler  # noqa: E402
 from reconciler.service.sync import sync  # noqa: E402
+from tests.fakes import fake_airflow  # noqa: E402
 from tests.fakes.fake_airflow import FakeAirflow, FakeRun  # noqa: E402
 from tests.fixtures.etcd import EtcdServer, free_port  # noqa: E402
 
@@ -73,18 +75,24 @@ class IndexedFake(FakeAirflow):
         if state != self._memo_state:
             self._memo, self._memo_state = {}, state
             self._by_updated = sorted((r.updated_at, r.seq, r) for r in self._runs.values())
+        key = (None if dag_ids is None else frozenset(dag_ids),
+               tuple(sorted(ranges.items())), order_by)
+        if key in self._memo:
+            return self._memo[key]  # the next page of the same listing
         if order_by == "id" and list(ranges) == ["updated_at_gte"] and dag_ids is None:
             try:
                 bound = datetime.fromisoformat(ranges["updated_at_gte"][1])
             except ValueError:
                 return super()._select(dag_ids, ranges, order_by)
             at = bisect.bisect_left(self._by_updated, (bound, -1))
-            return sorted((r for _, _, r in self._by_updated[at:]), key=lambda r: r.seq)
-        key = (None if dag_ids is None else frozenset(dag_ids),
-               tuple(sorted(ranges.items())), order_by)
-        if key not in self._memo:
-            self._memo[key] = super()._select(dag_ids, ranges, order_by)  # type: ignore[assignment]
-        return self._memo[key]
+            found = sorted((r for _, _, r in self._by_updated[at:]), key=lambda r: r.seq)
+        else:
+            selected = super()._select(dag_ids, ranges, order_by)
+            if isinstance(selected, tuple):
+                return selected
+            found = selected
+        self._memo[key] = found
+        return found
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
@@ -159,6 +167,9 @@ def main() -> None:
     parser.add_argument("--quiet", type=int, default=7, help="quiet passes to time")
     parser.add_argument("--no-process", action="store_true",
                         help="skip the `reconciler run` process (its peak RSS)")
+    parser.add_argument("--page-size", type=int, default=0, metavar="N",
+                        help="experiment: list N runs per page (as if Airflow's [api] "
+                        "maximum_page_limit were N and the observer asked for N)")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="write a cProfile of the first pass after the restart to FILE")
     args = parser.parse_args()
@@ -191,8 +202,16 @@ def main() -> None:
                 api_settings = AirflowSettings(url=fake.url, username="admin",
                                                password="secret-pw")
                 loop_settings = LoopSettings(interval=1)
-                r = Reconciler(store, AirflowClient(api_settings), loop_settings,
-                               holder="bench")
+
+                def client() -> AirflowClient:
+                    api = AirflowClient(api_settings)
+                    if args.page_size:
+                        fake_airflow.MAX_PAGE = args.page_size
+                        api.list_runs = functools.partial(  # type: ignore[method-assign]
+                            api.list_runs, page_size=args.page_size)
+                    return api
+
+                r = Reconciler(store, client(), loop_settings, holder="bench")
                 r.leadership.start()  # as `reconciler run` does: its own keep-alive thread
                 wait_leader(r)
                 # Record the ledger the loop would have written (adopt = no Airflow call),
@@ -221,8 +240,7 @@ def main() -> None:
                     plan_times.append(elapsed)
                 r.leadership.stop()  # resigns: the next replica takes over at once
                 r.close()
-                r2 = Reconciler(store, AirflowClient(api_settings), loop_settings,
-                                holder="bench-restarted")
+                r2 = Reconciler(store, client(), loop_settings, holder="bench-restarted")
                 r2.leadership.start()
                 wait_leader(r2)
                 if args.profile:
@@ -253,7 +271,8 @@ def main() -> None:
             etcd.stop()
     runs = len(r2.observer.cache.runs)
     print(f"loop: {args.pipelines} pipelines x {len(cycles)} open cycles, {runs} runs, "
-          f"{len(puts)} ledger entries")
+          f"{len(puts)} ledger entries"
+          + (f" (experiment: {args.page_size} runs per page)" if args.page_size else ""))
     print(f"  first pass, fresh namespace (relist, ledger load, every status recorded): "
           f"{describe(fresh_s, fresh)}")
     print(f"  first pass after a restart (relist, ledger and mirror load; target < 10 s): "

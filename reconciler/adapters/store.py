@@ -458,9 +458,12 @@ class EtcdStore:
                    limit: int = 0) -> list[tuple[str, bytes]]:
         """(key, value) pairs under `prefix`, sorted by key (descending if asked)."""
         order = "descend" if newest_key_first else "ascend"
-        items = self._call(f"range {prefix}", lambda c: list(c.get_prefix(
-            prefix, keys_only=keys_only, sort_order=order, sort_target="key", limit=limit)))
-        return [(meta.key.decode(), value or b"") for value, meta in items]
+        # The raw response, not get_prefix's (value, KVMetadata) pairs: building a metadata
+        # object per key cost more than the read itself for the 150,000 ledger entries of
+        # 50,000 pipelines x 3 cycles.
+        response = self._call(f"range {prefix}", lambda c: c.get_prefix_response(
+            prefix, keys_only=keys_only, sort_order=order, sort_target="key", limit=limit))
+        return [(kv.key.decode(), kv.value or b"") for kv in response.kvs]
 
     def put(self, key: str, value: bytes, *, lease: Any = None) -> None:
         self._count_write()

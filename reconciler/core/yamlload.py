@@ -169,9 +169,16 @@ _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_ITEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _INDICATORS = frozenset("-?:,[]{}#&*!|>'\"%@`")
 _resolver = yaml.resolver.Resolver()
+# The resolver looks implicit tags up by the scalar's first character: a text starting
+# with none of those characters (most ids: "pipeline_00042") is a string without asking.
+# (Its "" entry is for the empty scalar only; a None entry would apply to every text.)
+_TAGGED_FIRST = frozenset(k for k in _resolver.yaml_implicit_resolvers if k)
+_ANY_FIRST = None in _resolver.yaml_implicit_resolvers or bool(_resolver.yaml_path_resolvers)
 
 
 def _tag(text: str) -> str:
+    if text and text[0] not in _TAGGED_FIRST and not _ANY_FIRST:
+        return _STR
     return str(_resolver.resolve(yaml.ScalarNode, text, (True, False)))
 
 
