@@ -153,7 +153,7 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Seconds of the leader lease [RECONCILER_LEASE_TTL]."),
         click.option("--airflow-deadline", envvar="RECONCILER_AIRFLOW_DEADLINE", default=None,
                      callback=_seconds, help="Seconds one action's Airflow call may take in "
-                     "all, retries included (default: a third of the lease) "
+                     "all, retries included (default: half the lease) "
                      "[RECONCILER_AIRFLOW_DEADLINE]."),
         click.option("--concurrency", envvar="RECONCILER_CONCURRENCY", type=int, default=8,
                      show_default=True, help="Actions of one pass in flight at once "
@@ -288,7 +288,9 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
 
     _require_credentials(airflow)
     setup_logging(loop.log_format)
-    store, api = _open(etcd, airflow, deadline=loop.action_deadline)
+    # Reads (the informer) get the client's own deadline; each action's calls run under
+    # the executor's, shorter than the lease left (deadline_of).
+    store, api = _open(etcd, airflow)
     metrics = Metrics()
     reconciler = Reconciler(store, api, loop, metrics=metrics)
     health = Health(stall_after=loop.liveness_timeout)

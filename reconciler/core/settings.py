@@ -76,7 +76,7 @@ class LoopSettings:
     concurrency: int = 8
     """Actions of one pass in flight at once (a fan-out is one round trip, not N)."""
     call_deadline: float | None = None
-    """Seconds one Airflow call may take in all, retries included. Default: a third of
+    """Seconds one action's Airflow call may take in all, retries included. Default: half
     the lease, so an action that starts with enough lease ends while we still lead."""
     pull_interval: float = 30.0
     eager: bool = True
@@ -110,7 +110,9 @@ class LoopSettings:
 
     @property
     def action_deadline(self) -> float:
-        return self.call_deadline if self.call_deadline is not None else self.lease_ttl / 3
+        # Half the lease: a renewal every third of it leaves at least two thirds, so an
+        # action (deadline + margin) can start whenever the lease is healthy.
+        return self.call_deadline if self.call_deadline is not None else self.lease_ttl / 2
 
     @property
     def liveness_timeout(self) -> float:

@@ -99,7 +99,7 @@ def test_loop_settings_that_would_spin_are_refused(fields: dict[str, object],
 
 def test_an_action_deadline_is_shorter_than_the_lease() -> None:
     settings = LoopSettings(lease_ttl=9)
-    assert settings.action_deadline == 3
+    assert settings.action_deadline == 4.5
     assert settings.liveness_timeout >= 2 * MAX_BACKOFF
 
 
