@@ -132,6 +132,9 @@ class Runner:
             elif ok and contact is not None:
                 self.health.ready(name)
         self.health.leader = self.r.leadership.is_leader()
+        if self.health.leader and getattr(self.r.api, "last_contact", None) is None:
+            # A leader is ready once it has really talked to Airflow, not before.
+            self.health.unready("airflow", "not contacted yet")
         self.r.metrics.ready.set(1 if self.health.is_ready else 0)
 
     # --- the loop ---
