@@ -107,10 +107,11 @@ def _gc_paused() -> Iterator[None]:
 def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_bytes: int
                  ) -> CheckResult:
     files = sorted(files, key=lambda f: f.path)
+    stems = [_stem(f.path) for f in files]  # once: four uses per file
     problems: list[Problem] = []
     specs: list[_Spec] = []
-    readable = [f for f in files if f.problem is None]
-    for f in files:
+    readable = [(f, stem) for f, stem in zip(files, stems, strict=True) if f.problem is None]
+    for f, stem in zip(files, stems, strict=True):
         if f.problem is not None:
             problems.append(f.problem)
             continue
@@ -124,10 +125,10 @@ def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_byt
         problems.extend(loaded.problems)
         checked = check_document(loaded)
         problems.extend(checked.problems)
-        if checked.dag_id is not None and checked.dag_id != f.stem:
+        if checked.dag_id is not None and checked.dag_id != stem:
             line, col = loaded.position(("dag_id",))
             problems.append(Problem(f.path, line, col, f"dag_id {checked.dag_id!r} does not "
-                                    f"match the file name {f.stem!r}; rename one of them",
+                                    f"match the file name {stem!r}; rename one of them",
                                     "file-name"))
         if checked.dag_id is not None:
             specs.append(_Spec(checked.dag_id, loaded, checked.upstreams, checked.pipeline))
@@ -137,7 +138,8 @@ def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_byt
     for spec in specs:
         by_id.setdefault(spec.dag_id, spec)
     # A refused a.YAML or link b.yaml still names a pipeline: depends_on [b] is not unknown.
-    known = {f.stem for f in files if f.path.lower().endswith(PIPELINE_SUFFIXES)}
+    known = {stem for f, stem in zip(files, stems, strict=True)
+             if f.path.lower().endswith(PIPELINE_SUFFIXES)}
     problems.extend(_edge_problems(by_id, known))
     problems.extend(_cycle_problems(by_id))
     result = CheckResult(files=len(files), problems=sorted(set(problems)))
@@ -179,15 +181,16 @@ def _stem(path: str) -> str:
     return name[:dot] if 0 < dot < len(name) - 1 else name
 
 
-def _duplicate_ids(files: list[SourceFile]) -> list[Problem]:
+def _duplicate_ids(files: list[tuple[SourceFile, str]]) -> list[Problem]:
+    """(file, stem) pairs: the second and later file of each stem."""
     out: list[Problem] = []
     first_by_stem: dict[str, str] = {}
-    for f in files:
-        if f.stem in first_by_stem:
-            out.append(Problem(f.path, 1, 1, f"pipeline {f.stem!r} is defined twice: also in "
-                               f"{first_by_stem[f.stem]}; keep one file", "duplicate-id"))
+    for f, stem in files:
+        if stem in first_by_stem:
+            out.append(Problem(f.path, 1, 1, f"pipeline {stem!r} is defined twice: also in "
+                               f"{first_by_stem[stem]}; keep one file", "duplicate-id"))
         else:
-            first_by_stem[f.stem] = f.path
+            first_by_stem[stem] = f.path
     return out
 
 
@@ -248,6 +251,9 @@ def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str]) -> list[Problem]:
     for dag_id, spec in by_id.items():
         seen: dict[str, int] = {}
         for index, up in spec.upstreams:
+            if up not in seen and up != dag_id and up in all_ids:
+                seen[up] = index
+                continue  # the common case: no problem, no position needed
             line, col = spec.position(index)
             if up in seen:
                 out.append(Problem(spec.doc.path, line, col, f"{up!r} is listed twice in "

@@ -165,8 +165,11 @@ def _load_yaml(path: str, text: str) -> Document | Problem:
 # returns None, and the general path decides, refusals and messages included. A test
 # compares both paths on every example file and on generated near-misses.
 
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_ITEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# `key: value` as the loop below reads it: a plain key right at the start, its colon, at
+# least one space, then the value (its start is group 2's). The same as finding the first
+# colon and checking the key before it: a plain key holds no colon.
+_PLAIN_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*): +(.*)")
 _INDICATORS = frozenset("-?:,[]{}#&*!|>'\"%@`")
 _resolver = yaml.resolver.Resolver()
 # The resolver looks implicit tags up by the scalar's first character: a text starting
@@ -174,54 +177,66 @@ _resolver = yaml.resolver.Resolver()
 # (Its "" entry is for the empty scalar only; a None entry would apply to every text.)
 _TAGGED_FIRST = frozenset(k for k in _resolver.yaml_implicit_resolvers if k)
 _ANY_FIRST = None in _resolver.yaml_implicit_resolvers or bool(_resolver.yaml_path_resolvers)
+# The resolver's answer depends on the text alone; the few texts that reach it (keys,
+# owners, true/false) repeat from file to file. Bounded, so odd input cannot grow it.
+_TAGS: dict[str, str] = {}
+_TAGS_MAX = 4096
 
 
 def _tag(text: str) -> str:
     if text and text[0] not in _TAGGED_FIRST and not _ANY_FIRST:
         return _STR
-    return str(_resolver.resolve(yaml.ScalarNode, text, (True, False)))
+    tag = _TAGS.get(text)
+    if tag is None:
+        tag = str(_resolver.resolve(yaml.ScalarNode, text, (True, False)))
+        if len(_TAGS) < _TAGS_MAX:
+            _TAGS[text] = tag
+    return tag
 
 
 def _plain_document(path: str, text: str) -> Document | None:
-    if "\t" in text or "\r" in text or "\x85" in text or "\u2028" in text \
-            or "\u2029" in text:
+    # Every line must be printable (no tab, CR, NEL, line or paragraph separator, nor any
+    # other control character): one check over the whole text, newlines aside.
+    if not text.replace("\n", " ").isprintable():
         return None
     doc = Document(path=path, data={})
-    data, positions = doc.data, doc.positions
+    data, positions, key_positions = doc.data, doc.positions, doc.key_positions
+    match = _PLAIN_LINE.fullmatch
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.isprintable():
-            return None
-        if not line or line.isspace() or line.lstrip(" ").startswith("#"):
-            continue  # blank, or a comment
-        if line[0] == " ":
+        first = line[:1]
+        if first == "#" or not line:
+            continue  # a comment, or blank
+        if first == " ":
+            stripped = line.lstrip(" ")
+            if not stripped or stripped[0] == "#":
+                continue  # blank, or an indented comment
             return None  # a continuation, a nested block: the general path
-        colon = line.find(":")
-        key = line[:colon]
-        if colon <= 0 or not _PLAIN_KEY.fullmatch(key) or key in data or _tag(key) != _STR:
+        m = match(line)
+        if m is None:
             return None
-        rest = line[colon + 1:]
-        value = rest.lstrip(" ")
-        if len(value) == len(rest):
-            return None  # `key:` then nothing or no space: null, or not a mapping value
-        start = colon + 1 + len(rest) - len(value)
+        key, value = m.group(1, 2)
+        if key in data or _tag(key) != _STR:
+            return None
+        start = m.start(2)
         comment = value.find(" #")
         value = (value[:comment] if comment >= 0 else value).rstrip(" ")
         if not value:
-            return None
+            return None  # `key:` then nothing (or only a comment): null
         where = (key,)
         if () not in positions:
             positions[()] = (number, 1)
-        doc.key_positions[where] = (number, 1)
+        key_positions[where] = (number, 1)
         positions[where] = (number, start + 1)
-        if value[0] == "[":
+        head = value[0]
+        if head == "[":
             items = _plain_list(value, number, start, where, doc)
             if items is None:
                 return None
             data[key] = items
             continue
-        if value[0] in _INDICATORS or ":" in value:
+        if head in _INDICATORS or ":" in value:
             return None
-        tag = _tag(value)
+        tag = _STR if head not in _TAGGED_FIRST and not _ANY_FIRST else _tag(value)
         if tag == _STR:
             data[key] = value
         elif tag == _BOOL and value.lower() in ("true", "false"):
@@ -241,13 +256,17 @@ def _plain_list(value: str, number: int, start: int, where: PathKey, doc: Docume
     if not inner.strip(" "):
         return []
     items: list[str] = []
-    column = start + 1  # 0-based, just after '['
+    positions = doc.positions
+    plain = _PLAIN_ITEM.fullmatch
+    column = start + 2  # 1-based, just after '['
     for index, piece in enumerate(inner.split(",")):
-        item = piece.strip(" ")
-        if not _PLAIN_ITEM.fullmatch(item) or _tag(item) != _STR:
+        item = piece.lstrip(" ")
+        lead = len(piece) - len(item)
+        item = item.rstrip(" ")
+        if plain(item) is None or ((item[0] in _TAGGED_FIRST or _ANY_FIRST)
+                                   and _tag(item) != _STR):
             return None
-        doc.positions[(*where, index)] = (number, column + len(piece) - len(piece.lstrip(" "))
-                                          + 1)
+        positions[(*where, index)] = (number, column + lead)
         items.append(item)
         column += len(piece) + 1
     return items
