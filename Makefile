@@ -25,12 +25,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Airflow pins many packages, so it gets its own venv, never the reconciler's.
+# Airflow pins many packages, so it gets its own venv, never the reconciler's. The drivers
+# are for the PostgreSQL the test tier and the benchmarks give it (scripts/postgres_env.py).
 $(AIRFLOW_VENV)/.installed: $(AIRFLOW_CONSTRAINTS)
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	$(AIRFLOW_VENV)/bin/pip install $(PIP_FLAGS) "apache-airflow==$(AIRFLOW_VERSION)" \
-	    --constraint $(AIRFLOW_CONSTRAINTS)
+	    psycopg2-binary asyncpg --constraint $(AIRFLOW_CONSTRAINTS)
 	touch $@
 
 airflow-venv: $(AIRFLOW_VENV)/.installed

@@ -13,9 +13,12 @@ B: examples/dags (01_pipeline_init .. 07_pipeline) and pipelines/: a real etcd, 
 
 Both families' roots are triggered through the REST API, alternating A and B, `--gap`
 seconds apart; the scheduler keeps Airflow's default settings (idle sleep 1 s; the test
-bench's 0.2 s is undone). Every figure is read back from Airflow's own records (runs,
-and task instances through /api/v2/dags/{dag}/dagRuns/{run}/taskInstances), per edge
-(upstream -> downstream; a join counts from its latest upstream):
+bench's 0.2 s is undone). Airflow's metadata is in a throwaway PostgreSQL
+(scripts/postgres_env.py), as deployed: with SQLite's one writer, a loaded 2-core machine
+makes both families wait for the database lock, and the scheduler may die of it. Every
+figure is read back from Airflow's own records (runs, and task instances through
+/api/v2/dags/{dag}/dagRuns/{run}/taskInstances), per edge (upstream -> downstream; a
+join counts from its latest upstream):
 
   run end -> run start     downstream run start_date - latest upstream run end_date
   work-to-work             downstream's first task start - latest upstream's last task end
@@ -54,6 +57,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from airflow_env import EXAMPLE_DAGS, AirflowProcess, start_airflow  # noqa: E402
+from postgres_env import PostgresProcess, start_postgres  # noqa: E402
 
 from reconciler.adapters.airflow import AirflowClient  # noqa: E402
 from reconciler.adapters.store import EtcdStore  # noqa: E402
@@ -331,6 +335,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # so that every finally below runs
     work = Path(tempfile.mkdtemp(prefix="bench-vs-assets-"))
     etcd: EtcdServer | None = None
+    postgres: PostgresProcess | None = None
     airflow: AirflowProcess | None = None
     reconciler: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
@@ -339,24 +344,19 @@ def main() -> None:
         shutil.copytree(REPO / "examples" / "dags", dags)
         shutil.copy(REPO / "examples" / "assets" / "asset_graph.py", dags / "asset_graph.py")
         shutil.copytree(REPO / "examples" / "plugins", work / "plugins")
-        # SQLite's lock wait is 5 s by default: on a busy 2-core machine the scheduler then
-        # dies of "database is locked" mid-run. A longer wait only delays a contended write.
-        (work / "pylib").mkdir()
-        (work / "pylib" / "bench_sqlite.py").write_text("CONNECT_ARGS = {'timeout': 20}\n")
         repo = example_repo(work / "repo")
         etcd = EtcdServer(work / "etcd").start()
         settings = EtcdSettings(endpoints=(etcd.endpoint,), namespace=NAMESPACE)
         with EtcdStore(settings) as store:
             sync(repo, "HEAD", "pipelines", store, source="bench",
                  now=datetime.now(UTC) - timedelta(days=1))
-        airflow = start_airflow(work / "airflow", dags_folder=dags, extra_env={
+        postgres = start_postgres()
+        airflow = start_airflow(work / "airflow", dags_folder=dags,
+                                database_url=postgres.url, extra_env={
             "EXAMPLE_ROOT_SCHEDULE": "none",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": args.idle_sleep,
             "RECONCILER_ETCD_ENDPOINTS": etcd.endpoint,
             "RECONCILER_NAMESPACE": NAMESPACE,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "pylib"),
-                                                        os.environ.get("PYTHONPATH")])),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "bench_sqlite.CONNECT_ARGS",
         })
         airflow.wait_ready(EXAMPLE_DAGS + ASSET_DAGS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
@@ -415,6 +415,8 @@ def main() -> None:
                 reconciler.wait(10)
         if airflow is not None:
             airflow.stop()
+        if postgres is not None:
+            postgres.stop()
         if etcd is not None:
             etcd.stop()
         if args.keep:

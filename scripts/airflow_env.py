@@ -8,6 +8,11 @@ runs from any Python. Airflow pins many packages, so it lives in its own venv
 What it sets up, and why:
 - AIRFLOW_HOME in the given directory, SQLite (standalone's default), DAGs from
   examples/dags, plugins from examples/plugins, no Airflow example DAGs.
+- The metadata database: `database_url` (the test tier and the benchmarks pass a
+  PostgreSQL of scripts/postgres_env.py), else SQLite in WAL mode with a 20 s lock wait
+  (the playground): with SQLite's default rollback journal and 5 s wait a busy machine
+  makes the scheduler die of "database is locked"; in WAL mode readers never block the
+  one writer.
 - The API server on 127.0.0.1:<port> only (standalone binds 0.0.0.0 otherwise), and
   `[core] execution_api_server_url` pointing at that same port: without it every task
   fails, because task processes report to http://localhost:8080/execution/ by default.
@@ -31,6 +36,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -45,6 +51,8 @@ USERNAME = "admin"
 ROLES = {"admin": "admin", "reconciler": "user", "viewer": "viewer"}
 """The simple auth manager's users of the bench and their roles."""
 
+COMPONENTS = ["scheduler", "dag-processor", "api-server", "triggerer"]
+"""What `airflow standalone` runs, each as `airflow <name>`, a child of its own."""
 EXAMPLE_DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline",
                 "05_pipeline", "06_pipeline", "07_pipeline"]
 
@@ -72,6 +80,8 @@ class AirflowProcess:
     """username -> password, for every user in ROLES."""
     jwt_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     extra_env: dict[str, str] = field(default_factory=dict)
+    database_url: str | None = None
+    """SQLAlchemy URL of the metadata database; None: SQLite in AIRFLOW_HOME."""
     process: subprocess.Popen[bytes] | None = None
     startup_seconds: float | None = None
     """From the start of `airflow standalone` to healthy with every example DAG parsed."""
@@ -94,6 +104,8 @@ class AirflowProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
         env.update({
             "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                self.database_url or f"sqlite:///{self.database}?timeout=20"),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.dags_folder.parent / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -127,6 +139,10 @@ class AirflowProcess:
     def passwords_file(self) -> Path:
         return self.home / "passwords.json"
 
+    @property
+    def database(self) -> Path:
+        return self.home / "airflow.db"
+
     def start(self) -> AirflowProcess:
         airflow = self.venv / "bin" / "airflow"
         if not airflow.exists():
@@ -137,6 +153,10 @@ class AirflowProcess:
         # missing ones, so these stay the passwords of the users.
         self.passwords_file.write_text(json.dumps(self.users))
         self.passwords_file.chmod(0o600)
+        if self.database_url is None:
+            # The journal mode is kept in the file: Airflow's migration fills a WAL database.
+            with contextlib.closing(sqlite3.connect(self.database)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
         with open(self.log_path, "ab") as log:
@@ -200,6 +220,37 @@ class AirflowProcess:
             time.sleep(0.5)
         raise RuntimeError(f"Airflow not ready after {timeout:.0f} s ({last}):\n{self.tail()}")
 
+    def stopped_components(self) -> list[str]:
+        """The components standalone started that are no longer running (standalone keeps
+        serving the API when, say, its scheduler dies, so runs then stay queued forever)."""
+        if self.process is None or self.process.poll() is not None:
+            return ["standalone"]
+        running: set[str] = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # "pid (comm) state ppid ...": comm may hold spaces, so split after ")"
+                ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+                if ppid == self.process.pid:
+                    # "python .../airflow scheduler", or a title the process set itself
+                    # ("airflow api_server -- host:...")
+                    words = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                    running.update(words.decode(errors="replace").replace("_", "-").split())
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+        return [name for name in COMPONENTS if name not in running]
+
+    def diagnosis(self) -> str:
+        """What to print when a test waited in vain: dead components, health, the log."""
+        try:
+            status, health = self._get("/api/v2/monitor/health")
+            parts = {k: v.get("status") for k, v in health.items() if isinstance(v, dict)}
+            state = f"health {status}: {parts}"
+        except (OSError, ValueError) as exc:
+            state = f"health: {exc}"
+        stopped = self.stopped_components()
+        return (f"airflow standalone: {state}; stopped components: {stopped or 'none'}\n"
+                f"--- airflow log (last 40 lines) ---\n{self.tail(40)}")
+
     def tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -237,12 +288,13 @@ class AirflowProcess:
 def start_airflow(home: Path, port: int | None = None, *, venv: Path | None = None,
                   dags_folder: Path = REPO / "examples" / "dags",
                   extra_env: dict[str, str] | None = None,
+                  database_url: str | None = None,
                   timeout: float = 240.0) -> AirflowProcess:
     """Start `airflow standalone` and wait until it is healthy with the example DAGs parsed.
     On any failure the process group is stopped before the error is raised."""
     proc = AirflowProcess(home=home, port=port or free_port(), venv=venv or DEFAULT_VENV,
                           dags_folder=dags_folder, log_path=home / "standalone.log",
-                          extra_env=extra_env or {})
+                          extra_env=extra_env or {}, database_url=database_url)
     proc.start()
     try:
         proc.wait_ready(EXAMPLE_DAGS, timeout)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow import AirflowClient, AirflowUnavailable
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import AirflowSettings, EtcdSettings
 from reconciler.core.state import DagRun, iso
@@ -31,13 +31,19 @@ T = TypeVar("T")
 
 def eventually(check: Callable[[], T | None], timeout: float = 120.0, what: str = "",
                every: float = 0.5) -> T:
-    """Poll until `check` returns something truthy (Flux's Eventually)."""
+    """Poll until `check` returns something truthy (Flux's Eventually). A check that meets
+    an Airflow too busy to answer in time tries again: the bench's own reads are not what
+    a test asserts."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
+        try:
+            last = check()
+        except AirflowUnavailable as exc:
+            last = exc
+        else:
+            if last:
+                return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last})")
 
@@ -95,8 +101,10 @@ class Bench:
     # --- Airflow side --------------------------------------------------------------------
 
     def open_cycle(self, cycle: datetime, conf: dict[str, Any] | None = None) -> None:
-        """A root run for `cycle`, as Airflow's scheduler would create it."""
-        self.api.trigger("01_pipeline_init", f"e2e__{iso(cycle)}", cycle, conf or {})
+        """A root run for `cycle`, as Airflow's scheduler would create it (a retry after a
+        lost answer adopts the run the first try made)."""
+        eventually(lambda: self.api.trigger("01_pipeline_init", f"e2e__{iso(cycle)}", cycle,
+                                            conf or {}), 60, f"the root run of {iso(cycle)}")
 
     def runs(self, dag_id: str, cycle: datetime) -> list[DagRun]:
         return [r for r in (DagRun.from_api(x) for x in self.api.list_runs(
@@ -127,6 +135,28 @@ class Bench:
             return eventually(check, timeout, f"{dag_id} to finish in cycle {iso(cycle)}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- reconciler log ---\n{self.logs()}") from None
+
+
+@pytest.fixture(autouse=True)
+def airflow_still_whole(request: pytest.FixtureRequest) -> None:
+    """Fail at once, saying why, when a component of the shared Airflow died in an earlier
+    test (standalone keeps its API up without a scheduler: every run would stay queued)."""
+    if "airflow_server" not in request.fixturenames:
+        return
+    airflow = request.getfixturevalue("airflow_server")
+    if stopped := airflow.stopped_components():
+        pytest.fail(f"Airflow's {', '.join(stopped)} stopped earlier in the session\n"
+                    f"{airflow.diagnosis()}", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed e2e test also shows the shared Airflow's health and its log's end."""
+    report = yield
+    airflow = getattr(item, "funcargs", {}).get("airflow_server")
+    if report.failed and call.when == "call" and airflow is not None:
+        report.sections.append(("airflow standalone", airflow.diagnosis()))
+    return report
 
 
 @pytest.fixture

@@ -259,7 +259,7 @@ def test_the_compose_services_work_natively(world: NativeCompose) -> None:
 
     def airflow_env(name: str) -> dict[str, str]:
         env = world.env(name, PATH=airflow_path, AIRFLOW_HOME=str(home),
-                        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{db}",
+                        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{db}?timeout=60",
                         AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
                         AIRFLOW__API__WORKERS="1")
         # the image's folders, where the file mounts them
