@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from reconciler.core.graph import Pipeline
 from reconciler.core.problems import Problem
 from reconciler.core.yamlload import Document
+
+if TYPE_CHECKING:
+    import jsonschema
 
 _REPO_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "pipeline.schema.json"
 
@@ -42,6 +43,10 @@ def schema() -> dict[str, Any]:
 
 @cache
 def _validator() -> jsonschema.protocols.Validator:
+    # Imported here: valid files never need it (the predicate below vouches for them), and
+    # its import is a tenth of a second of every `reconciler` command.
+    import jsonschema
+
     cls = jsonschema.validators.validator_for(schema())
     cls.check_schema(schema())
     return cls(schema())

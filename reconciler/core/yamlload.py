@@ -215,7 +215,7 @@ def _plain_document(path: str, text: str) -> Document | None:
         if m is None:
             return None
         key, value = m.group(1, 2)
-        if key in data or _tag(key) != _STR:
+        if key in data or ((key[0] in _TAGGED_FIRST or _ANY_FIRST) and _tag(key) != _STR):
             return None
         start = m.start(2)
         comment = value.find(" #")
