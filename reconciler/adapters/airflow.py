@@ -58,8 +58,10 @@ from reconciler.core.settings import AirflowSettings
 from reconciler.core.state import iso, parse_time
 
 PAGE_SIZE = 100
-"""Runs per page. `GET .../dagRuns` caps `limit` at `[api] maximum_page_limit` (100 by
-default); the batch `POST .../dagRuns/list` does not cap `page_limit`, 100 keeps pages small."""
+"""Items per page of the small listings (a run's task instances, the DAGs). Runs are paged
+by `AirflowSettings.page_size` instead: `GET .../dagRuns` caps `limit` at `[api]
+maximum_page_limit` (100 by default), the batch `POST .../dagRuns/list` does not cap
+`page_limit`."""
 
 DEFAULT_DEADLINE = 30.0
 """Seconds one call may take in all, retries and backoff included, unless told otherwise:
@@ -417,8 +419,20 @@ class AirflowClient:
                   updated_at_gte: datetime | None = None,
                   logical_date_gte: datetime | None = None,
                   logical_date_lte: datetime | None = None,
-                  page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
-        """Every run matching the filters (all pages), as the API's dicts, oldest id first.
+                  page_size: int | None = None) -> list[dict[str, Any]]:
+        """Every run matching the filters (all pages), as the API's dicts, oldest id first;
+        `iter_runs` gives the same runs page by page without holding them all."""
+        return list(self.iter_runs(dag_ids, updated_at_gte=updated_at_gte,
+                                   logical_date_gte=logical_date_gte,
+                                   logical_date_lte=logical_date_lte, page_size=page_size))
+
+    def iter_runs(self, dag_ids: Iterable[str] | None = None, *,
+                  updated_at_gte: datetime | None = None,
+                  logical_date_gte: datetime | None = None,
+                  logical_date_lte: datetime | None = None,
+                  page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """The runs of `list_runs`, one page at a time (`page_size`, default the settings'
+        `page_size`, runs per request; the server may serve fewer).
 
         With `updated_at_gte` (the incremental pass): `GET /api/v2/dags/~/dagRuns`, the only
         form that filters on `updated_at`, with `dag_ids` applied here; one request when
@@ -427,44 +441,62 @@ class AirflowClient:
         unrelated DAGs never cross the wire. Pages are ordered by `id`, which new runs only
         extend, so a run created during the listing is not skipped.
         """
-        if page_size < 1:
+        size = self.settings.page_size if page_size is None else page_size
+        if size < 1:
             # Airflow answers `limit=0` with an empty page, not with its default size.
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
-        wanted = sorted(set(dag_ids)) if dag_ids is not None else None
-        if wanted == []:
-            return []
-        keep = set(wanted) if wanted is not None else None
-        out: list[dict[str, Any]] = []
+            raise ValueError(f"page_size must be at least 1, got {size}")
+        # A set is taken as it is: the quiet pass asks with the graph's 50,000 ids, and
+        # copying or sorting them cost more than its one request.
+        keep = (None if dag_ids is None
+                else dag_ids if isinstance(dag_ids, set | frozenset) else set(dag_ids))
+        if keep is not None and not keep:
+            return
+        dates = {name: iso(value) for name, value in (("logical_date_gte", logical_date_gte),
+                                                      ("logical_date_lte", logical_date_lte))
+                 if value is not None}
+        if keep is not None and updated_at_gte is None:
+            pages = self._pages("POST", "/api/v2/dags/~/dagRuns/list", "dag_runs", size,
+                                body={"dag_ids": sorted(keep), "order_by": "id", **dates},
+                                what="run list")
+        else:
+            if updated_at_gte is not None:
+                dates["updated_at_gte"] = iso(updated_at_gte)
+            pages = self._pages("GET", "/api/v2/dags/~/dagRuns", "dag_runs", size,
+                                params={"order_by": "id", **dates}, what="run list")
+        for runs in pages:
+            for run in runs:
+                if isinstance(run, dict) and (keep is None or run.get("dag_id") in keep):
+                    yield run
+
+    def _pages(self, method: str, path: str, field: str, page_size: int, *,
+               params: Mapping[str, Any] | None = None, body: Mapping[str, Any] | None = None,
+               not_found: str | None = None, what: str = "list") -> Iterator[list[Any]]:
+        """Every page of an offset-paged listing, each as the list under `field`.
+
+        GET takes `offset`/`limit`; the batch POST `page_offset`/`page_limit` in its body.
+        The server caps `limit` at `[api] maximum_page_limit` without saying so, so the
+        offset advances by what a page held and `total_entries`, not a short page, ends
+        the listing."""
         offset = 0
         while True:
-            if wanted is not None and updated_at_gte is None:
-                body: dict[str, Any] = {"dag_ids": wanted, "order_by": "id",
-                                        "page_offset": offset, "page_limit": page_size}
-                if logical_date_gte is not None:
-                    body["logical_date_gte"] = iso(logical_date_gte)
-                if logical_date_lte is not None:
-                    body["logical_date_lte"] = iso(logical_date_lte)
-                page = self._json("POST", "/api/v2/dags/~/dagRuns/list", json=body)
+            if body is not None:
+                page = self._json(method, path, not_found=not_found,
+                                  json={**body, "page_offset": offset, "page_limit": page_size})
             else:
-                params: dict[str, Any] = {"order_by": "id", "offset": offset,
-                                          "limit": page_size}
-                if updated_at_gte is not None:
-                    params["updated_at_gte"] = iso(updated_at_gte)
-                if logical_date_gte is not None:
-                    params["logical_date_gte"] = iso(logical_date_gte)
-                if logical_date_lte is not None:
-                    params["logical_date_lte"] = iso(logical_date_lte)
-                page = self._json("GET", "/api/v2/dags/~/dagRuns", params=params)
+                page = self._json(method, path, not_found=not_found,
+                                  params={**(params or {}), "limit": page_size,
+                                          "offset": offset})
             if not isinstance(page, dict):
-                raise AirflowRejected(f"the run list from {self.base} is not an object: is "
-                                      "this the Airflow API?")
-            runs = page.get("dag_runs") or []
-            out.extend(r for r in runs if keep is None or r.get("dag_id") in keep)
-            offset += len(runs)
-            # total_entries, not a short page, ends the listing: GET caps the page size
-            # at the server's maximum_page_limit, which may be below page_size.
-            if not runs or offset >= int(page.get("total_entries") or 0):
-                return out
+                raise AirflowRejected(f"the {what} from {self.base} is not an object: is this "
+                                      "the Airflow API?")
+            items = page.get(field) or []
+            if not isinstance(items, list):
+                raise AirflowRejected(f"the {what} from {self.base} has no list of {field}: "
+                                      "is this the Airflow API?")
+            yield items
+            offset += len(items)
+            if not items or offset >= int(page.get("total_entries") or 0):
+                return
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
         """One run, or None when Airflow has no such run (or no such DAG: both are 404)."""
@@ -562,37 +594,17 @@ class AirflowClient:
         """Every task instance of one run (mapped ones: one per map index), all pages:
         `task_id`, `map_index`, `state`, `end_date`, `try_number`, ..."""
         path = f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/taskInstances"
-        out: list[dict[str, Any]] = []
-        offset = 0
-        while True:
-            page = self._json("GET", path, params={"limit": page_size, "offset": offset},
-                              not_found=f"run {run_id!r} of DAG {dag_id!r} is not in Airflow "
-                                        f"at {self.base}")
-            if not isinstance(page, dict):
-                raise AirflowRejected(f"the task list from {self.base} is not an object: "
-                                      "is this the Airflow API?")
-            tis = page.get("task_instances") or []
-            out.extend(t for t in tis if isinstance(t, dict))
-            offset += len(tis)
-            if not tis or offset >= int(page.get("total_entries") or 0):
-                return out
+        missing = f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"
+        return [t for page in self._pages("GET", path, "task_instances", page_size,
+                                          not_found=missing, what="task list")
+                for t in page if isinstance(t, dict)]
 
     def list_dags(self, page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
         """Every DAG Airflow knows (`GET /api/v2/dags`, all pages): `dag_id`, `is_paused`,
         `timetable_summary` (null or "None" when it has no schedule), `is_stale`, ..."""
-        out: list[dict[str, Any]] = []
-        offset = 0
-        while True:
-            page = self._json("GET", "/api/v2/dags", params={"limit": page_size,
-                                                              "offset": offset})
-            if not isinstance(page, dict):
-                raise AirflowRejected(f"the DAG list from {self.base} is not an object: is "
-                                      "this the Airflow API?")
-            dags = page.get("dags") or []
-            out.extend(d for d in dags if isinstance(d, dict))
-            offset += len(dags)
-            if not dags or offset >= int(page.get("total_entries") or 0):
-                return out
+        return [d for page in self._pages("GET", "/api/v2/dags", "dags", page_size,
+                                          what="DAG list")
+                for d in page if isinstance(d, dict)]
 
     def unpause(self, dag_id: str) -> dict[str, Any]:
         """`PATCH /api/v2/dags/{dag_id}` `{"is_paused": false}`; answers the DAG."""

@@ -67,7 +67,7 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 airflow_password_file: str | None, airflow_timeout: float,
                 airflow_ca: str | None, airflow_proxy: str | None,
                 airflow_proxy_from_env: bool, airflow_token_file: str | None,
-                **kwargs: Any) -> Any:
+                airflow_page_size: int, **kwargs: Any) -> Any:
         password = (_read_secret_file(airflow_password_file, "--airflow-password-file")
                     or os.environ.get("RECONCILER_AIRFLOW_PASSWORD") or None)
         token = os.environ.get("RECONCILER_AIRFLOW_TOKEN") or None
@@ -79,7 +79,7 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
             # the variable requests itself would read, when ours is not set
             ca=airflow_ca or os.environ.get("REQUESTS_CA_BUNDLE") or None,
             proxy=airflow_proxy or None, proxy_from_env=airflow_proxy_from_env,
-            token_file=airflow_token_file or None)
+            token_file=airflow_token_file or None, page_size=airflow_page_size)
         return func(*args, **kwargs)
 
     options = [
@@ -112,6 +112,12 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.Path(dir_okay=False),
                      help="Read the bearer token from this file, again on a 401 (rotated "
                      "tokens) [RECONCILER_AIRFLOW_TOKEN_FILE]."),
+        click.option("--airflow-page-size", envvar="RECONCILER_AIRFLOW_PAGE_SIZE",
+                     type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Runs asked for per list request; Airflow serves at most its "
+                     "[api] maximum_page_limit (default 100): set "
+                     "AIRFLOW__API__MAXIMUM_PAGE_LIMIT to match "
+                     "[RECONCILER_AIRFLOW_PAGE_SIZE]."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)

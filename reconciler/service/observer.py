@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from reconciler.adapters.store import StoreCorrupt, Unreadable
 from reconciler.core.graph import Graph
@@ -37,6 +37,17 @@ the run as a success. `removed` task instances (no longer in the DAG) are not co
 WATERMARK_OVERLAP = timedelta(seconds=2)
 """An incremental list asks for runs updated since the watermark minus this, so a run
 updated in the same instant as the previous answer is never missed."""
+
+
+@runtime_checkable
+class PagedRuns(Protocol):
+    """An Airflow client that can hand over a listing page by page (AirflowClient): a
+    relist then holds one page of the API's dicts at a time, not 150,000 of them."""
+
+    def iter_runs(self, dag_ids: Iterable[str] | None = None, *,
+                  updated_at_gte: datetime | None = None,
+                  logical_date_gte: datetime | None = None,
+                  logical_date_lte: datetime | None = None) -> Iterator[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -73,15 +84,21 @@ class RunCache:
         self.listed_at: float | None = None
         self.version = 0
 
-    def replace_all(self, raw: Iterable[Mapping[str, Any]], dag_ids: set[str],
+    def replace_all(self, raw: Iterable[Mapping[str, Any]], dag_ids: Set[str],
                     now: datetime, mono: float) -> None:
-        self.runs = {}
+        """The cache becomes what `raw` lists. `raw` may be a listing still under way (page
+        by page): if it fails midway the cache is left as it was."""
+        previous, self.runs = self.runs, {}
+        try:
+            self.absorb(raw, dag_ids)
+        except BaseException:
+            self.runs = previous
+            raise
         self.version += 1
-        self.absorb(raw, dag_ids)
         self.watermark = now
         self.listed_at = mono
 
-    def absorb(self, raw: Iterable[Mapping[str, Any]], dag_ids: set[str]) -> int:
+    def absorb(self, raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> int:
         changed = 0
         for item in raw:
             if item.get("dag_id") not in dag_ids:
@@ -136,6 +153,7 @@ class Observer:
         """Set by the etcd watch on desired/head: read the head on the next observe."""
         self.head_dirty.set()
         self.cache = RunCache()
+        self._ids: tuple[Desired, frozenset[str]] | None = None
         self.ledger: dict[tuple[datetime, str], LedgerEntry] | None = None
         self.ledger_version = 0
         self._task_events: set[tuple[str, str]] = set()
@@ -205,9 +223,16 @@ class Observer:
 
     # --- actual state ---
 
+    def _dag_ids(self) -> frozenset[str]:
+        """The graph's DAG ids, built once per graph (a quiet pass must not build 50,000)."""
+        assert self.desired is not None
+        if self._ids is None or self._ids[0] is not self.desired:
+            self._ids = (self.desired, frozenset(self.desired.graph.pipelines))
+        return self._ids[1]
+
     def observe_runs(self, now: datetime) -> None:
         assert self.desired is not None
-        dag_ids = set(self.desired.graph.pipelines)
+        dag_ids = self._dag_ids()
         horizon = now - self.settings.window
         mono = self.clock.monotonic()
         stale = (self.cache.listed_at is None
@@ -216,16 +241,24 @@ class Observer:
             self.relist(dag_ids, horizon, now, mono)
         else:
             assert self.cache.watermark is not None
-            raw = self.api.list_runs(sorted(dag_ids),
+            raw = self.api.list_runs(dag_ids,
                                      updated_at_gte=self.cache.watermark - WATERMARK_OVERLAP)
             self.cache.absorb(raw, dag_ids)
             self.cache.watermark = now
 
-    def relist(self, dag_ids: set[str], horizon: datetime, now: datetime, mono: float) -> None:
+    def _listing(self, dag_ids: Iterable[str],
+                 **filters: datetime) -> Iterable[dict[str, Any]]:
+        # Page by page when the client can: each page is parsed into DagRuns and dropped
+        # before the next is asked for (the relist's peak memory is one page of dicts).
+        if isinstance(self.api, PagedRuns):
+            return self.api.iter_runs(dag_ids, **filters)
+        return self.api.list_runs(dag_ids, **filters)
+
+    def relist(self, dag_ids: Set[str], horizon: datetime, now: datetime, mono: float) -> None:
         """Every run updated inside the window, then the other runs of cycles that are
         open although their logical date is older (a backfill, a weekly root)."""
-        raw = self.api.list_runs(sorted(dag_ids), updated_at_gte=horizon)
-        self.cache.replace_all(raw, dag_ids, now, mono)
+        self.cache.replace_all(self._listing(dag_ids, updated_at_gte=horizon),
+                               dag_ids, now, mono)
         assert self.desired is not None
         graph = self.desired.graph
         old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
@@ -234,8 +267,8 @@ class Observer:
         others = sorted(d for d, p in graph.pipelines.items() if p.depends_on)
         for cycle in old_cycles:
             if others:
-                self.cache.absorb(self.api.list_runs(others, logical_date_gte=cycle,
-                                                     logical_date_lte=cycle), dag_ids)
+                self.cache.absorb(self._listing(others, logical_date_gte=cycle,
+                                                logical_date_lte=cycle), dag_ids)
 
     # --- the eager path ---
 
@@ -331,12 +364,13 @@ class Observer:
         now = self.clock.now()
         desired = self.load_desired()
         suspended = self.load_suspended()
+        ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
+        if with_ledger:
+            # Before the runs: the ledger's transient dicts are then not held beside them.
+            ledger = self.ledger if self.ledger is not None else self.load_ledger()
         if desired is not None and refresh:
             self.observe_runs(now)
             self.check_tasks(now)
-        ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
-        if with_ledger:
-            ledger = self.ledger if self.ledger is not None else self.load_ledger()
         return Observation(desired=desired, runs=MappingProxyType(self.cache.runs),
                            runs_version=self.cache.version,
                            ledger=MappingProxyType(ledger), ledger_version=self.ledger_version,

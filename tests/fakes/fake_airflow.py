@@ -12,8 +12,10 @@ name and detail below was checked against a real `airflow standalone` (docs/airf
   AND for another run on the same logical date (unique `(dag_id, logical_date)`); 404 for
   an unknown DAG; 400 for a run id outside `^[A-Za-z0-9_.~:+-]+$`; 422 for a missing
   `logical_date` key or a naive one (`null` is allowed and makes a run without one).
-- `GET /dags/~/dagRuns`: `limit` defaults to 50 and is capped at 100, `limit=0` answers an
-  empty page, `offset`, `order_by` (an allow-list, `-` for descending, 400 otherwise),
+- `GET /dags/~/dagRuns`: `limit` defaults to 50 and is capped, silently, at
+  `maximum_page_limit` (`[api] maximum_page_limit`: 100 unless the fake is built with
+  another, as AIRFLOW__API__MAXIMUM_PAGE_LIMIT would set it), `limit=0` answers an empty
+  page, `offset`, `order_by` (an allow-list, `-` for descending, 400 otherwise),
   `updated_at_gte`, `logical_date_gte/_lte`; a naive timestamp answers 500 (it does on
   SQLite). Runs carry no `updated_at` field although the filter uses it.
 - `POST /dags/~/dagRuns/list`: `dag_ids`, `logical_date_gte/_lte`, `order_by`,
@@ -65,7 +67,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlparse
 
-MAX_PAGE = 100  # [api] maximum_page_limit
+MAX_PAGE = 100  # [api] maximum_page_limit's default
 FALLBACK_PAGE = 50  # [api] fallback_page_limit
 BATCH_PAGE = 100  # DAGRunsBatchBody.page_limit default
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.~:+-]+$")  # [scheduler] allowed_run_id_pattern
@@ -174,8 +176,11 @@ class FakeRun:
 
 class FakeAirflow:
     def __init__(self, dag_ids: list[str], *, username: str = "admin",
-                 password: str = "secret-pw") -> None:
+                 password: str = "secret-pw", maximum_page_limit: int = MAX_PAGE) -> None:
         self.dag_ids = set(dag_ids)
+        self.maximum_page_limit = maximum_page_limit
+        """`[api] maximum_page_limit`: the most runs a GET list page holds, whatever
+        `limit` asked for (the answer does not say it was capped)."""
         self.paused: dict[str, bool] = dict.fromkeys(dag_ids, False)
         self.username, self.password = username, password
         self.users: dict[str, tuple[str, str]] = {username: (password, "admin")}
@@ -653,7 +658,7 @@ class FakeAirflow:
             return self._reply(h, 422, {"detail": [{"type": "int_parsing"}]})
         if limit < 0 or offset < 0:
             return self._reply(h, 422, {"detail": [{"type": "greater_than_equal"}]})
-        limit = min(limit, MAX_PAGE)
+        limit = min(limit, self.maximum_page_limit)
         ranges = {f"{col}_{op}": (op, query[f"{col}_{op}"][0])
                   for col in ("updated_at", "logical_date") for op in ("gte", "lte")
                   if f"{col}_{op}" in query}
