@@ -308,146 +308,163 @@ def _plan_cycle(
                 outcome[dag_id] = _NOT_SCHEDULED
                 continue
 
-        # Where do the upstreams stand?
+        # Where do the upstreams stand? Nearly always all satisfied: that walk builds only
+        # the fingerprint; the notes of a wait or a block are built when there is one.
         all_done = pipeline.trigger_rule == "all_done"
         inputs: list[DagRun] = []
         items: list[FingerprintItem] = []
-        waiting: list[str] = []
-        notes: list[str] = []
-        blocked: list[str] = []
-        blocked_notes: list[str] = []
-        causes: set[str] = set()
-        absent = 0
         for up in ups:
             o = outcome.get(up, _NOT_IN_GRAPH)
             kind = o.kind
             if kind == _OK or (kind == _FAILED and all_done):
                 inputs.append(o.run)  # type: ignore[arg-type]  # ok/failed carry a run
                 items.append(o.item)  # type: ignore[arg-type]
-            elif kind == _FAILED:
-                blocked.append(up)
-                blocked_notes.append(f"failed {up}")
-                causes.add(up)
-            elif kind == _BLOCKED:
-                blocked.append(up)
-                blocked_notes.append(f"{up} (blocked by {_failed_list(o.causes)})")
-                causes.update(o.causes)
             else:
-                waiting.append(up)
-                notes.append(f"{up} ({o.note})")
-                absent += kind == _ABSENT
+                outcome[dag_id] = _unsatisfied(dag_id, run, ups, all_done, entry, outcome,
+                                               status)
+                break
+        else:
+            outcome[dag_id] = _satisfied(
+                dag_id=dag_id, cycle=cycle, run=run, entry=entry, pipeline=pipeline,
+                inputs=inputs, items=items, outcome=outcome, deterministic=deterministic,
+                commit=commit, actions=actions, status=status, eager=eager)
 
-        if blocked:
-            turned = [i.upstream for i in (entry.fingerprint if entry else ())
-                      if i.upstream in blocked and i.end_date.startswith(EAGER)]
-            status(dag_id, State.BLOCKED, Reason.BLOCKED_BY,
-                   "blocked by " + ", ".join(blocked_notes)
-                   + (f"; also waiting for {', '.join(notes)}" if notes else "")
-                   + (f"; its run started on an eager success of {', '.join(turned)}, "
-                      "whose run then ended failed" if turned else ""),
-                   run, waiting_for=tuple(waiting), blocked_by=tuple(blocked))
-            outcome[dag_id] = _Outcome(_BLOCKED, None, "blocked", tuple(sorted(causes)))
+
+def _unsatisfied(dag_id: str, run: DagRun | None, ups: tuple[str, ...], all_done: bool,
+                 entry: LedgerEntry | None, outcome: Mapping[str, _Outcome],
+                 status: _StatusFn) -> _Outcome:
+    """Some upstream is not done: blocked (a failure above) or waiting; the status says
+    which upstreams and why."""
+    waiting: list[str] = []
+    notes: list[str] = []
+    blocked: list[str] = []
+    blocked_notes: list[str] = []
+    causes: set[str] = set()
+    absent = 0
+    for up in ups:
+        o = outcome.get(up, _NOT_IN_GRAPH)
+        kind = o.kind
+        if kind == _OK or (kind == _FAILED and all_done):
             continue
-        if waiting:
-            if absent == len(ups):
-                status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
-                       "no upstream has a run in this cycle: " + ", ".join(notes), run,
-                       waiting_for=tuple(waiting))
-                outcome[dag_id] = _UPSTREAMS_ABSENT
-            else:
-                status(dag_id, State.WAITING, Reason.WAITING_FOR,
-                       "waiting for " + ", ".join(notes), run, waiting_for=tuple(waiting))
-                outcome[dag_id] = _WAITING
-            continue
+        if kind == _FAILED:
+            blocked.append(up)
+            blocked_notes.append(f"failed {up}")
+            causes.add(up)
+        elif kind == _BLOCKED:
+            blocked.append(up)
+            blocked_notes.append(f"{up} (blocked by {_failed_list(o.causes)})")
+            causes.update(o.causes)
+        else:
+            waiting.append(up)
+            notes.append(f"{up} ({o.note})")
+            absent += kind == _ABSENT
 
-        # Satisfied: the table of DESIGN section 5.
-        fingerprint = Fingerprint.presorted(items)  # `ups` is sorted
-        ends = [e for e in (r.end_date or r.tasks_done_at for r in inputs) if e is not None]
-        eager_ups = [i.upstream for i in items if i.end_date.startswith(EAGER)]
-        eager_note = (f" (eager: every task of {', '.join(eager_ups)} is done)"
-                      if eager_ups else "")
-        latest_end = max(ends) if ends else None
+    if blocked:
+        turned = [i.upstream for i in (entry.fingerprint if entry else ())
+                  if i.upstream in blocked and i.end_date.startswith(EAGER)]
+        status(dag_id, State.BLOCKED, Reason.BLOCKED_BY,
+               "blocked by " + ", ".join(blocked_notes)
+               + (f"; also waiting for {', '.join(notes)}" if notes else "")
+               + (f"; its run started on an eager success of {', '.join(turned)}, "
+                  "whose run then ended failed" if turned else ""),
+               run, waiting_for=tuple(waiting), blocked_by=tuple(blocked))
+        return _Outcome(_BLOCKED, None, "blocked", tuple(sorted(causes)))
+    if absent == len(ups):
+        status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
+               "no upstream has a run in this cycle: " + ", ".join(notes), run,
+               waiting_for=tuple(waiting))
+        return _UPSTREAMS_ABSENT
+    status(dag_id, State.WAITING, Reason.WAITING_FOR,
+           "waiting for " + ", ".join(notes), run, waiting_for=tuple(waiting))
+    return _WAITING
 
-        if run is None:
-            if entry is None:
-                why = "all upstreams " + ("done" if all_done else "succeeded") + eager_note
-            else:
-                why = (f"the ledger has {entry.action} ({entry.state}) of {entry.run_id} "
-                       "but Airflow has no run for this cycle: triggering again")
-            actions.append(Action(
-                kind=ActionKind.TRIGGER, dag_id=dag_id, cycle=cycle, run_id=deterministic,
-                fingerprint=fingerprint, reason=why, commit=commit,
-                conf=_conf(pipeline.conf, commit, cycle, fingerprint)))
-            status(dag_id, State.TRIGGERING, Reason.TRIGGERING,
-                   f"triggering {deterministic}: {why}")
-            outcome[dag_id] = _TRIGGER_PLANNED
-            continue
 
-        confirmed = (entry is not None and entry.state is LedgerState.DONE
-                     and entry.run_id == run.run_id)
-        if confirmed:
-            assert entry is not None
-            changed = entry.fingerprint.changed(fingerprint)
-            closed = _closed_after_eager(entry.fingerprint, changed, outcome)
-            if closed and len(closed) == len(changed):
-                # The eager path's upstream run has ended, as the same execution: record
-                # its end date, nothing to re-run.
-                actions.append(_adopt(dag_id, cycle, run, fingerprint,
-                                      f"{', '.join(closed)} ended after the eager trigger "
-                                      "(the same run): recording its end date", commit))
-                changed = ()
-            how = " (triggered on the eager path)" if entry.decided == "eager" else ""
-            if not run.finished:
-                later = (f"; {', '.join(changed)} re-ran meanwhile: it will be re-run when "
-                         "it ends") if changed else ""
-                _own_run_status(dag_id, run, status, how + later)
-                outcome[dag_id] = (_done(run, eager) if not changed
-                                   else _Outcome(_PENDING, run, run.state))
-            elif changed:
-                why = f"{', '.join(changed)} re-ran since run {run.run_id} was started"
-                actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
-                status(dag_id, State.RERUNNING, Reason.RERUNNING, f"re-running: {why}", run)
-                outcome[dag_id] = _RERUN_PLANNED
-            else:
-                _own_run_status(dag_id, run, status, how)
-                outcome[dag_id] = _finished(run)
-            continue
+def _satisfied(*, dag_id: str, cycle: datetime, run: DagRun | None,
+               entry: LedgerEntry | None, pipeline: Pipeline, inputs: list[DagRun],
+               items: list[FingerprintItem], outcome: Mapping[str, _Outcome],
+               deterministic: str, commit: str, actions: list[Action], status: _StatusFn,
+               eager: bool) -> _Outcome:
+    """Every upstream is done: the table of DESIGN section 5."""
+    all_done = pipeline.trigger_rule == "all_done"
+    fingerprint = Fingerprint.presorted(items)  # `ups` is sorted
 
-        # A run the ledger does not vouch for: a manual run, a lost ledger, or the
-        # trace of a crash or failed call. The run's own timestamps decide.
+    if run is None:
         if entry is None:
-            origin = "not in the ledger"
-        elif entry.run_id != run.run_id:
-            origin = f"the ledger records {entry.run_id} instead"
+            eager_ups = [i.upstream for i in items if i.end_date.startswith(EAGER)]
+            eager_note = (f" (eager: every task of {', '.join(eager_ups)} is done)"
+                          if eager_ups else "")
+            why = "all upstreams " + ("done" if all_done else "succeeded") + eager_note
         else:
-            origin = f"the ledger's {entry.action} is unconfirmed ({entry.state})"
-        started = run.start_date
+            why = (f"the ledger has {entry.action} ({entry.state}) of {entry.run_id} "
+                   "but Airflow has no run for this cycle: triggering again")
+        actions.append(Action(
+            kind=ActionKind.TRIGGER, dag_id=dag_id, cycle=cycle, run_id=deterministic,
+            fingerprint=fingerprint, reason=why, commit=commit,
+            conf=_conf(pipeline.conf, commit, cycle, fingerprint)))
+        status(dag_id, State.TRIGGERING, Reason.TRIGGERING,
+               f"triggering {deterministic}: {why}")
+        return _TRIGGER_PLANNED
+
+    if entry is not None and entry.state is LedgerState.DONE and entry.run_id == run.run_id:
+        # Confirmed: the ledger vouches for this run.
+        changed = entry.fingerprint.changed(fingerprint)
+        closed = _closed_after_eager(entry.fingerprint, changed, outcome) if changed else ()
+        if closed and len(closed) == len(changed):
+            # The eager path's upstream run has ended, as the same execution: record
+            # its end date, nothing to re-run.
+            actions.append(_adopt(dag_id, cycle, run, fingerprint,
+                                  f"{', '.join(closed)} ended after the eager trigger "
+                                  "(the same run): recording its end date", commit))
+            changed = ()
+        how = " (triggered on the eager path)" if entry.decided == "eager" else ""
         if not run.finished:
-            if started is None or latest_end is None or started > latest_end:
-                why = (f"adopting {run.run_id} ({origin}): it "
-                       + ("has not started yet" if started is None
-                          else "started after all upstreams ended"))
-                actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
-                _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
-            else:
-                _own_run_status(dag_id, run, status,
-                                f"; it started before its upstreams ended ({origin}): "
-                                "it will be re-run when it ends")
-            outcome[dag_id] = _Outcome(_PENDING, run, run.state)
-            continue
-        started = started or run.queued_at
-        if started is not None and (latest_end is None or started > latest_end):
-            why = f"adopting {run.run_id} ({origin}): it started after all upstreams ended"
-            actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
-            _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
-            outcome[dag_id] = _finished(run)
-        else:
-            why = (f"run {run.run_id} ({origin}) started before its upstreams ended"
-                   if started is not None else
-                   f"run {run.run_id} ({origin}) has no start date to vouch for it")
+            later = (f"; {', '.join(changed)} re-ran meanwhile: it will be re-run when "
+                     "it ends") if changed else ""
+            _own_run_status(dag_id, run, status, how + later)
+            return _done(run, eager) if not changed else _Outcome(_PENDING, run, run.state)
+        if changed:
+            why = f"{', '.join(changed)} re-ran since run {run.run_id} was started"
             actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
             status(dag_id, State.RERUNNING, Reason.RERUNNING, f"re-running: {why}", run)
-            outcome[dag_id] = _RERUN_PLANNED
+            return _RERUN_PLANNED
+        _own_run_status(dag_id, run, status, how)
+        return _finished(run)
+
+    # A run the ledger does not vouch for: a manual run, a lost ledger, or the
+    # trace of a crash or failed call. The run's own timestamps decide.
+    if entry is None:
+        origin = "not in the ledger"
+    elif entry.run_id != run.run_id:
+        origin = f"the ledger records {entry.run_id} instead"
+    else:
+        origin = f"the ledger's {entry.action} is unconfirmed ({entry.state})"
+    ends = [e for e in (r.end_date or r.tasks_done_at for r in inputs) if e is not None]
+    latest_end = max(ends) if ends else None
+    started = run.start_date
+    if not run.finished:
+        if started is None or latest_end is None or started > latest_end:
+            why = (f"adopting {run.run_id} ({origin}): it "
+                   + ("has not started yet" if started is None
+                      else "started after all upstreams ended"))
+            actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
+            _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
+        else:
+            _own_run_status(dag_id, run, status,
+                            f"; it started before its upstreams ended ({origin}): "
+                            "it will be re-run when it ends")
+        return _Outcome(_PENDING, run, run.state)
+    started = started or run.queued_at
+    if started is not None and (latest_end is None or started > latest_end):
+        why = f"adopting {run.run_id} ({origin}): it started after all upstreams ended"
+        actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
+        _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
+        return _finished(run)
+    why = (f"run {run.run_id} ({origin}) started before its upstreams ended"
+           if started is not None else
+           f"run {run.run_id} ({origin}) has no start date to vouch for it")
+    actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
+    status(dag_id, State.RERUNNING, Reason.RERUNNING, f"re-running: {why}", run)
+    return _RERUN_PLANNED
 
 
 def _root(dag_id: str, run: DagRun | None, status: _StatusFn, eager: bool) -> _Outcome:
@@ -486,7 +503,7 @@ def _closed_after_eager(recorded: Fingerprint, changed: tuple[str, ...],
 
 
 def _finished(run: DagRun) -> _Outcome:
-    return _Outcome(_OK if run.state == SUCCESS else _FAILED, run, item=fingerprint_item(run))
+    return _Outcome(_OK if run.state == SUCCESS else _FAILED, run, "", (), fingerprint_item(run))
 
 
 def _own_run_status(dag_id: str, run: DagRun, status: _StatusFn, suffix: str, *,

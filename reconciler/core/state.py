@@ -29,9 +29,12 @@ would make every stored fingerprint "differ" and re-run every open cycle):
 from __future__ import annotations
 
 import enum
+import functools
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 RUN_ID_PREFIX = "reconciler__"
@@ -58,6 +61,20 @@ def parse_time(value: str | datetime | None) -> datetime | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cycle(value: str) -> datetime | None:
+    # A cycle's logical date is shared by every run of the cycle: one datetime for all.
+    return parse_time(value)
+
+
+_intern = sys.intern
+"""The strings held per run and per ledger entry (dag ids, run ids, states, fingerprint
+items) repeat across 150,000 runs and entries at 50,000 pipelines: one copy of each."""
+
+_NO_CONF: Mapping[str, Any] = MappingProxyType({})
+"""The conf of a run that has none (nearly all): shared, read-only."""
 
 
 def run_id_for(cycle: datetime) -> str:
@@ -91,8 +108,13 @@ class DagRun:
     skipped, confirmed through the REST API; the latest task end. None otherwise."""
 
     def __post_init__(self) -> None:
-        for name in ("logical_date", "queued_at", "start_date", "end_date", "tasks_done_at"):
-            _require_aware("DagRun", name, getattr(self, name))
+        # One pass over the values, the names only on the error path (150,000 runs a relist).
+        for value in (self.logical_date, self.queued_at, self.start_date, self.end_date,
+                      self.tasks_done_at):
+            if value is not None and value.tzinfo is None:
+                for name in ("logical_date", "queued_at", "start_date", "end_date",
+                             "tasks_done_at"):
+                    _require_aware("DagRun", name, getattr(self, name))
 
     @property
     def finished(self) -> bool:
@@ -105,16 +127,18 @@ class DagRun:
         Airflow 2's API v1 names the logical date `execution_date`; it is accepted too.
         """
         logical = data.get("logical_date", data.get("execution_date"))
+        conf = data.get("conf")
         return cls(
-            dag_id=str(data["dag_id"]),
-            run_id=str(data["dag_run_id"]),
-            logical_date=parse_time(logical),
-            state=str(data.get("state") or QUEUED),
+            dag_id=_intern(str(data["dag_id"])),
+            run_id=_intern(str(data["dag_run_id"])),
+            logical_date=_parse_cycle(logical) if isinstance(logical, str)
+            else parse_time(logical),
+            state=_intern(str(data.get("state") or QUEUED)),
             queued_at=parse_time(data.get("queued_at")),
             start_date=parse_time(data.get("start_date")),
             end_date=parse_time(data.get("end_date")),
-            run_type=str(data.get("run_type") or "manual"),
-            conf=dict(data.get("conf") or {}),
+            run_type=_intern(str(data.get("run_type") or "manual")),
+            conf=dict(conf) if conf else _NO_CONF,
         )
 
 
@@ -135,7 +159,9 @@ closes later the downstream is not re-run (the ledger is brought up to date inst
 
 
 def fingerprint_item(run: DagRun) -> FingerprintItem:
-    return FingerprintItem(run.dag_id, run.run_id, iso(run.end_date) if run.end_date else "")
+    end = run.end_date
+    # tuple.__new__: the NamedTuple's own __new__ costs a Python call per finished run
+    return tuple.__new__(FingerprintItem, (run.dag_id, run.run_id, iso(end) if end else ""))
 
 
 def execution_start(run: DagRun) -> str:
@@ -172,6 +198,8 @@ class Fingerprint(tuple[FingerprintItem, ...]):
         removed from it, is a change of the graph, not a re-run of data, and must not
         re-run every open cycle of the downstream.
         """
+        if tuple.__eq__(self, current):
+            return ()  # nearly every confirmed entry: one comparison, no dict
         now = {item.upstream: item for item in current}
         return tuple(
             item.upstream for item in self
@@ -183,7 +211,30 @@ class Fingerprint(tuple[FingerprintItem, ...]):
 
     @classmethod
     def from_json(cls, data: Iterable[Sequence[str]]) -> Fingerprint:
-        return cls(tuple(item) for item in data)
+        """Read a stored fingerprint. `to_json` wrote it sorted, so its order is checked
+        (one comparison per item), not sorted again: 150,000 entries are read after each
+        restart. Anything but a list of `[upstream, run id, end date]` strings raises
+        ValueError (the entry is quarantined)."""
+        if not isinstance(data, list | tuple):
+            raise ValueError(f"a fingerprint is a list of items, not {type(data).__name__}")
+        items = []
+        in_order = True
+        previous: FingerprintItem | None = None
+        for raw in data:
+            if not isinstance(raw, list | tuple) or len(raw) != 3:
+                raise ValueError(f"a fingerprint item is [upstream, run id, end date], "
+                                 f"not {raw!r:.80}")
+            upstream, run_id, end_date = raw
+            if type(upstream) is not str or type(run_id) is not str \
+                    or type(end_date) is not str:
+                raise ValueError(f"a fingerprint item holds strings only, not {raw!r:.80}")
+            item = tuple.__new__(FingerprintItem, (_intern(upstream), _intern(run_id),
+                                                   _intern(end_date)))
+            if previous is not None and item < previous:
+                in_order = False  # not written by this code: sorted as before
+            items.append(item)
+            previous = item
+        return tuple.__new__(cls, items) if in_order else cls(items)
 
 
 # --- ledger ---------------------------------------------------------------------------
@@ -221,8 +272,10 @@ class LedgerEntry:
         _require_aware("LedgerEntry", "at", self.at)
         _require_aware("LedgerEntry", "cleared_end", self.cleared_end)
         # Normalise so that an entry built by hand with strs/tuples equals one read back.
-        object.__setattr__(self, "action", ActionKind(self.action))
-        object.__setattr__(self, "state", LedgerState(self.state))
+        if type(self.action) is not ActionKind:
+            object.__setattr__(self, "action", ActionKind(self.action))
+        if type(self.state) is not LedgerState:
+            object.__setattr__(self, "state", LedgerState(self.state))
         if not isinstance(self.fingerprint, Fingerprint):
             object.__setattr__(self, "fingerprint", Fingerprint(self.fingerprint))
 
@@ -246,8 +299,10 @@ class LedgerEntry:
     def decided(self) -> str:
         """`eager` when an upstream counted as done because all its tasks were, else
         `run-end` (every upstream run had ended)."""
-        return "eager" if any(i.end_date.startswith(EAGER) for i in self.fingerprint) \
-            else "run-end"
+        for item in self.fingerprint:  # a loop, not any(): plan() asks once per entry
+            if item.end_date.startswith(EAGER):
+                return "eager"
+        return "run-end"
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LedgerEntry:
@@ -255,15 +310,25 @@ class LedgerEntry:
         at = parse_time(data["at"])
         if at is None:
             raise ValueError("ledger entry without 'at'")
+        action = _ACTIONS.get(data["action"])
+        state = _LEDGER_STATES.get(data.get("state", "done"))
+        if action is None or state is None:  # an unknown value: the Enum's own error
+            action, state = ActionKind(data["action"]), LedgerState(data.get("state", "done"))
+        cleared = data.get("cleared_end")
         return cls(
-            run_id=str(data["run_id"]),
-            action=ActionKind(data["action"]),
-            fingerprint=Fingerprint.from_json(data.get("fingerprint", ())),
-            commit=str(data.get("commit", "")),
+            run_id=_intern(str(data["run_id"])),
+            action=action,
+            fingerprint=Fingerprint.from_json(data.get("fingerprint", [])),
+            commit=_intern(str(data.get("commit", ""))),
             at=at,
-            state=LedgerState(data.get("state", LedgerState.DONE.value)),
-            cleared_end=parse_time(data.get("cleared_end")),
+            state=state,
+            cleared_end=parse_time(cleared) if cleared else None,
         )
+
+
+# A dict lookup, not Enum's __call__: a fifth of reading an entry back.
+_ACTIONS: dict[Any, ActionKind] = {k.value: k for k in ActionKind}
+_LEDGER_STATES: dict[Any, LedgerState] = {s.value: s for s in LedgerState}
 
 
 # --- decisions ------------------------------------------------------------------------
