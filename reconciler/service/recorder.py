@@ -2,8 +2,10 @@
 
 `observed/<cycle>/<dag_id>` holds the last status and run state the leader saw, written
 only when it changed (a quiet pass writes nothing), in fenced transactions of at most
-100 keys. One log line per state change, never per pass. Cycles that closed (left the
-window) are forgotten here too, by a fenced delete: a deposed leader cannot delete what
+100 keys. What etcd holds is mirrored in memory as flat tuples of each record's values
+(`compact`), not as the records' dicts: 150,000 dicts cost more than a quarter GB. One
+log line per state change, never per pass. Cycles that closed (left the window) are
+forgotten here too, by a fenced delete: a deposed leader cannot delete what
 the new one relies on.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -31,8 +34,8 @@ class Recorder:
         self.store = store
         self.holder = holder
         self.metrics = metrics
-        self.mirror: dict[tuple[str, str], Any] | None = None
-        """(cycle ISO, dag_id) -> what observed/ holds; read once per term."""
+        self.mirror: dict[tuple[str, str], tuple[Any, ...] | None] | None = None
+        """(cycle ISO, dag_id) -> `compact()` of what observed/ holds; read once per term."""
         self._last_state: dict[tuple[datetime, str], tuple[str, str]] = {}
         self._recorded: Plan | None = None
         self._beat: tuple[float, str] | None = None
@@ -57,7 +60,9 @@ class Recorder:
         return True
 
     def load(self) -> None:
-        self.mirror = {k: v for k, v in self.store.read_observed().items()
+        intern = sys.intern
+        self.mirror = {(intern(cycle), intern(dag_id)): compact(v)
+                       for (cycle, dag_id), v in self.store.read_observed().items()
                        if not isinstance(v, Unreadable)}
 
     def record(self, result: Plan, runs: Mapping[tuple[str, str], DagRun]) -> int:
@@ -69,14 +74,21 @@ class Recorder:
         assert self.mirror is not None
         changed: list[tuple[str, bytes]] = []
         counts: dict[str, int] = {}
+        cycles: dict[datetime, str] = {}
         for status in result.statuses:
             counts[status.state.value] = counts.get(status.state.value, 0) + 1
-            self._log_change(status)
-            key = (iso(status.cycle), status.dag_id)
-            data = observed_record(status, runs)
-            if self.mirror.get(key) != data:
-                changed.append((self.store.observed_key(*key), _dumps(data)))
-                self.mirror[key] = data
+            cycle = cycles.get(status.cycle)
+            if cycle is None:
+                cycle = cycles[status.cycle] = iso(status.cycle)
+            key = (cycle, status.dag_id)
+            run = runs.get((status.dag_id, status.run_id)) if status.run_id else None
+            now = compact_of(status, cycle, run)
+            recorded = self.mirror.get(key) == now
+            self._log_change(status, recorded)
+            if not recorded:
+                changed.append((self.store.observed_key(*key),
+                                _dumps(observed_record(status, runs))))
+                self.mirror[key] = now
         if self.metrics is not None:
             for state in ("waiting", "blocked"):
                 self.metrics.waiting.labels(state).set(counts.get(state, 0))
@@ -89,12 +101,19 @@ class Recorder:
         self._recorded = result
         return len(changed)
 
-    def _log_change(self, status: PipelineStatus) -> None:
+    def _log_change(self, status: PipelineStatus, recorded: bool) -> None:
+        """`recorded`: etcd holds this very status already. First seen in this process
+        and already recorded (a restart, a new term), it is no change: the replica that
+        recorded it logged it, and a restart does not log 150,000 lines."""
         key = (status.cycle, status.dag_id)
         summary = (status.state.value, status.message)
-        if self._last_state.get(key) == summary:
+        known = self._last_state.get(key)
+        if known == summary:
             return
-        if key in self._last_state or status.state.value in ("done", "failed", "blocked"):
+        if known is None and recorded:
+            self._last_state[key] = summary
+            return
+        if known is not None or status.state.value in ("done", "failed", "blocked"):
             event("state", dag_id=status.dag_id, cycle=iso(status.cycle),
                   state=status.state.value, reason=status.reason.value,
                   message=status.message)
@@ -134,6 +153,51 @@ def observed_record(status: PipelineStatus,
                        "start_date": iso(run.start_date) if run.start_date else None,
                        "end_date": iso(run.end_date) if run.end_date else None}
     return data
+
+
+_KEYS = frozenset(("dag_id", "cycle", "state", "reason", "message", "run_id", "waiting_for",
+                   "blocked_by", "commit"))
+_KEYS_WITH_RUN = _KEYS | {"run"}
+_RUN_KEYS = frozenset(("state", "start_date", "end_date"))
+
+
+def compact(data: Any) -> tuple[Any, ...] | None:
+    """An observed record (as `observed_record` builds it, or as read back from etcd) as
+    a flat tuple of its values in a fixed order: equal exactly when the records are.
+    None for a record of any other shape: it never matches, so it is rewritten."""
+    if not isinstance(data, dict):
+        return None
+    keys = data.keys()
+    run = data.get("run")
+    if keys == _KEYS_WITH_RUN:
+        if not isinstance(run, dict) or run.keys() != _RUN_KEYS:
+            return None
+        ran: tuple[Any, ...] | None = (_text(run["state"]), run["start_date"], run["end_date"])
+    elif keys == _KEYS:
+        ran = None
+    else:
+        return None
+    waiting, blocked = data["waiting_for"], data["blocked_by"]
+    return (data["dag_id"], data["cycle"], _text(data["state"]), _text(data["reason"]),
+            data["message"], _text(data["run_id"]),
+            tuple(waiting) if type(waiting) is list else waiting,
+            tuple(blocked) if type(blocked) is list else blocked, _text(data["commit"]), ran)
+
+
+def compact_of(status: PipelineStatus, cycle: str, run: DagRun | None) -> tuple[Any, ...]:
+    """`compact(observed_record(status, runs))` without building the record: what every
+    recorded pass computes for each of its statuses. `cycle` is `iso(status.cycle)`."""
+    ran = None if run is None else (
+        run.state, iso(run.start_date) if run.start_date else None,
+        iso(run.end_date) if run.end_date else None)
+    return (status.dag_id, cycle, status.state.value, status.reason.value, status.message,
+            status.run_id, status.waiting_for, status.blocked_by, status.commit, ran)
+
+
+def _text(value: Any) -> Any:
+    # The few values repeated on most records (states, reasons, run ids, the commit):
+    # one copy each in the mirror.
+    return sys.intern(value) if type(value) is str else value
 
 
 def _parse(text: str) -> datetime | None:
