@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -305,26 +306,33 @@ def read_commit(repo_path: str | Path, rev: str, subdir: str = "pipelines", *,
         raise
 
 
-def _git(repo: Any, *args: str, stdin: bytes | None = None,
-         ok_codes: tuple[int, ...] = (0,)) -> bytes:
+def _git_command(repo: Any) -> tuple[list[str], str]:
+    """The git command line for `repo`, and the folder to run it in."""
     command = [repo.git.GIT_PYTHON_GIT_EXECUTABLE or "git", "--git-dir", str(repo.git_dir)]
     if getattr(repo, "working_tree_dir", None):
         command += ["--work-tree", str(repo.working_tree_dir)]
+    return command, getattr(repo, "working_tree_dir", None) or repo.git_dir
+
+
+def _git_failure(repo: Any, what: str, stderr: bytes) -> SourceError:
+    text = stderr.decode(errors="replace")
+    refused = ownership_refusal(getattr(repo, "working_tree_dir", None) or repo.git_dir, text)
+    if refused is not None:
+        return refused
+    detail = text.strip().splitlines()
+    return SourceError(redact(f"git {what} failed: {detail[-1] if detail else ''}").strip())
+
+
+def _git(repo: Any, *args: str, stdin: bytes | None = None,
+         ok_codes: tuple[int, ...] = (0,)) -> bytes:
+    command, cwd = _git_command(repo)
     try:
         proc = subprocess.run([*command, *args], input=stdin, capture_output=True,
-                              timeout=GIT_TIMEOUT, check=False,
-                              cwd=getattr(repo, "working_tree_dir", None) or repo.git_dir)
+                              timeout=GIT_TIMEOUT, check=False, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SourceError(f"git {args[0]} failed: {exc}") from None
     if proc.returncode not in ok_codes:
-        stderr = proc.stderr.decode(errors="replace")
-        refused = ownership_refusal(getattr(repo, "working_tree_dir", None) or repo.git_dir,
-                                    stderr)
-        if refused is not None:
-            raise refused
-        detail = stderr.strip().splitlines()
-        raise SourceError(redact(f"git {args[0]} failed: {detail[-1] if detail else ''}"
-                                 ).strip())
+        raise _git_failure(repo, args[0], proc.stderr)
     return proc.stdout
 
 
@@ -343,6 +351,14 @@ def _entries_to_files(entries: Iterator[tuple[bytes, bytes, str, int]], shown_ba
                       repo: Any, max_file_bytes: int, what: str) -> list[SourceFile]:
     """Apply the rule to (mode, relative path, object id, size) entries of a tree or the
     index, then read the blobs that pass in one `git cat-file --batch`."""
+    out, wanted = _apply_rule(entries, shown_base, max_file_bytes)
+    return sorted([*out, *_read_blobs(repo, wanted, what)], key=lambda f: f.path)
+
+
+def _apply_rule(entries: Iterator[tuple[bytes, bytes, str, int]], shown_base: str,
+                max_file_bytes: int) -> tuple[list[SourceFile], list[tuple[str, str, int]]]:
+    """(the entries refused or over the limit, (display path, object id, size) of each
+    blob to read)."""
     out: list[SourceFile] = []
     wanted: list[tuple[str, str, int]] = []
     refused_dirs: set[str] = set()
@@ -380,18 +396,90 @@ def _entries_to_files(entries: Iterator[tuple[bytes, bytes, str, int]], shown_ba
                     out.append(SourceFile(display, b"", size))
                 else:
                     wanted.append((display, object_id, size))
-    if wanted:
-        batch = _git(repo, "cat-file", "--batch",
-                     stdin=b"".join(sha.encode() + b"\n" for _, sha, _ in wanted))
-        at = 0
+    return out, wanted
+
+
+_CHUNK = 1 << 20
+
+
+def _read_blobs(repo: Any, wanted: list[tuple[str, str, int]], what: str
+                ) -> Iterator[SourceFile]:
+    """The blobs `wanted` names, in that order, from one `git cat-file --batch`, each as
+    soon as git has written it: the caller checks one file while git reads the next (a
+    second core works instead of waiting). git's input is written, and its errors read,
+    by a helper thread; a git that has not finished after GIT_TIMEOUT is killed."""
+    if not wanted:
+        return
+    command, cwd = _git_command(repo)
+    try:
+        proc = subprocess.Popen([*command, "cat-file", "--batch", "--buffer"], cwd=cwd,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise SourceError(f"git cat-file failed: {exc}") from None
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    assert stdin is not None
+    assert stdout is not None
+    assert stderr is not None
+    out_fd = stdout.fileno()
+    errors: list[bytes] = []
+    timed_out: list[bool] = []
+
+    def feed() -> None:
+        try:
+            stdin.write("".join(f"{sha}\n" for _, sha, _ in wanted).encode())
+            stdin.close()
+        except OSError:
+            pass  # git stopped reading: its exit code and stderr say why
+        errors.append(stderr.read())
+
+    def stop() -> None:
+        timed_out.append(True)
+        proc.kill()
+
+    feeder = threading.Thread(target=feed, name="git-cat-file-input", daemon=True)
+    watchdog = threading.Timer(GIT_TIMEOUT, stop)
+    feeder.start()
+    watchdog.start()
+    finished = False
+    try:
+        data, at = b"", 0
         for display, sha, size in wanted:
-            header_end = batch.index(b"\n", at)
-            if not batch.startswith(f"{sha} blob {size}".encode(), at):
-                raise SourceError(f"git cat-file answered {batch[at:header_end][:80]!r} for "
+            header_end = data.find(b"\n", at)
+            end = header_end + 1 + size  # the content, then a newline
+            while header_end < 0 or len(data) <= end:
+                if header_end >= 0 and data[at:header_end] != f"{sha} blob {size}".encode():
+                    break  # not this blob (missing?): refused below, without waiting
+                chunk = os.read(out_fd, _CHUNK)  # what git has written, up to a chunk
+                if not chunk:
+                    break
+                data, at = data[at:] + chunk, 0
+                header_end = data.find(b"\n")
+                end = header_end + 1 + size
+            if header_end < 0:
+                break  # git ended early: its exit code and stderr say why
+            if data[at:header_end] != f"{sha} blob {size}".encode():
+                raise SourceError(f"git cat-file answered {data[at:header_end][:80]!r} for "
                                   f"{display} in {what}")
-            out.append(SourceFile(display, batch[header_end + 1:header_end + 1 + size]))
-            at = header_end + 1 + size + 1  # the content is followed by a newline
-    return sorted(out, key=lambda f: f.path)
+            if len(data) <= end:
+                break
+            yield SourceFile(display, data[header_end + 1:end])
+            at = end + 1
+        else:
+            finished = True
+    finally:
+        if not finished:
+            proc.kill()
+        stdout.close()
+        returncode = proc.wait()
+        watchdog.cancel()
+        feeder.join()
+    if timed_out:
+        raise SourceError(f"git cat-file failed: no answer within {GIT_TIMEOUT} s")
+    if returncode != 0:
+        raise _git_failure(repo, "cat-file", b"".join(errors))
+    if not finished:
+        raise SourceError(f"git cat-file ended before it answered for every file in {what}")
 
 
 def read_tree(repo: Any, commit: Any, subdir: str = "pipelines", *,
@@ -402,6 +490,16 @@ def read_tree(repo: Any, commit: Any, subdir: str = "pipelines", *,
     one blob at a time: 1.2 s of a 2 s budget at 10,000 files). Raises PathNotFound when
     `subdir` is not in the commit.
     """
+    return sorted(open_tree(repo, commit, subdir, max_file_bytes=max_file_bytes),
+                  key=lambda f: f.path)
+
+
+def open_tree(repo: Any, commit: Any, subdir: str = "pipelines", *,
+              max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[SourceFile]:
+    """read_tree's files as they come, in no particular order (check_files sorts them):
+    the tree is listed at once (PathNotFound and every refusal are raised or known
+    here), then the blobs are read while the caller consumes them. A SourceError of git's
+    can still come while iterating."""
     subdir = _normal(subdir)
     short = commit.hexsha[:12]
     if subdir:
@@ -428,7 +526,14 @@ def read_tree(repo: Any, commit: Any, subdir: str = "pipelines", *,
             mode, _kind, object_id, object_size = meta.split()
             yield mode, rel, object_id.decode(), int(object_size) if object_size.isdigit() else 0
 
-    return _entries_to_files(entries(), subdir, repo, max_file_bytes, f"commit {short}")
+    out, wanted = _apply_rule(entries(), subdir, max_file_bytes)
+    return _then_blobs(out, repo, wanted, f"commit {short}")
+
+
+def _then_blobs(known: list[SourceFile], repo: Any, wanted: list[tuple[str, str, int]],
+                what: str) -> Iterator[SourceFile]:
+    yield from known
+    yield from _read_blobs(repo, wanted, what)  # close() reaches it: git is stopped
 
 
 def read_index(directory: str | Path, *, max_file_bytes: int = MAX_FILE_BYTES

@@ -106,48 +106,33 @@ def _gc_paused() -> Iterator[None]:
 
 def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_bytes: int
                  ) -> CheckResult:
-    files = sorted(files, key=lambda f: f.path)
-    stems = [_stem(f.path) for f in files]  # once: four uses per file
     problems: list[Problem] = []
-    specs: list[_Spec] = []
-    readable = [(f, stem) for f, stem in zip(files, stems, strict=True) if f.problem is None]
-    for f, stem in zip(files, stems, strict=True):
-        if f.problem is not None:
-            problems.append(f.problem)
-            continue
-        if f.real_size > max_file_bytes:
-            problems.append(too_large(f.path, f.real_size, max_file_bytes))
-            continue
-        loaded = load_document(f.path, f.data, max_bytes=max_file_bytes)
-        if isinstance(loaded, Problem):
-            problems.append(loaded)
-            continue
-        problems.extend(loaded.problems)
-        checked = check_document(loaded)
-        problems.extend(checked.problems)
-        if checked.dag_id is not None and checked.dag_id != stem:
-            line, col = loaded.position(("dag_id",))
-            problems.append(Problem(f.path, line, col, f"dag_id {checked.dag_id!r} does not "
-                                    f"match the file name {stem!r}; rename one of them",
-                                    "file-name"))
-        if checked.dag_id is not None:
-            specs.append(_Spec(checked.dag_id, loaded, checked.upstreams, checked.pipeline))
+    # Each file is checked as it comes (a reader may still be reading the next ones, see
+    # adapters/sources.py's open_tree), then everything that depends on the order is done
+    # in path order, as if the files had been sorted first.
+    seen: list[tuple[SourceFile, str, _Spec | None]] = []
+    for f in files:
+        stem = _stem(f.path)
+        seen.append((f, stem, _check_one(f, stem, problems, max_file_bytes)))
+    seen.sort(key=lambda item: item[0].path)
+    ordered = [f for f, _, _ in seen]
+    specs = [spec for _, _, spec in seen if spec is not None]
+    readable = [(f, stem) for f, stem, _ in seen if f.problem is None]
     # Stems are also checked among files that failed to load, so a.yaml + a.yml is caught.
     problems.extend(_duplicate_ids(readable))
     by_id: dict[str, _Spec] = {}
     for spec in specs:
         by_id.setdefault(spec.dag_id, spec)
     # A refused a.YAML or link b.yaml still names a pipeline: depends_on [b] is not unknown.
-    known = {stem for f, stem in zip(files, stems, strict=True)
-             if f.path.lower().endswith(PIPELINE_SUFFIXES)}
+    known = {stem for f, stem, _ in seen if f.path.lower().endswith(PIPELINE_SUFFIXES)}
     problems.extend(_edge_problems(by_id, known))
     problems.extend(_cycle_problems(by_id))
-    result = CheckResult(files=len(files), problems=sorted(set(problems)))
+    result = CheckResult(files=len(ordered), problems=sorted(set(problems)))
     if result.ok:
         graph = Graph(s.pipeline for s in specs if s.pipeline is not None)
-        size = _compressed_size(graph, files, max_graph_bytes)
+        size = _compressed_size(graph, ordered, max_graph_bytes)
         if size > max_graph_bytes:
-            biggest = max(files, key=lambda f: f.real_size)
+            biggest = max(ordered, key=lambda f: f.real_size)
             result.problems.append(Problem(
                 biggest.path, 1, 1, f"the graph of {len(graph)} pipelines is {size} bytes "
                 f"compressed, over the {max_graph_bytes} byte limit of one etcd value "
@@ -169,6 +154,33 @@ def _compressed_size(graph: Graph, files: list[SourceFile], limit: int) -> int:
         return bound
     raw = len(graph.canonical_json())
     return raw if raw + raw // 1000 + 64 <= limit else len(graph.compressed())
+
+
+def _check_one(f: SourceFile, stem: str, problems: list[Problem], max_file_bytes: int
+               ) -> _Spec | None:
+    """Load and schema-check one file (its problems go to `problems`); what the graph
+    checks use of it, or None when it did not load."""
+    if f.problem is not None:
+        problems.append(f.problem)
+        return None
+    if f.real_size > max_file_bytes:
+        problems.append(too_large(f.path, f.real_size, max_file_bytes))
+        return None
+    loaded = load_document(f.path, f.data, max_bytes=max_file_bytes)
+    if isinstance(loaded, Problem):
+        problems.append(loaded)
+        return None
+    problems.extend(loaded.problems)
+    checked = check_document(loaded)
+    problems.extend(checked.problems)
+    if checked.dag_id is None:
+        return None
+    if checked.dag_id != stem:
+        line, col = loaded.position(("dag_id",))
+        problems.append(Problem(f.path, line, col, f"dag_id {checked.dag_id!r} does not "
+                                f"match the file name {stem!r}; rename one of them",
+                                "file-name"))
+    return _Spec(checked.dag_id, loaded, checked.upstreams, checked.pipeline)
 
 
 def _stem(path: str) -> str:

@@ -25,6 +25,7 @@ from reconciler.adapters.sources import (
     PathNotFound,
     SourceError,
     open_repo,
+    open_tree,
     read_tree,
     resolve_commit,
 )
@@ -35,7 +36,7 @@ from reconciler.adapters.store import (
     StoreCorrupt,
     StoreNotFound,
 )
-from reconciler.core.checks import check_files
+from reconciler.core.checks import SourceFile, check_files
 from reconciler.core.graph import Graph
 from reconciler.core.problems import Problem, redact
 from reconciler.core.settings import EtcdSettings
@@ -215,8 +216,10 @@ def sync(repo_path: str | Path, rev: str, subdir: str, store: EtcdStore, *,
     repo = open_repo(repo_path)
     commit = resolve_commit(repo, rev)
     sha = commit.hexsha
+    files: Iterable[SourceFile]
     try:
-        files = read_tree(repo, commit, subdir)
+        # Checked as git reads them: the checks run while git reads the next blobs.
+        files = open_tree(repo, commit, subdir)
     except PathNotFound:
         if not allow_empty:
             return SyncResult(Status.REFUSED, Reason.MISSING_PATH, sha,
