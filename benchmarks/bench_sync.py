@@ -7,13 +7,16 @@ the commit's tree, validate, compress, write to etcd), under 1 GB. Starts its ow
 and stops it. Times the library call (the sync itself) and the CLI as a child process
 (start-up and imports included, peak RSS from getrusage), each in a fresh namespace,
 plus the no-op re-sync. `--part-bytes` makes the store split the blob into parts that
-small (the default part is 1 MiB: the 50,000 graph is one value).
+small (the default part is 1 MiB: the 50,000 graph is one value). The graph blob's sha256
+is printed (the synthetic graph is the same on every run, whatever its commit): it must
+not change from one version to the next; the CLI's blob must be the library's.
 Usage: python benchmarks/bench_sync.py [--pipelines N] [--repeat R]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import statistics
@@ -80,6 +83,8 @@ def main() -> None:
                     noop_times.append(time.perf_counter() - start)
                     since_bytes = len(store.read_since_blob(result.commit) or b"")
                     parts = result.head.graph_parts if result.head else 0
+                    blob_sha = hashlib.sha256(store.read_graph_blob(result.commit) or b""
+                                              ).hexdigest()
             cli_times = []
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             for _ in range(args.repeat):
@@ -94,6 +99,10 @@ def main() -> None:
                 if proc.returncode != 0:
                     sys.exit(f"reconciler sync failed:\n{proc.stdout}{proc.stderr}")
             cli_peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+            with EtcdStore(replace(base, namespace=env["RECONCILER_NAMESPACE"])) as store:
+                cli_blob = store.read_graph_blob(result.commit) or b""
+            if hashlib.sha256(cli_blob).hexdigest() != blob_sha:
+                sys.exit("the CLI wrote another graph blob than the library")
         finally:
             server.stop()
     edges = sum(len(v) for v in graph.values())
@@ -106,6 +115,7 @@ def main() -> None:
     print(f"  no-op re-sync: median {statistics.median(noop_times):.2f} s")
     print(f"  graph blob: {blob} bytes compressed ({blob / 1024:.0f} KiB; "
           f"{f'{parts} parts' if parts else 'one etcd value'}); since-map: {since_bytes} bytes")
+    print(f"  graph blob sha256: {blob_sha}")
 
 
 if __name__ == "__main__":
