@@ -210,11 +210,14 @@ class Fingerprint(tuple[FingerprintItem, ...]):
         return [list(item) for item in self]
 
     @classmethod
-    def from_json(cls, data: Iterable[Sequence[str]]) -> Fingerprint:
+    def from_json(cls, data: Iterable[Sequence[str]],
+                  shared: dict[FingerprintItem, FingerprintItem] | None = None
+                  ) -> Fingerprint:
         """Read a stored fingerprint. `to_json` wrote it sorted, so its order is checked
         (one comparison per item), not sorted again: 150,000 entries are read after each
         restart. Anything but a list of `[upstream, run id, end date]` strings raises
-        ValueError (the entry is quarantined)."""
+        ValueError (the entry is quarantined). `shared`: items already read (an upstream
+        run is an item of each of its downstreams' entries), to hold each one once."""
         if not isinstance(data, list | tuple):
             raise ValueError(f"a fingerprint is a list of items, not {type(data).__name__}")
         items = []
@@ -230,6 +233,8 @@ class Fingerprint(tuple[FingerprintItem, ...]):
                 raise ValueError(f"a fingerprint item holds strings only, not {raw!r:.80}")
             item = tuple.__new__(FingerprintItem, (_intern(upstream), _intern(run_id),
                                                    _intern(end_date)))
+            if shared is not None:
+                item = shared.setdefault(item, item)
             if previous is not None and item < previous:
                 in_order = False  # not written by this code: sorted as before
             items.append(item)
@@ -305,8 +310,10 @@ class LedgerEntry:
         return "run-end"
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> LedgerEntry:
-        """Raises ValueError (or KeyError) on an entry this version cannot read."""
+    def from_json(cls, data: Mapping[str, Any],
+                  shared: dict[FingerprintItem, FingerprintItem] | None = None) -> LedgerEntry:
+        """Raises ValueError (or KeyError) on an entry this version cannot read. `shared`:
+        see Fingerprint.from_json (a whole ledger read at once passes one)."""
         at = parse_time(data["at"])
         if at is None:
             raise ValueError("ledger entry without 'at'")
@@ -318,7 +325,7 @@ class LedgerEntry:
         return cls(
             run_id=_intern(str(data["run_id"])),
             action=action,
-            fingerprint=Fingerprint.from_json(data.get("fingerprint", [])),
+            fingerprint=Fingerprint.from_json(data.get("fingerprint", []), shared),
             commit=_intern(str(data.get("commit", ""))),
             at=at,
             state=state,

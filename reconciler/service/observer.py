@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 from reconciler.adapters.store import StoreCorrupt, Unreadable
 from reconciler.core.graph import Graph
 from reconciler.core.settings import LoopSettings
-from reconciler.core.state import DagRun, LedgerEntry, iso, parse_time
+from reconciler.core.state import DagRun, FingerprintItem, LedgerEntry, iso, parse_time
 from reconciler.service.observability import event
 from reconciler.service.ports import AirflowApi, Clock, Store
 
@@ -325,15 +326,19 @@ class Observer:
 
     def read_ledger(self) -> dict[tuple[datetime, str], LedgerEntry]:
         out: dict[tuple[datetime, str], LedgerEntry] = {}
+        # One datetime per cycle and one copy of each fingerprint item, not one per entry.
+        shared: dict[FingerprintItem, FingerprintItem] = {}
+        cycles: dict[str, datetime | None] = {}
         for (cycle, dag_id), data in self.store.read_ledger().items():
             if isinstance(data, Unreadable):
                 self.quarantine(data.key, data.why)
                 continue
             try:
-                parsed = parse_time(cycle)
+                parsed = cycles[cycle] if cycle in cycles else cycles.setdefault(
+                    cycle, parse_time(cycle))
                 if parsed is None:
                     raise ValueError("the cycle in the key is empty")
-                out[(parsed, dag_id)] = LedgerEntry.from_json(data)
+                out[(parsed, sys.intern(dag_id))] = LedgerEntry.from_json(data, shared)
             except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 self.quarantine(self.store.ledger_key(cycle, dag_id),
                                 f"{type(exc).__name__}: {exc}")

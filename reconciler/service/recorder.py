@@ -36,7 +36,6 @@ class Recorder:
         self.metrics = metrics
         self.mirror: dict[tuple[str, str], tuple[Any, ...] | None] | None = None
         """(cycle ISO, dag_id) -> `compact()` of what observed/ holds; read once per term."""
-        self._last_state: dict[tuple[datetime, str], tuple[str, str]] = {}
         self._recorded: Plan | None = None
         self._beat: tuple[float, str] | None = None
 
@@ -83,9 +82,9 @@ class Recorder:
             key = (cycle, status.dag_id)
             run = runs.get((status.dag_id, status.run_id)) if status.run_id else None
             now = compact_of(status, cycle, run)
-            recorded = self.mirror.get(key) == now
-            self._log_change(status, recorded)
-            if not recorded:
+            before = self.mirror.get(key)
+            if before != now:
+                _log_change(status, before)
                 changed.append((self.store.observed_key(*key),
                                 _dumps(observed_record(status, runs))))
                 self.mirror[key] = now
@@ -100,24 +99,6 @@ class Recorder:
                                 "status")
         self._recorded = result
         return len(changed)
-
-    def _log_change(self, status: PipelineStatus, recorded: bool) -> None:
-        """`recorded`: etcd holds this very status already. First seen in this process
-        and already recorded (a restart, a new term), it is no change: the replica that
-        recorded it logged it, and a restart does not log 150,000 lines."""
-        key = (status.cycle, status.dag_id)
-        summary = (status.state.value, status.message)
-        known = self._last_state.get(key)
-        if known == summary:
-            return
-        if known is None and recorded:
-            self._last_state[key] = summary
-            return
-        if known is not None or status.state.value in ("done", "failed", "blocked"):
-            event("state", dag_id=status.dag_id, cycle=iso(status.cycle),
-                  state=status.state.value, reason=status.reason.value,
-                  message=status.message)
-        self._last_state[key] = summary
 
     def forget_closed(self, open_cycles: Iterable[datetime],
                       ledger_cycles: Iterable[datetime], horizon: datetime) -> list[datetime]:
@@ -139,9 +120,22 @@ class Recorder:
         if closed:
             gone = {iso(c) for c in closed}
             self.mirror = {k: v for k, v in self.mirror.items() if k[0] not in gone}
-            self._last_state = {k: v for k, v in self._last_state.items()
-                                if k[0] not in set(closed)}
         return closed
+
+
+def _log_change(status: PipelineStatus, before: tuple[Any, ...] | None) -> None:
+    """One line when a status's state or message differs from what etcd held (`before`,
+    its compact record), or on a first done/failed/blocked. The mirror is the memory of
+    what was logged: a restart, whose mirror comes from etcd, logs what changed only,
+    not 150,000 lines."""
+    state = status.state.value
+    if before is not None:
+        if before[2] == state and before[4] == status.message:
+            return  # only the run's dates moved
+    elif state not in ("done", "failed", "blocked"):
+        return
+    event("state", dag_id=status.dag_id, cycle=iso(status.cycle), state=state,
+          reason=status.reason.value, message=status.message)
 
 
 def observed_record(status: PipelineStatus,

@@ -117,6 +117,17 @@ def test_the_observer_quarantines_a_malformed_fingerprint_and_reads_the_rest() -
                                          f"/r/ns/ledger/{iso(C)}/worse"}
 
 
+def test_one_ledger_read_holds_each_item_and_cycle_once() -> None:
+    item = ("up", "reconciler__x", iso(C))
+    store = LedgerStore({(iso(C), "d1"): entry(item).to_json(),
+                         (iso(C), "d2"): entry(item, ("other", "r", "")).to_json()})
+    ledger = Observer(store, None, None, None).read_ledger()  # type: ignore[arg-type]
+    one, two = ledger[(C, "d1")], ledger[(C, "d2")]
+    assert one.fingerprint[0] is two.fingerprint[1]  # "other" < "up"
+    (first, _), (second, _) = ledger
+    assert first is second  # the cycle's datetime
+
+
 # --- runs ------------------------------------------------------------------------------
 
 
