@@ -13,9 +13,10 @@ B: examples/dags (01_pipeline_init .. 07_pipeline) and pipelines/: a real etcd, 
 
 Both families' roots are triggered through the REST API, alternating A and B, `--gap`
 seconds apart; the scheduler keeps Airflow's default settings (idle sleep 1 s; the test
-bench's 0.2 s is undone). Airflow's metadata is in a throwaway PostgreSQL
-(scripts/postgres_env.py), as deployed: with SQLite's one writer, a loaded 2-core machine
-makes both families wait for the database lock, and the scheduler may die of it. Every
+bench's 0.2 s is undone). `--database sqlite` (the default) is standalone's own database,
+in WAL mode with a 20 s lock wait (scripts/airflow_env.py); `--database postgres` is a
+throwaway PostgreSQL (scripts/postgres_env.py), as deployed: with SQLite's one writer a
+loaded 2-core machine makes both families wait for the database lock. Every
 figure is read back from Airflow's own records (runs, and task instances through
 /api/v2/dags/{dag}/dagRuns/{run}/taskInstances), per edge (upstream -> downstream; a
 join counts from its latest upstream):
@@ -30,7 +31,7 @@ no duplicate and no missing run: one run per pipeline and cycle, with the reconc
 run id, every task instance on its first try. Target (DESIGN section 1): work-to-work
 B/A <= 0.7 at the median and <= 1.0 at p90.
 
-    python benchmarks/bench_vs_assets.py [--cycles 12] [--gap 6] [--timeout 900]
+    python benchmarks/bench_vs_assets.py [--cycles 12] [--gap 8] [--database sqlite]
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def report(cycles: list[Cycle], args: argparse.Namespace, problems: list[str],
     finished = {f: [c for c in cycles if c.family == f and c.done()] for f in ("A", "B")}
     print(f"bench_vs_assets: {args.cycles} cycles per family, interleaved A/B every "
           f"{args.gap:g} s, one airflow standalone (scheduler idle sleep "
-          f"{args.idle_sleep} s), {elapsed:.0f} s")
+          f"{args.idle_sleep} s, {args.database}), {elapsed:.0f} s")
     print(f"  finished cycles: A {len(finished['A'])}/{args.cycles}, "
           f"B {len(finished['B'])}/{args.cycles}")
     figures: dict[str, dict[str, list[float]]] = {}
@@ -330,6 +331,8 @@ def main() -> None:
                         help="[scheduler] scheduler_idle_sleep_time (Airflow's default)")
     parser.add_argument("--stall", type=float, default=180.0,
                         help="give up when no run changes state for this long")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                        help="Airflow's metadata database (sqlite: standalone's default)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # so that every finally below runs
@@ -350,9 +353,10 @@ def main() -> None:
         with EtcdStore(settings) as store:
             sync(repo, "HEAD", "pipelines", store, source="bench",
                  now=datetime.now(UTC) - timedelta(days=1))
-        postgres = start_postgres()
+        if args.database == "postgres":
+            postgres = start_postgres()
         airflow = start_airflow(work / "airflow", dags_folder=dags,
-                                database_url=postgres.url, extra_env={
+                                database_url=postgres.url if postgres else None, extra_env={
             "EXAMPLE_ROOT_SCHEDULE": "none",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": args.idle_sleep,
             "RECONCILER_ETCD_ENDPOINTS": etcd.endpoint,
