@@ -127,6 +127,8 @@ class AirflowProcess:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
             "AIRFLOW__CORE__PARALLELISM": "16",
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "16",
+            # as deployed (docker-compose.yml): pages as large as the reconciler asks for
+            "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         })
