@@ -438,6 +438,15 @@ def _satisfied(*, dag_id: str, cycle: datetime, run: DagRun | None,
         origin = f"the ledger records {entry.run_id} instead"
     else:
         origin = f"the ledger's {entry.action} is unconfirmed ({entry.state})"
+        if _took_effect(entry, run) and _same_inputs(entry.fingerprint, fingerprint, outcome):
+            # Our own call whose answer was lost, on the upstream executions it was decided
+            # on. Timestamps would mislead after an eager decision: the upstream run closes
+            # after this run started, and a clear would run it twice.
+            why = (f"adopting {run.run_id} ({origin}): the {entry.action} took effect, on "
+                   "the same upstream runs")
+            actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
+            _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
+            return _finished(run) if run.finished else _Outcome(_PENDING, run, run.state)
     ends = [e for e in (r.end_date or r.tasks_done_at for r in inputs) if e is not None]
     latest_end = max(ends) if ends else None
     started = run.start_date
@@ -484,6 +493,25 @@ def _done(run: DagRun, eager: bool) -> _Outcome:
     if eager and run.state == RUNNING and run.tasks_done_at is not None:
         return _Outcome(_OK, run, item=eager_item(run))
     return _Outcome(_PENDING, run, run.state)
+
+
+def _took_effect(entry: LedgerEntry, run: DagRun) -> bool:
+    """Whether the unconfirmed call of `entry` made `run` what it is: a trigger made the
+    run (its id is ours); a clear restarted it (queued or running again, or ended at
+    another time than the end it cleared)."""
+    if entry.action is ActionKind.TRIGGER:
+        return True
+    if entry.action is ActionKind.CLEAR and entry.cleared_end is not None:
+        return not run.finished or run.end_date != entry.cleared_end
+    return False
+
+
+def _same_inputs(recorded: Fingerprint, current: Fingerprint,
+                 outcome: Mapping[str, _Outcome]) -> bool:
+    """The upstream runs are the executions `recorded` was decided on (an eager item's
+    run has since closed, as the same execution)."""
+    changed = recorded.changed(current)
+    return len(_closed_after_eager(recorded, changed, outcome)) == len(changed)
 
 
 def _closed_after_eager(recorded: Fingerprint, changed: tuple[str, ...],

@@ -170,3 +170,41 @@ def test_a_run_cleared_after_the_check_is_not_eager_any_more(store: EtcdStore,
                         json.dumps({"kind": "task"}).encode())
     assert r.run_pass().actions == []
     assert fake.runs("06_pipeline") == []
+
+
+def test_an_eager_trigger_whose_answer_is_lost_is_adopted_not_run_twice(
+        store: EtcdStore, fake: TaskFake) -> None:
+    """The trigger of 06 takes effect, its answer outlives the action's deadline, and the
+    scheduler closes 05 (the eager upstream) after 06 has started: 06 is our run, on the
+    same execution of 05, so it is adopted; a clear would run it a second time."""
+    r = reconciler(store, fake, call_deadline=1.0)
+    runner = watched(r)
+    try:
+        up_to_05_running(r, fake)
+        fake.tis[("05_pipeline", RUN)] = [ti("extract", "success"), ti("load", "success")]
+        task_event(store, "05_pipeline", RUN, "load")
+        wait_until(lambda: r.observer._task_events)
+        trigger = "POST /api/v2/dags/{dag_id}/dagRuns"
+
+        def lose_the_answer(request: Any) -> None:
+            if request.route == trigger and request.dag_id == "06_pipeline":
+                fake.before_reply = None
+                fake.advance("06_pipeline", RUN, "running")
+                fake.advance("05_pipeline", RUN, "success")  # later than 06's start
+                time.sleep(2.5)  # past the action's deadline: the answer is lost
+
+        fake.before_reply = lose_the_answer
+        report = r.run_pass()
+        assert [o.result for o in report.outcomes if o.action.dag_id == "06_pipeline"] == [
+            "failed"]
+        assert fake.run("06_pipeline", RUN).start_date < fake.run("05_pipeline", RUN).end_date
+        report = r.run_pass()
+        assert [(a.kind.value, a.dag_id) for a in report.actions] == [("adopt", "06_pipeline")]
+        fake.advance("06_pipeline", RUN, "success")
+        assert [(a.kind.value, a.dag_id) for a in r.run_pass().actions] == [
+            ("trigger", "07_pipeline")]
+        assert fake.requests["POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"] == 0
+        assert len(fake.runs("06_pipeline")) == 1
+    finally:
+        fake.before_reply = None
+        runner._drop_watch()

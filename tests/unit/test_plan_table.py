@@ -941,3 +941,79 @@ def test_eager_a_task_up_for_retry_is_not_done() -> None:
     assert run is not None
     world.put(replace(run, state="running", start_date=world.tick()))  # no tasks_done_at
     assert kinds(world.plan()) == []
+
+
+def apply_unconfirmed(world: World, result: Plan, state: LedgerState) -> None:
+    """The Airflow call took effect but its answer was lost: the ledger keeps the intent
+    (or records the call as failed)."""
+    world.apply(result)
+    for action in result.actions:
+        key = (action.cycle, action.dag_id)
+        world.ledger[key] = replace(world.ledger[key], state=state)
+
+
+@pytest.mark.parametrize("state", [LedgerState.INTENT, LedgerState.FAILED])
+def test_eager_an_unconfirmed_trigger_is_adopted_after_its_upstream_closes(
+        state: LedgerState) -> None:
+    """The downstream started after its upstream's tasks were done, before Airflow closed
+    the upstream run: the same execution, so not a run that started too early."""
+    world = World(example_graph())
+    world.root_run()
+    world.apply(world.plan())
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        world.finish(dag_id)
+    tasks_done(world, "05_pipeline")
+    eager = world.plan()
+    assert kinds(eager) == [("trigger", "06_pipeline")]
+    apply_unconfirmed(world, eager, state)  # the POST timed out after it took effect
+    world.start("06_pipeline")
+    world.finish("05_pipeline")  # closed by the scheduler after 06 had started
+    result = world.plan()
+    assert kinds(result) == [("adopt", "06_pipeline")]
+    world.apply(result)
+    world.finish("06_pipeline")
+    assert kinds(world.plan()) == [("trigger", "07_pipeline")]
+    assert world.executions.count(("06_pipeline", C)) == 1
+
+
+def test_eager_an_unconfirmed_clear_that_took_effect_is_adopted() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.settle()
+    world.user_clear("05_pipeline")
+    tasks_done(world, "05_pipeline")  # re-ran: every task done, the run not closed yet
+    rerun = world.plan()
+    assert ("clear", "06_pipeline") in kinds(rerun)
+    apply_unconfirmed(world, rerun, LedgerState.INTENT)
+    world.start("06_pipeline")
+    world.finish("05_pipeline")
+    result = world.plan()
+    assert ("adopt", "06_pipeline") in kinds(result)
+    assert ("clear", "06_pipeline") not in kinds(result)
+
+
+def test_an_unconfirmed_clear_that_did_not_take_effect_is_sent_again() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.settle()
+    world.user_clear("05_pipeline")
+    world.finish("05_pipeline")
+    rerun = world.plan()
+    assert ("clear", "06_pipeline") in kinds(rerun)
+    for action in rerun.actions:  # the intent is written, the POST never arrived
+        world.ledger[(action.cycle, action.dag_id)] = action.ledger_entry(at=world.tick())
+    assert ("clear", "06_pipeline") in kinds(world.plan())
+
+
+def test_an_unconfirmed_trigger_on_upstreams_that_re_ran_since_is_re_run() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.apply(world.plan())
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"):
+        world.finish(dag_id)
+    apply_unconfirmed(world, world.plan(), LedgerState.FAILED)  # 06 triggered, unconfirmed
+    world.start("06_pipeline")
+    world.user_clear("05_pipeline")  # 05 re-runs while 06 runs
+    world.finish("05_pipeline")
+    world.finish("06_pipeline")
+    assert ("clear", "06_pipeline") in kinds(world.plan())
