@@ -7,18 +7,16 @@ refused, or no such repository or commit. One line on failure.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import getpass
 import os
 import socket
-from collections.abc import Iterator
 
 import click
 
 from reconciler.cli.app import EXIT_ENVIRONMENT, EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.checks_cmds import path_option, repo_option
 from reconciler.cli.options import etcd_options, json_answer, output_option
+from reconciler.core.heap import gc_paused
 from reconciler.core.settings import EtcdSettings
 
 
@@ -35,21 +33,6 @@ def default_source(environ: dict[str, str] | None = None) -> str:
     except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary uid in a container
         user = "unknown"
     return f"cli:{user}@{socket.gethostname()}"
-
-
-@contextlib.contextmanager
-def _no_collection() -> Iterator[None]:
-    """No cyclic garbage collection during one sync: it builds millions of small objects
-    (files, nodes, the graph) and no cycle worth collecting, and the collector's passes
-    over them only cost time. Reference counting still frees everything; the previous
-    state is restored after (the command also runs inside tests)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @main.command()
@@ -84,7 +67,7 @@ def sync(repo: str, rev: str, subdir: str, force: bool, allow_empty: bool,
     from reconciler.service.sync import sync as run_sync
 
     try:
-        with EtcdStore(etcd) as store, _no_collection():
+        with EtcdStore(etcd) as store, gc_paused():
             result = run_sync(repo, rev, subdir, store, force=force,
                               source=source or default_source(), allow_empty=allow_empty)
     except SourceError as exc:

@@ -8,14 +8,13 @@ file that loaded, valid or not, so one run shows all problems of a file.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.heap import gc_paused
 from reconciler.core.problems import Problem
 from reconciler.core.spec import check_document
 from reconciler.core.yamlload import MAX_FILE_BYTES, Document, load_document, too_large
@@ -89,19 +88,9 @@ def check_files(
     # Loading builds millions of small objects (nodes, positions) and no reference cycle
     # that matters: the cyclic collector's full passes over them cost 3 s of 10 at 50,000
     # files. Reference counting still frees everything; collection resumes after.
-    with _gc_paused():
+    with gc_paused():
         return _check_files(files, max_file_bytes, max_graph_bytes)
 
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_bytes: int

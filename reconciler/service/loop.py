@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from reconciler.adapters.clock import SystemClock
+from reconciler.core.heap import gc_paused
 from reconciler.core.plan import plan
 from reconciler.core.settings import LoopSettings
 from reconciler.core.state import Action, Plan
@@ -182,13 +183,8 @@ def building_heap(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         yield
-    finally:
-        if enabled:
-            gc.enable()
     settle_heap()
 
 
