@@ -117,25 +117,24 @@ def _path(text: str) -> str:
     return quote(text, safe="")
 
 
-def _without_credentials(url: str) -> str:
+def _with_userinfo(url: str, userinfo: str) -> str:
+    """`url` with its `user:password@` replaced by `userinfo` (unchanged if it has none)."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, userinfo + host, parts.path, parts.query, parts.fragment))
+
+
+def _without_credentials(url: str) -> str:
+    return _with_userinfo(url, "")
 
 
 def redact_url(url: str) -> str:
     """The URL without `user:password@`: what messages and logs may show."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+    return _with_userinfo(url, "***@")
 
 
 class AirflowClient:
