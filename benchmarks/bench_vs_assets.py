@@ -62,7 +62,7 @@ from postgres_env import PostgresProcess, start_postgres  # noqa: E402
 
 from reconciler.adapters.airflow import AirflowClient  # noqa: E402
 from reconciler.adapters.store import EtcdStore  # noqa: E402
-from reconciler.core.settings import AirflowSettings, EtcdSettings  # noqa: E402
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings  # noqa: E402
 from reconciler.core.state import iso, parse_time, run_id_for  # noqa: E402
 from reconciler.service.sync import sync  # noqa: E402
 from tests.fixtures.etcd import EtcdServer  # noqa: E402
@@ -274,7 +274,8 @@ def report(cycles: list[Cycle], args: argparse.Namespace, problems: list[str],
     finished = {f: [c for c in cycles if c.family == f and c.done()] for f in ("A", "B")}
     print(f"bench_vs_assets: {args.cycles} cycles per family, interleaved A/B every "
           f"{args.gap:g} s, one airflow standalone (scheduler idle sleep "
-          f"{args.idle_sleep} s, {args.database}), {elapsed:.0f} s")
+          f"{args.idle_sleep} s, {args.database}), reconciler --concurrency "
+          f"{args.concurrency}, {elapsed:.0f} s")
     print(f"  finished cycles: A {len(finished['A'])}/{args.cycles}, "
           f"B {len(finished['B'])}/{args.cycles}")
     figures: dict[str, dict[str, list[float]]] = {}
@@ -333,8 +334,13 @@ def main() -> None:
                         help="give up when no run changes state for this long")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                         help="Airflow's metadata database (sqlite: standalone's default)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="the reconciler's --concurrency (default: 1 on sqlite, as the "
+                             "README advises for an Airflow on SQLite; else the reconciler's 8)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    if args.concurrency is None:
+        args.concurrency = 1 if args.database == "sqlite" else LoopSettings.concurrency
     signal.signal(signal.SIGTERM, _interrupt)  # so that every finally below runs
     work = Path(tempfile.mkdtemp(prefix="bench-vs-assets-"))
     etcd: EtcdServer | None = None
@@ -368,7 +374,7 @@ def main() -> None:
                    RECONCILER_AIRFLOW_URL=airflow.url,
                    RECONCILER_AIRFLOW_USERNAME=airflow.username,
                    RECONCILER_AIRFLOW_PASSWORD=airflow.password, RECONCILER_HTTP_PORT="0",
-                   RECONCILER_WINDOW="1d")
+                   RECONCILER_WINDOW="1d", RECONCILER_CONCURRENCY=str(args.concurrency))
         with open(work / "reconciler.log", "wb") as log:
             reconciler = subprocess.Popen([sys.executable, "-m", "reconciler", "run"],
                                           env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -77,8 +77,11 @@ def main() -> int:
     etcd_port = port_or_free(2379)
     airflow_port = port_or_free(8080)
     metrics_port = port_or_free(9102)
+    # The playground's Airflow keeps SQLite: one write to it at a time (README, "Airflow on
+    # SQLite": concurrent POSTs stall its API server for the lock timeout).
     env = dict(os.environ, RECONCILER_ETCD_ENDPOINTS=f"127.0.0.1:{etcd_port}",
-               RECONCILER_INTERVAL=os.environ.get("RECONCILER_INTERVAL", "2"))
+               RECONCILER_INTERVAL=os.environ.get("RECONCILER_INTERVAL", "2"),
+               RECONCILER_CONCURRENCY=os.environ.get("RECONCILER_CONCURRENCY", "1"))
     etcd = airflow = reconciler = None
     stopping = False
 

@@ -83,7 +83,12 @@ class AirflowError(ReconcilerError):
 
 
 class AirflowUnavailable(AirflowError, RetryLater):
-    """Connection refused, timeout or 5xx after the retries: try again later."""
+    """Connection refused, timeout or 5xx after the retries: try again later.
+    `no_answer`: the last attempt reached Airflow but no answer came in time."""
+
+    def __init__(self, message: str, *, no_answer: bool = False) -> None:
+        super().__init__(message)
+        self.no_answer = no_answer
 
 
 class AirflowAuthError(AirflowError, NeedsHuman):
@@ -110,6 +115,10 @@ class AirflowRejected(AirflowError, NeedsHuman):
 
 class _Retryable(Exception):
     """One failed attempt that is worth repeating (connection, timeout, 5xx)."""
+
+    def __init__(self, message: str, *, no_answer: bool = False) -> None:
+        super().__init__(message)
+        self.no_answer = no_answer
 
 
 def _path(text: str) -> str:
@@ -287,7 +296,7 @@ class AirflowClient:
             remaining = deadline - (time.monotonic() - started)
             if remaining <= 0:
                 raise _Retryable(f"{method} {self.base}{path}: no answer within "
-                                 f"{deadline:g} s")
+                                 f"{deadline:g} s", no_answer=True)
             # The read timeout never runs past the deadline: a hanging Airflow costs at
             # most `deadline` seconds in all, whatever settings.retries says.
             read = max(0.1, min(self.settings.timeout, remaining))
@@ -301,9 +310,11 @@ class AirflowClient:
                 raise AirflowRejected(
                     f"TLS with Airflow at {self.base} failed ({_ssl_reason(exc)}); give its "
                     "CA bundle with RECONCILER_AIRFLOW_CA (or REQUESTS_CA_BUNDLE)") from None
-            except requests.Timeout:
+            except requests.Timeout as exc:
                 raise _Retryable(f"{method} {self.base}{path} timed out after "
-                                 f"{read:g} s") from None
+                                 f"{read:g} s",
+                                 no_answer=not isinstance(exc, requests.ConnectTimeout)
+                                 ) from None
             except requests.ConnectionError as exc:
                 raise _Retryable(f"cannot connect to Airflow at {self.base} "
                                  f"({type(exc).__name__})") from None
@@ -335,9 +346,11 @@ class AirflowClient:
         try:
             return retrying(attempt)
         except RetryError as exc:
-            message = self._redact(str(exc.last_attempt.exception()))
+            last = exc.last_attempt.exception()
+            message = self._redact(str(last))
             self.last_failure = (time.monotonic(), message)
-            raise AirflowUnavailable(message) from None
+            raise AirflowUnavailable(message, no_answer=getattr(last, "no_answer", False)
+                                     ) from None
 
     def _note_server_time(self, response: requests.Response) -> None:
         date = response.headers.get("Date")

@@ -20,6 +20,7 @@ one round trip, not N.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from reconciler.adapters.airflow import restarted
+from reconciler.adapters.airflow import AirflowUnavailable, restarted
 from reconciler.adapters.store import StoreError
 from reconciler.core.errors import LostLeadership, ReconcilerError, disposition
 from reconciler.core.state import (
@@ -84,6 +85,7 @@ class Executor:
         self.failpoint = os.environ.get(FAILPOINT_ENV, "") if failpoint is None else failpoint
         self._retry_after: dict[tuple[datetime, str], tuple[float, int]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._stall_hinted = False
 
     @property
     def holder(self) -> str:
@@ -105,10 +107,25 @@ class Executor:
             futures = [self._pool.submit(self._one, a, ledger.get((a.cycle, a.dag_id)))
                        for a in actions]
             outcomes = [f.result() for f in futures]
+            self._hint_if_stalled(outcomes)
         lost = next((o.error for o in outcomes if isinstance(o.error, LostLeadership)), None)
         if lost is not None:
             raise lost
         return outcomes
+
+    def _hint_if_stalled(self, outcomes: Sequence[Outcome]) -> None:
+        """Say once when every call of a concurrent batch went unanswered: an Airflow on
+        SQLite does that (its API server can wait out the database lock while it commits
+        its action log on the event loop), and one write at a time avoids it."""
+        sent = [o for o in outcomes if o.result != "deferred"]
+        if self._stall_hinted or len(sent) < 2 or not all(
+                isinstance(o.error, AirflowUnavailable) and o.error.no_answer for o in sent):
+            return
+        self._stall_hinted = True
+        event("every concurrent Airflow call of this pass went unanswered", logging.WARNING,
+              calls=len(sent), concurrency=self.concurrency,
+              hint="an Airflow on SQLite stalls on concurrent writes: run with "
+                   "--concurrency 1 (RECONCILER_CONCURRENCY=1)")
 
     def close(self) -> None:
         if self._pool is not None:

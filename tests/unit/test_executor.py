@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -149,3 +150,46 @@ def test_a_failed_call_is_recorded_and_deferred_by_its_backoff() -> None:
     (again,) = ex.execute([clear_action()], {})
     assert again.result == "deferred"  # not before its backoff
     assert api.calls.count(("clear", "06_pipeline")) == 1
+
+
+def _fan_out(n: int) -> list[Action]:
+    return [replace(clear_action(), dag_id=f"0{i}_pipeline") for i in range(2, 2 + n)]
+
+
+def _concurrent_executor() -> tuple[Executor, ScriptedAirflow]:
+    store, api, lease = MemoryStore(), ScriptedAirflow(), Lease()
+    ex = Executor(store, api, lease, FakeClock(), call_deadline=3.0,  # type: ignore[arg-type]
+                  concurrency=4, failpoint="")
+    return ex, api
+
+
+HINT = "every concurrent Airflow call of this pass went unanswered"
+
+
+def test_a_concurrent_batch_that_all_went_unanswered_says_once_to_send_one_at_a_time(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ex, api = _concurrent_executor()
+    api.fail_with = AirflowUnavailable("POST ... timed out after 5 s", no_answer=True)
+    with caplog.at_level("WARNING", logger="reconciler"):
+        outcomes = ex.execute(_fan_out(4), {})
+        assert [o.result for o in outcomes] == ["failed"] * 4
+        ex._retry_after.clear()  # the next pass sends them again at once
+        ex.execute(_fan_out(4), {})
+    ex.close()
+    hints = [r for r in caplog.records if r.getMessage() == HINT]
+    assert len(hints) == 1
+    assert "--concurrency 1" in hints[0].fields["hint"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("failure", [
+    AirflowUnavailable("cannot connect to Airflow at http://x"),  # down: not a stall
+    AirflowUnavailable("POST ... answered 500", no_answer=False),
+])
+def test_no_hint_when_airflow_answered_or_was_not_reached(
+        caplog: pytest.LogCaptureFixture, failure: AirflowUnavailable) -> None:
+    ex, api = _concurrent_executor()
+    api.fail_with = failure
+    with caplog.at_level("WARNING", logger="reconciler"):
+        ex.execute(_fan_out(4), {})
+    ex.close()
+    assert HINT not in [r.getMessage() for r in caplog.records]
