@@ -329,7 +329,7 @@ class Observer:
         # One datetime per cycle and one copy of each fingerprint item, not one per entry.
         shared: dict[FingerprintItem, FingerprintItem] = {}
         cycles: dict[str, datetime | None] = {}
-        for (cycle, dag_id), data in self.store.read_ledger().items():
+        for (cycle, dag_id), data in self.store.scan_ledger():
             if isinstance(data, Unreadable):
                 self.quarantine(data.key, data.why)
                 continue

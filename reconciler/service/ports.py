@@ -4,7 +4,7 @@ of these (tests/fakes) beside the real-etcd and real-Airflow tiers."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
@@ -47,6 +47,12 @@ class Store(Protocol):
     def read_ledger(self, cycle: str | None = None) -> dict[tuple[str, str], Any]: ...
 
     def read_observed(self, cycle: str | None = None) -> dict[tuple[str, str], Any]: ...
+
+    def scan_ledger(self, cycle: str | None = None
+                    ) -> Iterator[tuple[tuple[str, str], Any]]: ...
+
+    def scan_observed(self, cycle: str | None = None
+                      ) -> Iterator[tuple[tuple[str, str], Any]]: ...
 
     def put_ledger(self, holder: str, cycle: str, dag_id: str,
                    entry: Mapping[str, Any]) -> None: ...

@@ -61,7 +61,7 @@ class Recorder:
     def load(self) -> None:
         intern = sys.intern
         self.mirror = {(intern(cycle), intern(dag_id)): compact(v)
-                       for (cycle, dag_id), v in self.store.read_observed().items()
+                       for (cycle, dag_id), v in self.store.scan_observed()
                        if not isinstance(v, Unreadable)}
 
     def record(self, result: Plan, runs: Mapping[tuple[str, str], DagRun]) -> int:

@@ -18,6 +18,7 @@ from reconciler.adapters.store import (
     StoreConflict,
     StoreRequestTooLarge,
     StoreUnavailable,
+    Unreadable,
 )
 from reconciler.core.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdFactory, EtcdServer, free_port
@@ -112,6 +113,30 @@ def test_ledger_and_observed_by_cycle_and_dag_id(store: EtcdStore) -> None:
     store.delete_cycle("me", cycle1)
     assert list(store.read_ledger()) == [(cycle2, "b")]
     assert store.read_observed() == {}
+
+
+def test_a_scan_reads_chunk_by_chunk_in_key_order_from_one_revision(store: EtcdStore) -> None:
+    cycle = "2026-01-01T00:00:00+00:00"
+    for n in range(12):
+        store.put_observed(cycle, f"p{n:02d}", {"n": n})
+    store.put(store.key("observed", cycle, "zz-unreadable"), b"{not json")
+    prefix = store.key("observed") + "/"
+    chunks = store.scan_prefix(prefix, chunk=5)
+    first = next(chunks)
+    # Written after the scan began: a scan is one view, as a single range read would be.
+    store.put_observed(cycle, "p05b", {"n": "late"})
+    store.put_observed(cycle, "p00", {"n": "rewritten"})
+    rest = list(chunks)
+    assert [len(c) for c in [first, *rest]] == [5, 5, 3]
+    keys = [k for c in [first, *rest] for k, _ in c]
+    assert keys == sorted(keys) and len(set(keys)) == 13
+    assert not any(k.endswith("/p05b") for k in keys)
+    assert dict(first)[store.observed_key(cycle, "p00")] == b'{"n":0}'
+    # scan_observed decodes one value at a time; what is not JSON is named, not raised
+    scanned = dict(store.scan_observed())
+    assert scanned[(cycle, "p00")] == {"n": "rewritten"} and len(scanned) == 14
+    unreadable = scanned[(cycle, "zz-unreadable")]
+    assert isinstance(unreadable, Unreadable) and unreadable.key.endswith("/zz-unreadable")
 
 
 def test_a_key_segment_cannot_contain_a_slash(store: EtcdStore) -> None:

@@ -96,8 +96,8 @@ class LedgerStore:
     def __init__(self, entries: dict[tuple[str, str], Any]) -> None:
         self.entries = entries
 
-    def read_ledger(self) -> dict[tuple[str, str], Any]:
-        return self.entries
+    def scan_ledger(self) -> Iterator[tuple[tuple[str, str], Any]]:
+        return iter(self.entries.items())
 
     def ledger_key(self, cycle: str, dag_id: str) -> str:
         return f"/r/ns/ledger/{cycle}/{dag_id}"
@@ -233,8 +233,8 @@ class ObservedStore:
         self.observed: dict[tuple[str, str], Any] = {}
         self.writes: list[str] = []
 
-    def read_observed(self) -> dict[tuple[str, str], Any]:
-        return {k: json.loads(v) for k, v in self.observed.items()}
+    def scan_observed(self) -> Iterator[tuple[tuple[str, str], Any]]:
+        return ((k, json.loads(v)) for k, v in self.observed.items())
 
     def observed_key(self, cycle: str, dag_id: str) -> str:
         return f"{cycle}/{dag_id}"
