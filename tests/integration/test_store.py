@@ -16,6 +16,7 @@ from reconciler.adapters.store import (
     HeadRecord,
     StoreAccessDenied,
     StoreConflict,
+    StoreError,
     StoreRequestTooLarge,
     StoreUnavailable,
     Unreadable,
@@ -129,14 +130,31 @@ def test_a_scan_reads_chunk_by_chunk_in_key_order_from_one_revision(store: EtcdS
     rest = list(chunks)
     assert [len(c) for c in [first, *rest]] == [5, 5, 3]
     keys = [k for c in [first, *rest] for k, _ in c]
-    assert keys == sorted(keys) and len(set(keys)) == 13
+    assert keys == sorted(keys)
+    assert len(set(keys)) == 13
     assert not any(k.endswith("/p05b") for k in keys)
     assert dict(first)[store.observed_key(cycle, "p00")] == b'{"n":0}'
     # scan_observed decodes one value at a time; what is not JSON is named, not raised
     scanned = dict(store.scan_observed())
-    assert scanned[(cycle, "p00")] == {"n": "rewritten"} and len(scanned) == 14
+    assert scanned[(cycle, "p00")] == {"n": "rewritten"}
+    assert len(scanned) == 14
     unreadable = scanned[(cycle, "zz-unreadable")]
-    assert isinstance(unreadable, Unreadable) and unreadable.key.endswith("/zz-unreadable")
+    assert isinstance(unreadable, Unreadable)
+    assert unreadable.key.endswith("/zz-unreadable")
+
+
+def test_a_scan_whose_revision_was_compacted_midway_fails_whole(store: EtcdStore) -> None:
+    """No mix of two views: the pass fails (StoreError) and the next one scans afresh."""
+    cycle = "2026-01-01T00:00:00+00:00"
+    for n in range(8):
+        store.put_observed(cycle, f"p{n}", {"n": n})
+    chunks = store.scan_prefix(store.key("observed") + "/", chunk=5)
+    assert len(next(chunks)) == 5
+    store.put_observed(cycle, "p0", {"n": "rewritten"})
+    store.client.compact(store.revision(), physical=True)
+    with pytest.raises(StoreError, match="compacted"):
+        next(chunks)
+    assert len(dict(store.scan_observed())) == 8  # a fresh scan reads the new revision
 
 
 def test_a_key_segment_cannot_contain_a_slash(store: EtcdStore) -> None:
