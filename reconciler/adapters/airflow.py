@@ -57,12 +57,6 @@ from reconciler.core.errors import NeedsHuman, ReconcilerError, RetryLater
 from reconciler.core.settings import AirflowSettings
 from reconciler.core.state import iso, parse_time
 
-PAGE_SIZE = 100
-"""Items per page of the small listings (a run's task instances, the DAGs). Runs are paged
-by `AirflowSettings.page_size` instead: `GET .../dagRuns` caps `limit` at `[api]
-maximum_page_limit` (100 by default), the batch `POST .../dagRuns/list` does not cap
-`page_limit`."""
-
 DEFAULT_DEADLINE = 30.0
 """Seconds one call may take in all, retries and backoff included, unless told otherwise:
 a one-shot command must fail within seconds, not minutes."""
@@ -602,19 +596,23 @@ class AirflowClient:
             self.sleep(min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1)))
 
     def task_instances(self, dag_id: str, run_id: str,
-                       page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
-        """Every task instance of one run (mapped ones: one per map index), all pages:
-        `task_id`, `map_index`, `state`, `end_date`, `try_number`, ..."""
+                       page_size: int | None = None) -> list[dict[str, Any]]:
+        """Every task instance of one run (mapped ones: one per map index), all pages of
+        `page_size` (default the settings'; Airflow caps it at `[api] maximum_page_limit`
+        and the pages follow what it served): `task_id`, `map_index`, `state`, ..."""
         path = f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/taskInstances"
         missing = f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"
-        return [t for page in self._pages("GET", path, "task_instances", page_size,
+        size = self.settings.page_size if page_size is None else page_size
+        return [t for page in self._pages("GET", path, "task_instances", size,
                                           not_found=missing, what="task list")
                 for t in page if isinstance(t, dict)]
 
-    def list_dags(self, page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
-        """Every DAG Airflow knows (`GET /api/v2/dags`, all pages): `dag_id`, `is_paused`,
-        `timetable_summary` (null or "None" when it has no schedule), `is_stale`, ..."""
-        return [d for page in self._pages("GET", "/api/v2/dags", "dags", page_size,
+    def list_dags(self, page_size: int | None = None) -> list[dict[str, Any]]:
+        """Every DAG Airflow knows (`GET /api/v2/dags`, all pages as `task_instances`):
+        `dag_id`, `is_paused`, `timetable_summary` (null or "None" when it has no
+        schedule), `is_stale`, ..."""
+        size = self.settings.page_size if page_size is None else page_size
+        return [d for page in self._pages("GET", "/api/v2/dags", "dags", size,
                                           what="DAG list")
                 for d in page if isinstance(d, dict)]
 

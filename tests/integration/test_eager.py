@@ -43,7 +43,11 @@ class TaskFake(FakeAirflow):
             if self.run(*key) is None:
                 return self._reply(h, 404, {"detail": "not found"})
             tis = self.tis.get(key, [])
-            return self._reply(h, 200, {"task_instances": tis, "total_entries": len(tis)})
+            # paged as Airflow does: `limit` capped at [api] maximum_page_limit
+            limit = min(int(query.get("limit", ["50"])[0]), self.maximum_page_limit)
+            offset = int(query.get("offset", ["0"])[0])
+            return self._reply(h, 200, {"task_instances": tis[offset:offset + limit],
+                                        "total_entries": len(tis)})
         return super()._dags(h, method, rest, query, body, user)
 
 
@@ -208,3 +212,26 @@ def test_an_eager_trigger_whose_answer_is_lost_is_adopted_not_run_twice(
     finally:
         fake.before_reply = None
         runner._drop_watch()
+
+
+@pytest.mark.parametrize("cap", [100, 1000])
+def test_every_page_of_a_wide_mapped_task_is_read_before_the_eager_trigger(
+        store: EtcdStore, fake: TaskFake, cap: int) -> None:
+    """250 map indexes: the one not done is on the third page when Airflow caps a page at
+    its default 100; one request when `maximum_page_limit` is raised to the page size."""
+    fake.maximum_page_limit = cap
+    r = reconciler(store, fake)
+    up_to_05_running(r, fake)
+    mapped = [ti("mapped", "success", i) for i in range(250)]
+    mapped[-1] = ti("mapped", "running", 249)
+    fake.tis[("05_pipeline", RUN)] = mapped
+    path = "GET /api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    before = fake.requests[path]
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    assert r.run_pass().actions == []  # the last index is still running
+    assert fake.requests[path] - before == (3 if cap == 100 else 1)
+    mapped[-1] = ti("mapped", "success", 249)
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    assert [a.dag_id for a in r.run_pass().actions] == ["06_pipeline"]
