@@ -114,8 +114,8 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      "tokens) [RECONCILER_AIRFLOW_TOKEN_FILE]."),
         click.option("--airflow-page-size", envvar="RECONCILER_AIRFLOW_PAGE_SIZE",
                      type=click.IntRange(min=1), default=1000, show_default=True,
-                     help="Runs asked for per list request; Airflow serves at most its "
-                     "[api] maximum_page_limit (default 100): set "
+                     help="Runs (task instances, DAGs) asked for per list request; Airflow "
+                     "serves at most its [api] maximum_page_limit (default 100): set "
                      "AIRFLOW__API__MAXIMUM_PAGE_LIMIT to match "
                      "[RECONCILER_AIRFLOW_PAGE_SIZE]."),
     ]

@@ -62,7 +62,8 @@ class AirflowSettings:
     """A file holding the bearer token (managed Airflow services rotate it): read at start
     and again when Airflow answers 401."""
     page_size: int = 1000
-    """Runs asked for per list request. Airflow's `GET .../dagRuns` silently serves at most
+    """Runs (task instances, DAGs) asked for per list request. Airflow's list endpoints
+    silently serve at most
     `[api] maximum_page_limit` (default 100); set AIRFLOW__API__MAXIMUM_PAGE_LIMIT to at
     least this, or each request brings only 100 (the listing stays complete, just slower:
     a relist of 150,000 runs is 1,500 requests at 100, 150 at 1000)."""
