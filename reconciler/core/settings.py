@@ -63,10 +63,10 @@ class AirflowSettings:
     and again when Airflow answers 401."""
     page_size: int = 1000
     """Runs (task instances, DAGs) asked for per list request. Airflow's list endpoints
-    silently serve at most
-    `[api] maximum_page_limit` (default 100); set AIRFLOW__API__MAXIMUM_PAGE_LIMIT to at
-    least this, or each request brings only 100 (the listing stays complete, just slower:
-    a relist of 150,000 runs is 1,500 requests at 100, 150 at 1000)."""
+    silently serve at most `[api] maximum_page_limit` (default 100); set
+    AIRFLOW__API__MAXIMUM_PAGE_LIMIT to at least this, or each request brings only 100 (the
+    listing stays complete, just slower: a relist of 150,000 runs is 1,500 requests at 100,
+    150 at 1000)."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
