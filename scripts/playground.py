@@ -2,7 +2,8 @@
 the example DAGs, the graph of git HEAD synced into etcd, and the reconciler in the
 foreground. No Docker. Ctrl-C stops everything it started, and nothing else.
 
-Everything lives under .work/playground/ (delete it to start afresh).
+Everything lives under .work/playground/ (delete it to start afresh), or under
+$PLAYGROUND_DIR when set (the end-to-end test runs it in a temporary folder).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORK = REPO / ".work" / "playground"
+WORK = Path(os.environ.get("PLAYGROUND_DIR") or REPO / ".work" / "playground")
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
