@@ -137,7 +137,8 @@ def test_the_environments_proxy_is_not_used_unless_asked(
     assert proxy.seen == []  # the token went straight to Airflow
     assert client(fake.url, proxy_from_env=True).list_dags()
     assert [url for url, _ in proxy.seen] == [f"{fake.url}/auth/token",
-                                              f"{fake.url}/api/v2/dags?limit=100&offset=0"]
+                                              f"{fake.url}/api/v2/dags?limit="
+                                              f"{AirflowSettings.page_size}&offset=0"]
     assert proxy.seen[-1][1] is not None  # asked for: the bearer token crosses it
     proxy.seen.clear()
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
