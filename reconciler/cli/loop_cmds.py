@@ -162,8 +162,9 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      "all, retries included (default: half the lease) "
                      "[RECONCILER_AIRFLOW_DEADLINE]."),
         click.option("--concurrency", envvar="RECONCILER_CONCURRENCY", type=int, default=8,
-                     show_default=True, help="Actions of one pass in flight at once "
-                     "[RECONCILER_CONCURRENCY]."),
+                     show_default=True, help="Actions of one pass in flight at once; 1 "
+                     "for an Airflow on SQLite, whose API server stalls on concurrent "
+                     "writes [RECONCILER_CONCURRENCY]."),
         click.option("--eager/--no-eager", envvar="RECONCILER_EAGER", default=True,
                      show_default=True, help="Trigger a downstream once every task of its "
                      "upstream run is done (the listener plugin's task events), before "
