@@ -447,10 +447,7 @@ class AirflowClient:
         unrelated DAGs never cross the wire. Pages are ordered by `id`, which new runs only
         extend, so a run created during the listing is not skipped.
         """
-        size = self.settings.page_size if page_size is None else page_size
-        if size < 1:
-            # Airflow answers `limit=0` with an empty page, not with its default size.
-            raise ValueError(f"page_size must be at least 1, got {size}")
+        size = self._page_size(page_size)
         # A set is taken as it is: the quiet pass asks with the graph's 50,000 ids, and
         # copying or sorting them cost more than its one request.
         keep = (None if dag_ids is None
@@ -473,6 +470,14 @@ class AirflowClient:
             for run in runs:
                 if isinstance(run, dict) and (keep is None or run.get("dag_id") in keep):
                     yield run
+
+    def _page_size(self, page_size: int | None) -> int:
+        """`page_size`, or the settings' when None: what every listing asks for a page."""
+        size = self.settings.page_size if page_size is None else page_size
+        if size < 1:
+            # Airflow answers `limit=0` with an empty page, not with its default size.
+            raise ValueError(f"page_size must be at least 1, got {size}")
+        return size
 
     def _pages(self, method: str, path: str, field: str, page_size: int, *,
                params: Mapping[str, Any] | None = None, body: Mapping[str, Any] | None = None,
@@ -602,8 +607,8 @@ class AirflowClient:
         and the pages follow what it served): `task_id`, `map_index`, `state`, ..."""
         path = f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/taskInstances"
         missing = f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"
-        size = self.settings.page_size if page_size is None else page_size
-        return [t for page in self._pages("GET", path, "task_instances", size,
+        return [t for page in self._pages("GET", path, "task_instances",
+                                          self._page_size(page_size),
                                           not_found=missing, what="task list")
                 for t in page if isinstance(t, dict)]
 
@@ -611,8 +616,8 @@ class AirflowClient:
         """Every DAG Airflow knows (`GET /api/v2/dags`, all pages as `task_instances`):
         `dag_id`, `is_paused`, `timetable_summary` (null or "None" when it has no
         schedule), `is_stale`, ..."""
-        size = self.settings.page_size if page_size is None else page_size
-        return [d for page in self._pages("GET", "/api/v2/dags", "dags", size,
+        return [d for page in self._pages("GET", "/api/v2/dags", "dags",
+                                          self._page_size(page_size),
                                           what="DAG list")
                 for d in page if isinstance(d, dict)]
 

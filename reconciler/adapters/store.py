@@ -732,10 +732,10 @@ class EtcdStore:
         without one response (and its decoded copy) of every key at once."""
         start, end = prefix.encode(), etcd3.utils.prefix_range_end(prefix.encode())
         revision: int | None = None
-        while True:
-            def read(c: Any, s: bytes = start, r: int | None = revision) -> Any:
-                return c.get_range_response(s, end, limit=chunk, revision=r)
+        def read(c: Any) -> Any:  # start and revision as they are at the call
+            return c.get_range_response(start, end, limit=chunk, revision=revision)
 
+        while True:
             response = self._call(f"range {prefix}", read)
             if revision is None:
                 revision = response.header.revision

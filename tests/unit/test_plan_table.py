@@ -880,12 +880,18 @@ def tasks_done(world: World, dag_id: str, cycle: datetime = C) -> DagRun:
     return world.put(replace(run, tasks_done_at=world.tick()))
 
 
-def test_eager_a_running_upstream_with_every_task_done_counts_as_succeeded() -> None:
+def up_to_05_running() -> World:
+    """The example cycle with 02-05 triggered and 02-04 finished; 05 still running."""
     world = World(example_graph())
     world.root_run()
     world.apply(world.plan())  # 02-05 triggered
     for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
         world.finish(dag_id)
+    return world
+
+
+def test_eager_a_running_upstream_with_every_task_done_counts_as_succeeded() -> None:
+    world = up_to_05_running()
     tasks_done(world, "05_pipeline")
     result = world.plan()
     assert kinds(result) == [("trigger", "06_pipeline")]
@@ -897,11 +903,7 @@ def test_eager_a_running_upstream_with_every_task_done_counts_as_succeeded() -> 
 
 
 def test_eager_the_same_run_closing_later_records_its_end_without_a_rerun() -> None:
-    world = World(example_graph())
-    world.root_run()
-    world.apply(world.plan())
-    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
-        world.finish(dag_id)
+    world = up_to_05_running()
     tasks_done(world, "05_pipeline")
     world.apply(world.plan())  # 06 triggered eagerly
     world.finish("05_pipeline")  # Airflow closes 05: same run, now with an end date
@@ -914,11 +916,7 @@ def test_eager_the_same_run_closing_later_records_its_end_without_a_rerun() -> N
 
 
 def test_eager_an_upstream_that_ends_failed_after_all_shows_why_and_reruns_later() -> None:
-    world = World(example_graph())
-    world.root_run()
-    world.apply(world.plan())
-    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
-        world.finish(dag_id)
+    world = up_to_05_running()
     tasks_done(world, "05_pipeline")
     world.apply(world.plan())
     world.finish("05_pipeline", state="failed")  # e.g. a teardown failed the run
@@ -932,11 +930,7 @@ def test_eager_an_upstream_that_ends_failed_after_all_shows_why_and_reruns_later
 
 
 def test_eager_a_task_up_for_retry_is_not_done() -> None:
-    world = World(example_graph())
-    world.root_run()
-    world.apply(world.plan())
-    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
-        world.finish(dag_id)
+    world = up_to_05_running()
     run = world.run_of("05_pipeline")
     assert run is not None
     world.put(replace(run, state="running", start_date=world.tick()))  # no tasks_done_at
@@ -957,11 +951,7 @@ def test_eager_an_unconfirmed_trigger_is_adopted_after_its_upstream_closes(
         state: LedgerState) -> None:
     """The downstream started after its upstream's tasks were done, before Airflow closed
     the upstream run: the same execution, so not a run that started too early."""
-    world = World(example_graph())
-    world.root_run()
-    world.apply(world.plan())
-    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
-        world.finish(dag_id)
+    world = up_to_05_running()
     tasks_done(world, "05_pipeline")
     eager = world.plan()
     assert kinds(eager) == [("trigger", "06_pipeline")]
