@@ -93,6 +93,9 @@ MAX_TXN_OPS = 128
 MAX_REQUEST_BYTES = 1536 * 1024
 # Range reads of ledger/ and observed/ can exceed gRPC's 4 MiB default for large graphs.
 _MAX_RECEIVE_BYTES = 256 * 1024 * 1024
+# What an etcd member answers when the cluster cannot finish a request for now.
+_SERVER_BUSY = re.compile(r"context deadline exceeded|request timed out|leader changed|"
+                          r"no leader", re.IGNORECASE)
 # Keys a range read of ledger/ or observed/ asks for at once (scan_prefix).
 SCAN_CHUNK = 5000
 # One part of a split blob: with its key, well under the request limit on its own.
@@ -390,6 +393,15 @@ class EtcdStore:
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details \
                         or "too many operations" in details:
                     raise StoreRequestTooLarge(f"etcd refused {what}: {details}") from None
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or _SERVER_BUSY.search(details):
+                    # The member took the request but the cluster could not finish it (its
+                    # leader died, an election): transient. Not sent again here: a write
+                    # may have been applied; the caller's next attempt decides.
+                    message = (f"etcd at {self._describe()} did not complete {what} "
+                               f"({details}); a member is down or electing a leader")
+                    self.last_failure = (time.monotonic(), message)
+                    raise StoreUnavailable(message) from None
                 raise StoreError(f"etcd refused {what}: {details}") from None
         message = (f"etcd at {self._describe()} is unreachable during {what} "
                    f"({_why(last)})")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import grpc
 import pytest
 
 from reconciler.adapters.store import (
@@ -155,6 +156,37 @@ def test_a_scan_whose_revision_was_compacted_midway_fails_whole(store: EtcdStore
     with pytest.raises(StoreError, match="compacted"):
         next(chunks)
     assert len(dict(store.scan_observed())) == 8  # a fresh scan reads the new revision
+
+
+class ServerAnswer(grpc.RpcError):
+    """What a member answers when it took a request the cluster could not finish."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(("code", "details"), [
+    (grpc.StatusCode.UNKNOWN, "context deadline exceeded"),  # seen as the leader died
+    (grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
+    (grpc.StatusCode.UNKNOWN, "etcdserver: request timed out"),
+])
+def test_a_cluster_that_cannot_finish_a_request_is_unavailable_not_an_error(
+        store: EtcdStore, code: grpc.StatusCode, details: str) -> None:
+    calls = []
+
+    def answer(_client: object) -> None:
+        calls.append(1)
+        raise ServerAnswer(code, details)
+
+    with pytest.raises(StoreUnavailable, match="did not complete get x"):
+        store._call("get x", answer)
+    assert calls == [1]  # not sent again: a write may have been applied
 
 
 def test_a_key_segment_cannot_contain_a_slash(store: EtcdStore) -> None:
