@@ -20,7 +20,7 @@ from reconciler.core.spec import check_document
 from reconciler.core.yamlload import MAX_FILE_BYTES, Document, load_document, too_large
 
 # A graph over one etcd value (1.5 MiB per request by default) is split across part keys
-# by the store (adapters/store.py), so this is no longer one value's size: only a sane
+# by the store (adapters/store/desired.py), so this is no longer one value's size: only a sane
 # ceiling against accidents (about 3.5 million pipelines of bench_sync's kind), well below
 # what one head transaction can name (127 parts of 1 MiB). --max-graph-bytes lowers it.
 MAX_GRAPH_BYTES = 64 * 1024 * 1024

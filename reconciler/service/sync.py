@@ -8,7 +8,7 @@ write in one transaction guarded by that revision. When another sync wins the ra
 transaction's comparison fails; `sync` re-reads and re-decides (a bounded number of
 times), so it ends as a no-op, a fast-forward, or a refusal, and never overwrites a newer
 head. A graph over one etcd value is split across part keys by the store (see
-adapters/store.py); the head names its parts.
+adapters/store/desired.py); the head names its parts.
 """
 
 from __future__ import annotations
