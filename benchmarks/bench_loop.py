@@ -170,7 +170,7 @@ def phases(r: Reconciler) -> dict[str, float]:
 
     wrap(r.observer, "load_desired", "graph from etcd")
     wrap(r.observer, "relist", "relist (Airflow)")
-    wrap(r.observer, "load_ledger", "ledger load")
+    wrap(r.ledger, "load", "ledger load")
     wrap(r, "plan", "plan")
     wrap(r.recorder, "load", "mirror load")
     wrap(r.recorder, "record", "record")
@@ -302,7 +302,7 @@ def main() -> None:
                 for _ in range(5):
                     elapsed, _ = timed(lambda: plan(
                         desired.graph, r.observer.cache.runs.values(),
-                        r.observer.ledger or {}, datetime.now(UTC), window=timedelta(days=2),
+                        r.ledger.entries(), datetime.now(UTC), window=timedelta(days=2),
                         since=desired.since, commit=desired.commit))
                     plan_times.append(elapsed)
                 r.leadership.stop()  # resigns: the next replica takes over at once

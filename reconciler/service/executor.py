@@ -2,14 +2,21 @@
 
 Per action:
 1. Start only with enough lease left (`min_lease`): the call must end while we lead.
-2. Record the intent in the ledger, in a transaction that compares the leader key.
+2. Record the intent in the ledger (ledger.py: in the loop's memory first, then in etcd
+   in a transaction that compares the leader key): whatever etcd answers, the next pass
+   plans with this intent, unconfirmed.
 3. Call Airflow, with a deadline shorter than the lease left.
    - trigger: deterministic run id; a repeat answers 409 and is adopted.
    - clear: not idempotent in Airflow, so never sent twice for one re-run. If the ledger
      already holds this clear's intent (an earlier attempt whose answer was lost, a
      crash, another leader), the run is read first: if it restarted since the recorded
      end date, the clear took effect and is not sent again.
-4. Record the result (fenced again).
+4. Record the result (fenced again; memory follows only what etcd confirmed).
+
+Every answer Airflow gives becomes an `Outcome`: an error of the hierarchy
+(core/errors.py) for one it refuses, cannot be reached for, or answers with something
+that is not the run asked for (a 200 without a run id, a list, HTML); one bad answer
+never drops the other outcomes of a pass.
 
 A crash anywhere in between is repaired by the next pass: the plan decides again from
 Airflow's state and the intent. Independent actions of one pass (a plan's actions never
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from reconciler.adapters.airflow import AirflowUnavailable, restarted
+from reconciler.adapters.airflow import AirflowRejected, AirflowUnavailable, restarted
 from reconciler.adapters.store import StoreError
 from reconciler.core.errors import LostLeadership, ReconcilerError, disposition
 from reconciler.core.state import (
@@ -41,8 +48,9 @@ from reconciler.core.state import (
     iso,
 )
 from reconciler.service.leadership import Leadership
+from reconciler.service.ledger import Ledger
 from reconciler.service.observability import Metrics, event
-from reconciler.service.ports import AirflowApi, Clock, Store
+from reconciler.service.ports import AirflowApi, Clock
 
 FAILPOINT_ENV = "RECONCILER_FAILPOINT"
 """Test-only (as etcd's gofail): `after-intent:<kind>:<dag_id>` kills the process between
@@ -67,11 +75,11 @@ class Outcome:
 
 
 class Executor:
-    def __init__(self, store: Store, api: AirflowApi, leadership: Leadership, clock: Clock,
+    def __init__(self, ledger: Ledger, api: AirflowApi, leadership: Leadership, clock: Clock,
                  *, concurrency: int = 8, call_deadline: float = 10.0,
                  metrics: Metrics | None = None, interval: float = 5.0,
                  margin: float = 1.0, failpoint: str | None = None) -> None:
-        self.store = store
+        self.ledger = ledger
         self.api = api
         self.leadership = leadership
         self.clock = clock
@@ -91,21 +99,23 @@ class Executor:
     def holder(self) -> str:
         return self.leadership.holder
 
-    def execute(self, actions: Sequence[Action],
-                ledger: Mapping[tuple[datetime, str], LedgerEntry]) -> list[Outcome]:
+    def execute(self, actions: Sequence[Action]) -> list[Outcome]:
         """Apply `actions` (independent of each other); outcomes in the same order.
 
         Raises LostLeadership when a fenced write found another holder: the remaining
         outcomes are of no use to a replica that is not the leader."""
         if not actions:
             return []
+        # What the ledger held when the pass planned, before this pass's intents.
+        ledger = self.ledger.entries()
+        previous = [ledger.get((a.cycle, a.dag_id)) for a in actions]
         if len(actions) == 1 or self.concurrency == 1:
-            outcomes = [self._one(a, ledger.get((a.cycle, a.dag_id))) for a in actions]
+            outcomes = [self._guarded(a, p) for a, p in zip(actions, previous, strict=True)]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="act")
-            futures = [self._pool.submit(self._one, a, ledger.get((a.cycle, a.dag_id)))
-                       for a in actions]
+            futures = [self._pool.submit(self._guarded, a, p)
+                       for a, p in zip(actions, previous, strict=True)]
             outcomes = [f.result() for f in futures]
             self._hint_if_stalled(outcomes)
         lost = next((o.error for o in outcomes if isinstance(o.error, LostLeadership)), None)
@@ -134,6 +144,18 @@ class Executor:
 
     # --- one action ---
 
+    def _guarded(self, action: Action, previous: LedgerEntry | None) -> Outcome:
+        """`_one`, whose every failure is an outcome: a bug in one action (logged with
+        its traceback) must not drop the outcomes of the others in the same pass."""
+        try:
+            return self._one(action, previous)
+        except Exception as exc:
+            logging.getLogger("reconciler").exception(
+                "unexpected error in action %s %s", action.kind.value, action.dag_id)
+            return self._failed(action, ReconcilerError(
+                f"unexpected {type(exc).__name__} in {action.kind.value} of "
+                f"{action.dag_id}: {exc}"))
+
     def _one(self, action: Action, previous: LedgerEntry | None) -> Outcome:
         key = (action.cycle, action.dag_id)
         mono = self.clock.monotonic()
@@ -146,7 +168,8 @@ class Executor:
             return Outcome(action, "deferred")
         now = self.clock.now()
         try:
-            self._write(action, action.ledger_entry(at=now, state=LedgerState.INTENT))
+            self.ledger.intend(self.holder, action.cycle, action.dag_id,
+                               action.ledger_entry(at=now, state=LedgerState.INTENT))
         except LostLeadership as exc:
             return Outcome(action, "failed", error=exc)
         except StoreError as exc:
@@ -157,16 +180,23 @@ class Executor:
         try:
             with self.api.deadline_of(max(0.1, budget)):
                 result, raw = self._call(action, previous)
+            run = _run_of(action, raw)
         except ReconcilerError as exc:
             return self._failed(action, exc)
-        run = DagRun.from_api({**raw, "dag_id": action.dag_id}) if raw else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A run read back (a retried clear looks first) that is not a run.
+            return self._failed(action, AirflowRejected(
+                f"{action.kind.value} of DAG {action.dag_id!r} run {action.run_id!r}: "
+                f"Airflow answered something that is not a run ({type(exc).__name__}: "
+                f"{exc})"))
         entry = action.ledger_entry(at=now, state=LedgerState.DONE)
         try:
-            self._write(action, entry)
+            self.ledger.settle(self.holder, action.cycle, action.dag_id, entry)
         except LostLeadership as exc:
             return Outcome(action, "failed", run=run, error=exc)
         except StoreError as exc:
-            # The call took effect; the intent stays and the next pass adopts the run.
+            # The call took effect; the intent stays (in etcd and in memory, unconfirmed)
+            # and the next pass adopts the run.
             return Outcome(action, "failed", run=run, error=exc)
         self._retry_after.pop(key, None)
         if self.metrics is not None:
@@ -195,9 +225,6 @@ class Executor:
             return ("cleared" if sent else "already-cleared"), raw
         return "adopted", None
 
-    def _write(self, action: Action, entry: LedgerEntry) -> None:
-        self.store.put_ledger(self.holder, iso(action.cycle), action.dag_id, entry.to_json())
-
     def _failed(self, action: Action, exc: ReconcilerError, *,
                 write_failed: bool = True) -> Outcome:
         key = (action.cycle, action.dag_id)
@@ -213,7 +240,28 @@ class Executor:
         if write_failed:
             entry = action.ledger_entry(at=self.clock.now(), state=LedgerState.FAILED)
             try:
-                self._write(action, entry)
+                self.ledger.settle(self.holder, action.cycle, action.dag_id, entry)
             except StoreError:
                 entry = None  # the intent stays: the next pass decides from Airflow's state
         return Outcome(action, "failed", entry=entry, error=exc)
+
+
+def _run_of(action: Action, raw: Any) -> DagRun | None:
+    """The run Airflow answered with, checked: an answer that is not this run (no run id,
+    another run's, fields of the wrong type) is AirflowRejected, not a crash of the pass.
+    The call may still have taken effect: the intent stays unconfirmed and the next pass
+    decides from the run as listed."""
+    if action.kind is ActionKind.ADOPT:
+        return None  # nothing was asked of Airflow
+    what = f"{action.kind.value} of DAG {action.dag_id!r} run {action.run_id!r}"
+    if not isinstance(raw, Mapping):
+        raise AirflowRejected(f"{what} answered a {type(raw).__name__}, not a run")
+    try:
+        run = DagRun.from_api({**raw, "dag_id": action.dag_id})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        missing = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise AirflowRejected(f"{what} answered something that is not a run ({missing})"
+                              ) from None
+    if run.run_id != action.run_id:
+        raise AirflowRejected(f"{what} answered run {run.run_id!r}, not the one asked for")
+    return run

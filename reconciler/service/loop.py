@@ -6,7 +6,9 @@
 - `Observer` (observer.py) returns an `Observation` value: graph, runs, ledger, now.
 - `plan()` (core/plan.py) decides, purely. A quiet pass reuses the last plan: with the
   same graph, runs and ledger only the window's lower edge could change it.
-- `Executor` (executor.py) applies the actions concurrently and returns `Outcome`s.
+- `Executor` (executor.py) applies the actions concurrently and returns `Outcome`s,
+  writing the intents and results through the one `Ledger` (ledger.py) the observer
+  reads: etcd and the loop's memory of it never disagree.
 - `Recorder` (recorder.py) mirrors the statuses into etcd, only what changed.
 
 A relisting pass (the first of a term, then every relist_interval) rebuilds the big
@@ -72,7 +74,9 @@ class Reconciler:
         self.metrics = metrics or Metrics()
         self.leadership = Leadership(store, self.holder, settings.lease_ttl, self.clock)
         self.observer = Observer(store, api, settings, self.clock)
-        self.executor = Executor(store, api, self.leadership, self.clock,
+        self.ledger = self.observer.ledger
+        """The run ledger: the observer reads it, the executor writes it through."""
+        self.executor = Executor(self.ledger, api, self.leadership, self.clock,
                                  concurrency=settings.concurrency,
                                  call_deadline=settings.action_deadline,
                                  metrics=self.metrics, interval=settings.interval,
@@ -102,7 +106,7 @@ class Reconciler:
         if self.leadership.term != self._term:
             # A new term: another leader may have written the ledger and the mirror.
             self._term = self.leadership.term
-            self.observer.ledger = None
+            self.ledger.reset()
             self.observer.suspended = None
             self.observer.cache.listed_at = None
             self.recorder.reset()
@@ -128,7 +132,7 @@ class Reconciler:
         if relisting:
             self._forget_closed(seen, result)
         if result.actions:
-            report.outcomes = self.executor.execute(result.actions, seen.ledger)
+            report.outcomes = self.executor.execute(result.actions)
             self._apply(report.outcomes)
             report.actions = [o.action for o in report.outcomes if o.took_effect]
             if report.actions:
@@ -156,10 +160,8 @@ class Reconciler:
         return result
 
     def _apply(self, outcomes: list[Outcome]) -> None:
+        # The ledger needs nothing here: the executor wrote it through (ledger.py).
         for outcome in outcomes:
-            a = outcome.action
-            if outcome.entry is not None:
-                self.observer.record(a.cycle, a.dag_id, outcome.entry)
             if outcome.run is not None:
                 self.observer.cache.put(outcome.run)
 
@@ -167,7 +169,7 @@ class Reconciler:
         horizon = seen.now - self.settings.window
         closed = self.recorder.forget_closed(result.cycles, {c for c, _ in seen.ledger},
                                              horizon)
-        self.observer.forget(closed)
+        self.ledger.forget(closed)
         self.observer.cache.prune(horizon, result.cycles)
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 from reconciler.adapters.store import StoreCorrupt, Unreadable
 from reconciler.core.graph import Graph
 from reconciler.core.settings import LoopSettings
-from reconciler.core.state import DagRun, FingerprintItem, LedgerEntry, iso, parse_time
+from reconciler.core.state import DagRun, LedgerEntry, parse_time
+from reconciler.service.ledger import Ledger, read_ledger
 from reconciler.service.observability import event
 from reconciler.service.ports import AirflowApi, Clock, Store
 
@@ -144,7 +144,7 @@ class RunCache:
 
 class Observer:
     def __init__(self, store: Store, api: AirflowApi, settings: LoopSettings,
-                 clock: Clock) -> None:
+                 clock: Clock, ledger: Ledger | None = None) -> None:
         self.store = store
         self.api = api
         self.settings = settings
@@ -155,8 +155,6 @@ class Observer:
         self.head_dirty.set()
         self.cache = RunCache()
         self._ids: tuple[Desired, frozenset[str]] | None = None
-        self.ledger: dict[tuple[datetime, str], LedgerEntry] | None = None
-        self.ledger_version = 0
         self._task_events: set[tuple[str, str]] = set()
         self._events_lock = threading.Lock()
         self.suspended: dict[str, str] | None = None
@@ -165,6 +163,9 @@ class Observer:
         self.suspended_version = 0
         self.quarantined: dict[str, str] = {}
         """key -> why, for every stored value that could not be read (logged once)."""
+        self.ledger = ledger if ledger is not None else Ledger(store, self.quarantine,
+                                                               self.release)
+        """The run ledger, shared with the executor that writes it through (ledger.py)."""
 
     # --- desired state ---
 
@@ -319,46 +320,14 @@ class Observer:
 
     # --- the ledger ---
 
-    def load_ledger(self) -> dict[tuple[datetime, str], LedgerEntry]:
-        self.ledger = self.read_ledger()
-        self.ledger_version += 1
-        return self.ledger
-
     def read_ledger(self) -> dict[tuple[datetime, str], LedgerEntry]:
-        out: dict[tuple[datetime, str], LedgerEntry] = {}
-        # One datetime per cycle and one copy of each fingerprint item, not one per entry.
-        shared: dict[FingerprintItem, FingerprintItem] = {}
-        cycles: dict[str, datetime | None] = {}
-        for (cycle, dag_id), data in self.store.scan_ledger():
-            if isinstance(data, Unreadable):
-                self.quarantine(data.key, data.why)
-                continue
-            try:
-                parsed = cycles[cycle] if cycle in cycles else cycles.setdefault(
-                    cycle, parse_time(cycle))
-                if parsed is None:
-                    raise ValueError("the cycle in the key is empty")
-                out[(parsed, sys.intern(dag_id))] = LedgerEntry.from_json(data, shared)
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                self.quarantine(self.store.ledger_key(cycle, dag_id),
-                                f"{type(exc).__name__}: {exc}")
-        return out
+        """The ledger as etcd holds it now (for `plan` and `status`; the loop plans on
+        `self.ledger`, which it writes through)."""
+        return read_ledger(self.store, self.quarantine)
 
-    def record(self, cycle: datetime, dag_id: str, entry: LedgerEntry) -> None:
-        """What the executor wrote, applied to the in-memory ledger (write-through)."""
-        if self.ledger is not None and self.ledger.get((cycle, dag_id)) != entry:
-            self.ledger[(cycle, dag_id)] = entry
-            self.ledger_version += 1
-            self.quarantined.pop(self.store.ledger_key(iso(cycle), dag_id), None)
-
-    def forget(self, cycles: Iterable[datetime]) -> None:
-        if self.ledger is None:
-            return
-        gone = set(cycles)
-        kept = {k: v for k, v in self.ledger.items() if k[0] not in gone}
-        if len(kept) != len(self.ledger):
-            self.ledger = kept
-            self.ledger_version += 1
+    def release(self, key: str) -> None:
+        """A quarantined key was rewritten with a good value."""
+        self.quarantined.pop(key, None)
 
     # --- one look ---
 
@@ -369,16 +338,16 @@ class Observer:
         now = self.clock.now()
         desired = self.load_desired()
         suspended = self.load_suspended()
-        ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
+        ledger: Mapping[tuple[datetime, str], LedgerEntry] = MappingProxyType({})
         if with_ledger:
             # Before the runs: the ledger's transient dicts are then not held beside them.
-            ledger = self.ledger if self.ledger is not None else self.load_ledger()
+            ledger = self.ledger.entries()
         if desired is not None and refresh:
             self.observe_runs(now)
             self.check_tasks(now)
         return Observation(desired=desired, runs=MappingProxyType(self.cache.runs),
                            runs_version=self.cache.version,
-                           ledger=MappingProxyType(ledger), ledger_version=self.ledger_version,
+                           ledger=ledger, ledger_version=self.ledger.version,
                            now=now, suspended=MappingProxyType(suspended),
                            suspended_version=self.suspended_version)
 

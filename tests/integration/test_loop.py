@@ -394,7 +394,7 @@ def test_a_corrupt_ledger_entry_is_quarantined_and_the_rest_goes_on(
     store.put(store.ledger_key(CYCLE.isoformat(), "02_pipeline"), b"{not json")
     store.put(store.ledger_key(CYCLE.isoformat(), "03_pipeline"), b'{"run_id": 1}')
     r = reconciler(store, fake)
-    r.observer.load_ledger()
+    r.ledger.entries()
     assert set(r.observer.quarantined) == {
         store.ledger_key(CYCLE.isoformat(), "02_pipeline"),
         store.ledger_key(CYCLE.isoformat(), "03_pipeline")}

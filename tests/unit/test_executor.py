@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from reconciler.adapters.airflow import AirflowUnavailable
-from reconciler.adapters.store import NotLeader
+from reconciler.adapters.store import NotLeader, StoreUnavailable
 from reconciler.core.errors import LostLeadership
 from reconciler.core.state import Action, ActionKind, Fingerprint, LedgerState, iso
 from reconciler.service.executor import Executor
+from reconciler.service.ledger import Ledger
 from tests.fakes.clock import FakeClock
 
 CYCLE = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -36,6 +37,12 @@ class MemoryStore:
         if holder != self.leader_holder:
             raise NotLeader("someone else leads")
         self.ledger[(cycle, dag_id)] = dict(entry)
+
+    def ledger_key(self, cycle: str, dag_id: str) -> str:
+        return f"ledger/{cycle}/{dag_id}"
+
+    def scan_ledger(self) -> Iterator[tuple[tuple[str, str], Any]]:
+        return iter(list(self.ledger.items()))
 
 
 class ScriptedAirflow:
@@ -85,16 +92,20 @@ def clear_action() -> Action:
                   commit="c", cleared_end=ENDED)
 
 
+def ledger_of(store: MemoryStore) -> Ledger:
+    return Ledger(store, lambda key, why: None)  # type: ignore[arg-type]
+
+
 def executor() -> tuple[Executor, MemoryStore, ScriptedAirflow, Lease]:
     store, api, lease = MemoryStore(), ScriptedAirflow(), Lease()
-    ex = Executor(store, api, lease, FakeClock(), call_deadline=3.0,  # type: ignore[arg-type]
-                  concurrency=1, failpoint="")
+    ex = Executor(ledger_of(store), api, lease, FakeClock(),  # type: ignore[arg-type]
+                  call_deadline=3.0, concurrency=1, failpoint="")
     return ex, store, api, lease
 
 
 def test_a_clear_records_its_intent_with_the_end_date_then_the_result() -> None:
     ex, store, api, _ = executor()
-    (outcome,) = ex.execute([clear_action()], {})
+    (outcome,) = ex.execute([clear_action()])
     assert outcome.result == "cleared"
     assert [c for c in api.calls if c[0] != "deadline"] == [("clear", "06_pipeline"),
                                                             ("get", "06_pipeline")]
@@ -109,17 +120,19 @@ def test_a_retried_clear_whose_run_already_restarted_is_not_sent_again() -> None
     action = clear_action()
     previous = action.ledger_entry(at=CYCLE, state=LedgerState.INTENT)  # a crash, a lost answer
     api.run_state = {"state": "running", "end_date": None}  # the first clear took effect
-    (outcome,) = ex.execute([action], {(CYCLE, "06_pipeline"): previous})
+    store.ledger[(iso(CYCLE), "06_pipeline")] = previous.to_json()
+    (outcome,) = ex.execute([action])
     assert outcome.result == "already-cleared"
     assert ("clear", "06_pipeline") not in api.calls
     assert store.ledger[(iso(CYCLE), "06_pipeline")]["state"] == "done"
 
 
 def test_a_retried_clear_whose_run_did_not_restart_is_sent_once() -> None:
-    ex, _, api, _ = executor()
+    ex, store, api, _ = executor()
     action = clear_action()
     previous = action.ledger_entry(at=CYCLE, state=LedgerState.FAILED)
-    (outcome,) = ex.execute([action], {(CYCLE, "06_pipeline"): previous})
+    store.ledger[(iso(CYCLE), "06_pipeline")] = previous.to_json()
+    (outcome,) = ex.execute([action])
     assert outcome.result == "cleared"
     assert api.calls.count(("clear", "06_pipeline")) == 1
 
@@ -127,7 +140,7 @@ def test_a_retried_clear_whose_run_did_not_restart_is_sent_once() -> None:
 def test_no_action_starts_without_enough_lease() -> None:
     ex, store, api, lease = executor()
     lease.left = 3.5  # under the call's deadline plus the margin
-    (outcome,) = ex.execute([clear_action()], {})
+    (outcome,) = ex.execute([clear_action()])
     assert outcome.result == "deferred"
     assert store.writes == 0
     assert api.calls == []
@@ -137,17 +150,17 @@ def test_a_fenced_intent_stops_before_airflow_is_called() -> None:
     ex, store, api, _ = executor()
     store.leader_holder = "the-new-leader"
     with pytest.raises(LostLeadership):
-        ex.execute([clear_action()], {})
+        ex.execute([clear_action()])
     assert api.calls == []
 
 
 def test_a_failed_call_is_recorded_and_deferred_by_its_backoff() -> None:
     ex, store, api, _ = executor()
     api.fail_with = AirflowUnavailable("502 from Airflow")
-    (outcome,) = ex.execute([clear_action()], {})
+    (outcome,) = ex.execute([clear_action()])
     assert outcome.result == "failed"
     assert store.ledger[(iso(CYCLE), "06_pipeline")]["state"] == "failed"
-    (again,) = ex.execute([clear_action()], {})
+    (again,) = ex.execute([clear_action()])
     assert again.result == "deferred"  # not before its backoff
     assert api.calls.count(("clear", "06_pipeline")) == 1
 
@@ -158,8 +171,8 @@ def _fan_out(n: int) -> list[Action]:
 
 def _concurrent_executor() -> tuple[Executor, ScriptedAirflow]:
     store, api, lease = MemoryStore(), ScriptedAirflow(), Lease()
-    ex = Executor(store, api, lease, FakeClock(), call_deadline=3.0,  # type: ignore[arg-type]
-                  concurrency=4, failpoint="")
+    ex = Executor(ledger_of(store), api, lease, FakeClock(),  # type: ignore[arg-type]
+                  call_deadline=3.0, concurrency=4, failpoint="")
     return ex, api
 
 
@@ -171,10 +184,10 @@ def test_a_concurrent_batch_that_all_went_unanswered_says_once_to_send_one_at_a_
     ex, api = _concurrent_executor()
     api.fail_with = AirflowUnavailable("POST ... timed out after 5 s", no_answer=True)
     with caplog.at_level("WARNING", logger="reconciler"):
-        outcomes = ex.execute(_fan_out(4), {})
+        outcomes = ex.execute(_fan_out(4))
         assert [o.result for o in outcomes] == ["failed"] * 4
         ex._retry_after.clear()  # the next pass sends them again at once
-        ex.execute(_fan_out(4), {})
+        ex.execute(_fan_out(4))
     ex.close()
     hints = [r for r in caplog.records if r.getMessage() == HINT]
     assert len(hints) == 1
@@ -190,6 +203,45 @@ def test_no_hint_when_airflow_answered_or_was_not_reached(
     ex, api = _concurrent_executor()
     api.fail_with = failure
     with caplog.at_level("WARNING", logger="reconciler"):
-        ex.execute(_fan_out(4), {})
+        ex.execute(_fan_out(4))
     ex.close()
     assert HINT not in [r.getMessage() for r in caplog.records]
+
+
+class OutageStore(MemoryStore):
+    """etcd that stops answering ledger writes after `good` of them."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    def put_ledger(self, holder: str, cycle: str, dag_id: str,
+                   entry: Mapping[str, Any]) -> None:
+        if self.writes >= self.good:
+            self.writes += 1
+            raise StoreUnavailable("etcd at 127.0.0.1:2379 is unreachable")
+        super().put_ledger(holder, cycle, dag_id, entry)
+
+
+def trigger_action() -> Action:
+    return Action(kind=ActionKind.TRIGGER, dag_id="06_pipeline", cycle=CYCLE,
+                  run_id="reconciler__x", fingerprint=Fingerprint(), reason="upstreams done",
+                  commit="c")
+
+
+@pytest.mark.parametrize("good", [0, 1])
+def test_memory_holds_the_unconfirmed_intent_whichever_ledger_write_fails(good: int) -> None:
+    """good=0: the intent write fails (Airflow is not called); good=1: the intent is
+    written, the call made, the result write fails. Either way the loop's memory holds the
+    intent, unconfirmed, as etcd may: never nothing, never "done"."""
+    store, api, lease = OutageStore(good), ScriptedAirflow(), Lease()
+    ledger = ledger_of(store)
+    ex = Executor(ledger, api, lease, FakeClock(), call_deadline=3.0,  # type: ignore[arg-type]
+                  concurrency=1, failpoint="")
+    (outcome,) = ex.execute([trigger_action()])
+    assert outcome.result == "failed"
+    assert isinstance(outcome.error, StoreUnavailable)
+    remembered = ledger.get(CYCLE, "06_pipeline")
+    assert remembered is not None
+    assert remembered.state is LedgerState.INTENT
+    assert api.calls.count(("trigger", "06_pipeline")) == good

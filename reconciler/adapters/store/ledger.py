@@ -65,6 +65,11 @@ class LedgerStore(EtcdClient):
         if not self._call(f"delete cycle {cycle}", txn):
             raise NotLeader(f"not the leader any more ({holder}); cycle {cycle} not deleted")
 
+    def scanned_key(self, kind: str, cycle: str, dag_id: str) -> str:
+        """The key a scan of `kind` (ledger, observed) yielded as (cycle, dag_id), rebuilt
+        as it was, whatever it holds (it never raises: it names a bad key)."""
+        return self.key(kind) + "/" + (f"{cycle}/" if cycle else "") + dag_id
+
     def _scan_cycles(self, kind: str, cycle: str | None
                      ) -> Iterator[tuple[tuple[str, str], Any]]:
         base = self.key(kind) + "/"

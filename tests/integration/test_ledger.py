@@ -1,0 +1,235 @@
+"""One ledger, never two truths: the loop's memory of what it asked Airflow to do follows
+every write the executor makes, whatever etcd answers (service/ledger.py), and every
+answer Airflow gives becomes an outcome (service/executor.py). Real etcd (paused for the
+outage), the fake Airflow behind the real client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.adapters.airflow import AirflowClient, AirflowRejected
+from reconciler.adapters.store import EtcdStore, StoreError, StoreUnavailable
+from reconciler.core.settings import AirflowSettings, LoopSettings
+from reconciler.core.state import LedgerState, run_id_for
+from reconciler.service.loop import Reconciler
+from reconciler.service.sync import sync
+from tests.fakes.fake_airflow import FakeAirflow
+from tests.fixtures.etcd import EtcdServer
+from tests.helpers import EXAMPLE_DAGS, example_repo
+from tests.integration.test_eager import TaskFake, ti, up_to_05_running
+
+CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+RUN = run_id_for(CYCLE)
+TRIGGER = "POST /api/v2/dags/{dag_id}/dagRuns"
+CLEAR = "POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"
+
+
+class AnsweringFake(TaskFake):
+    """The fake Airflow whose answers a test can replace once they took effect:
+    `answers[dag_id] = (status, body bytes, content type)` for that DAG's next trigger."""
+
+    def __init__(self, dag_ids: list[str]) -> None:
+        super().__init__(dag_ids)
+        self.answers: dict[str, tuple[int, bytes, str]] = {}
+
+    def _reply(self, h: Any, status: int, body: Any,
+               content_type: str = "application/json") -> None:
+        request = getattr(h, "_request", None)
+        if request is not None and request.route == TRIGGER and request.dag_id in self.answers:
+            status, body, content_type = self.answers.pop(request.dag_id)
+        super()._reply(h, status, body, content_type)
+
+
+@pytest.fixture
+def etcd(etcd_killable: EtcdServer) -> Iterator[EtcdServer]:
+    yield etcd_killable
+    if etcd_killable.paused:
+        etcd_killable.resume()
+
+
+@pytest.fixture
+def store(etcd: EtcdServer, tmp_path: Path) -> Iterator[EtcdStore]:
+    # A short deadline: the write during the outage fails in 0.5 s, not 5.
+    s = EtcdStore(etcd.settings(timeout=0.5))
+    assert sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="t",
+                now=datetime.now(UTC) - timedelta(days=60)).ok
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[AnsweringFake]:
+    with AnsweringFake(EXAMPLE_DAGS) as f:
+        f.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
+                  run_type="scheduled")
+        f.finish_all()
+        yield f
+
+
+def reconciler(store: EtcdStore, fake: FakeAirflow, **loop: Any) -> Reconciler:
+    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                                        timeout=2, retries=1), backoff_initial=0.01)
+    return Reconciler(store, api, LoopSettings(**{"interval": 0.05, "lease_ttl": 10, **loop}),
+                      holder="r1")
+
+
+def until_etcd_answers(store: EtcdStore, timeout: float = 15) -> None:
+    """After an outage the client keeps the endpoint marked failed for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.revision()
+            return
+        except StoreError:
+            assert time.monotonic() < deadline, "etcd did not come back"
+            time.sleep(0.1)
+
+
+def passes(r: Reconciler, n: int) -> list[tuple[str, str]]:
+    """`n` passes; the (kind, dag_id) of every action that took effect."""
+    done: list[tuple[str, str]] = []
+    for _ in range(n):
+        done += [(a.kind.value, a.dag_id) for a in r.run_pass().actions]
+    return done
+
+
+def test_an_eager_trigger_whose_result_write_fails_is_adopted_not_cleared(
+        etcd: EtcdServer, store: EtcdStore, fake: AnsweringFake) -> None:
+    """The probe's case. 05's tasks all succeed, 06 is triggered on the eager path; etcd
+    hangs while Airflow answers, so the "done" write fails and etcd keeps 06's intent; the
+    term does not change. 06 starts, then Airflow closes 05. The loop must know its own
+    unconfirmed intent and adopt 06, not clear it as a stranger's run that started before
+    its upstreams: 06 runs once, 07 once."""
+    r = reconciler(store, fake)
+    up_to_05_running(r, fake)
+    fake.tis[("05_pipeline", RUN)] = [ti("extract", "success"), ti("load", "success")]
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+
+    def hang_etcd(request: Any) -> None:
+        if request.route == TRIGGER and request.dag_id == "06_pipeline":
+            fake.before_reply = None
+            etcd.pause()  # the trigger took effect; its result cannot be written
+
+    fake.before_reply = hang_etcd
+    term = r.leadership.term
+    with contextlib.suppress(StoreUnavailable):  # the pass's status write fails too
+        r.run_pass()
+    assert etcd.paused
+    time.sleep(1.0)  # an outage of about 1.5 s in all
+    etcd.resume()
+    until_etcd_answers(store)
+    assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["state"] == "intent"
+    assert r.ledger.get(CYCLE, "06_pipeline").state is LedgerState.INTENT  # type: ignore[union-attr]
+
+    fake.advance("06_pipeline", RUN, "running")
+    time.sleep(0.01)
+    fake.advance("05_pipeline", RUN, "success")  # Airflow closes 05 after 06 started
+    assert fake.run("06_pipeline", RUN).start_date < fake.run("05_pipeline", RUN).end_date  # type: ignore[union-attr,operator]
+    assert passes(r, 2) == [("adopt", "06_pipeline")]
+    assert r.leadership.term == term  # the same term: memory was never re-read
+    fake.advance("06_pipeline", RUN, "success")
+    assert passes(r, 3) == [("trigger", "07_pipeline")]
+    fake.advance("07_pipeline", RUN, "running")
+    fake.advance("07_pipeline", RUN, "success")
+    assert passes(r, 2) == []
+    assert fake.requests[CLEAR] == 0  # 06 never cleared
+    assert len(fake.runs("06_pipeline")) == 1
+    assert len(fake.runs("07_pipeline")) == 1
+    assert fake.duplicate_triggers() == {}
+    assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["state"] == "done"
+
+
+def test_an_intent_etcd_did_not_take_is_remembered_and_no_call_is_made(
+        etcd: EtcdServer, store: EtcdStore, fake: AnsweringFake) -> None:
+    """etcd hangs on the intent write itself: Airflow is not called, memory holds the
+    intent (unconfirmed), and once etcd is back the trigger goes out once."""
+    r = reconciler(store, fake)
+    r.run_pass()  # 02-05 triggered
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"):
+        fake.advance(dag_id, RUN, "running")
+        fake.advance(dag_id, RUN, "success")
+    triggers = fake.requests[TRIGGER]
+    etcd.pause()
+    with contextlib.suppress(StoreUnavailable):
+        report = r.run_pass()  # plans 06; its intent write times out
+        assert [(o.action.dag_id, o.result) for o in report.outcomes] == [
+            ("06_pipeline", "failed")]
+    etcd.resume()
+    assert fake.requests[TRIGGER] == triggers  # no call without the intent in etcd
+    assert r.ledger.get(CYCLE, "06_pipeline").state is LedgerState.INTENT  # type: ignore[union-attr]
+    until_etcd_answers(store)
+    r.executor._retry_after.clear()  # the store's backoff, not under test here
+    assert passes(r, 2) == [("trigger", "06_pipeline")]
+    assert len(fake.runs("06_pipeline")) == 1
+
+
+MALFORMED = {
+    "a 200 without a run id": (200, json.dumps({"state": "queued"}).encode(),
+                               "application/json"),
+    "another run's answer": (200, json.dumps({"dag_run_id": "manual__x", "state": "queued"})
+                             .encode(), "application/json"),
+    "an empty list": (200, b"[]", "application/json"),
+    "a list of runs": (200, json.dumps([{"dag_run_id": RUN}]).encode(), "application/json"),
+    "an empty object": (200, b"{}", "application/json"),
+    "a body that is not JSON": (200, b"OK", "text/plain"),
+    "an HTML page": (200, b"<html><body>Sign in</body></html>", "text/html"),
+    "a date that is not one": (200, json.dumps({"dag_run_id": RUN, "start_date": "soon"})
+                               .encode(), "application/json"),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(MALFORMED))
+def test_a_malformed_trigger_answer_is_one_outcome_and_keeps_the_others(
+        store: EtcdStore, fake: AnsweringFake, answer: str) -> None:
+    """Concurrency 4, four triggers (02-05): Airflow creates 04's run but answers with
+    something that is not it. 04's outcome is an AirflowRejected (recorded, unconfirmed);
+    the other three are kept (ledger done, runs cached); 04 is adopted later, never
+    triggered twice."""
+    fake.answers["04_pipeline"] = MALFORMED[answer]
+    r = reconciler(store, fake, concurrency=4)
+    report = r.run_pass()
+    by_dag = {o.action.dag_id: o for o in report.outcomes}
+    assert sorted(by_dag) == ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"]
+    assert isinstance(by_dag["04_pipeline"].error, AirflowRejected)
+    assert "04_pipeline" in str(by_dag["04_pipeline"].error)
+    for dag_id in ("02_pipeline", "03_pipeline", "05_pipeline"):
+        assert by_dag[dag_id].result == "triggered"
+        assert (dag_id, RUN) in r.observer.cache.runs
+    ledger = store.read_ledger(CYCLE.isoformat())
+    assert {k[1]: v["state"] for k, v in ledger.items()} == {
+        "02_pipeline": "done", "03_pipeline": "done", "04_pipeline": "failed",
+        "05_pipeline": "done"}
+    r.executor._retry_after.clear()  # its backoff is not under test
+    assert passes(r, 2) == [("adopt", "04_pipeline")]  # the run it made, adopted
+    assert len(fake.runs("04_pipeline")) == 1
+    assert fake.duplicate_triggers() == {}
+
+
+def test_an_unexpected_error_in_one_action_keeps_the_other_outcomes(
+        store: EtcdStore, fake: AnsweringFake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one action (here: the client itself raising something unexpected) is that
+    action's failed outcome; the pass's other outcomes are applied."""
+    r = reconciler(store, fake, concurrency=4)
+    original: Callable[..., Any] = r.api.trigger  # type: ignore[attr-defined]
+
+    def trigger(dag_id: str, *args: Any, **kwargs: Any) -> Any:
+        if dag_id == "03_pipeline":
+            raise RuntimeError("boom")
+        return original(dag_id, *args, **kwargs)
+
+    monkeypatch.setattr(r.api, "trigger", trigger)
+    report = r.run_pass()
+    results = {o.action.dag_id: o.result for o in report.outcomes}
+    assert results == {"02_pipeline": "triggered", "03_pipeline": "failed",
+                       "04_pipeline": "triggered", "05_pipeline": "triggered"}
+    assert "RuntimeError" in str(next(o.error for o in report.outcomes
+                                      if o.action.dag_id == "03_pipeline"))
