@@ -97,16 +97,22 @@ def sync(repo: str, rev: str, subdir: str, force: bool, allow_empty: bool,
 @handle_errors
 def history(limit: int, output: str, etcd: EtcdSettings) -> None:
     """The synced commits, newest first: time, source, and whether the sync was forced."""
-    from reconciler.adapters.store import StoreError
+    from reconciler.adapters.store import HeadRecord, StoreError
     from reconciler.service.sync import read_history
 
     try:
-        entries = read_history(etcd, limit)
+        read = read_history(etcd, limit)
     except StoreError as exc:
         fail(str(exc), EXIT_ENVIRONMENT)
+    entries = [e for e in read if isinstance(e, HeadRecord)]
+    unreadable = [e for e in read if not isinstance(e, HeadRecord)]
+    for bad in unreadable:  # skipped, each named in one line
+        click.echo(f"warning: unreadable value at {bad.key}: {bad.why} (skipped)", err=True)
     if output == "json":
         click.echo(json_answer("History", namespace=etcd.root,
-                               items=[e.to_dict() for e in entries]), nl=False)
+                               items=[e.to_dict() for e in entries],
+                               unreadable=[{"key": u.key, "why": u.why} for u in unreadable]),
+                   nl=False)
         return
     if not entries:
         click.echo(f"nothing has been synced to {etcd.root} yet")

@@ -218,9 +218,13 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
         observer = Observer(store, api, settings, SystemClock())
         seen = observer.observe(with_ledger=False)
         if seen.desired is None:
+            for key, why in observer.quarantined.items():  # the head or graph: name it
+                fail(f"unreadable value at {key}: {why}")
             fail("no graph has been synced to etcd yet: run `reconciler sync` first",
                  EXIT_FAILED)
         ledger = observer.read_ledger()
+        for key, why in observer.quarantined.items():  # skipped, each named in one line
+            click.echo(f"warning: unreadable value at {key}: {why} (skipped)", err=True)
         result = plan(seen.desired.graph, seen.runs.values(), ledger, seen.now,
                       window=window, since=seen.desired.since, commit=seen.desired.commit)
         return result, seen.desired.commit

@@ -62,11 +62,26 @@ def _operator() -> str:
 # --- status ----------------------------------------------------------------------------------
 
 
-def _header(store: Any) -> dict[str, Any]:
-    head, _ = store.read_head()
-    beat = store.get(store.heartbeat_key()).json()
-    marks = {k: (v if isinstance(v, dict) else {"reason": "unreadable"})
-             for k, v in store.read_suspended().items()}
+def _header(store: Any, unreadable: list[Any], *, need_head: bool) -> dict[str, Any]:
+    """The status header; a stored value that cannot be read is added to `unreadable` and
+    shown as unknown (the head only when `need_head` is False: the mirror needs no graph)."""
+    from reconciler.adapters.store import StoreCorrupt, Unreadable
+
+    try:
+        head, _ = store.read_head()
+    except StoreCorrupt as exc:
+        if need_head:
+            raise
+        head = None
+        unreadable.append(Unreadable(exc.key, exc.why))
+    beat = store.read_heartbeat()
+    if isinstance(beat, Unreadable):
+        unreadable.append(beat)
+    marks = {}
+    for target, mark in store.read_suspended().items():
+        if isinstance(mark, Unreadable):
+            unreadable.append(mark)
+        marks[target] = mark if isinstance(mark, dict) else {"reason": "unreadable"}
     return {"commit": head.commit if head else None,
             "synced_at": iso(head.synced_at) if head else None,
             "source": head.source if head else None,
@@ -76,18 +91,49 @@ def _header(store: Any) -> dict[str, Any]:
             "suspended": marks}
 
 
-def _from_mirror(store: Any) -> list[dict[str, Any]]:
-    """The statuses the leader mirrored into observed/ (what it saw on its last pass)."""
+def _from_mirror(store: Any, unreadable: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The statuses the leader mirrored into observed/ (what it saw on its last pass);
+    a value that is not one is added to `unreadable`, if given, and skipped."""
     from reconciler.adapters.store import Unreadable
 
-    return [v for v in store.read_observed().values()
-            if isinstance(v, dict) and not isinstance(v, Unreadable) and "dag_id" in v]
+    rows = []
+    for (cycle, dag_id), v in store.read_observed().items():
+        if isinstance(v, dict) and isinstance(v.get("dag_id"), str) \
+                and isinstance(v.get("cycle"), str) and parse_time_or_none(v["cycle"]):
+            rows.append(v)
+        elif unreadable is not None:
+            unreadable.append(v if isinstance(v, Unreadable) else Unreadable(
+                store.scanned_key("observed", cycle, dag_id), "not a status record"))
+    return rows
+
+
+def parse_time_or_none(text: str) -> Any:
+    try:
+        return parse_time(text)
+    except ValueError:
+        return None
+
+
+def warn_unreadable(unreadable: Iterable[Any]) -> None:
+    """One line on stderr per stored value skipped because it cannot be read."""
+    for bad in unreadable:
+        click.echo(f"warning: unreadable value at {bad.key}: {bad.why} (skipped)", err=True)
+
+
+def fail_if_quarantined(observer: Any) -> None:
+    """A one-shot observation found no graph because the head or graph is unreadable:
+    say which key, rather than "nothing synced"."""
+    from reconciler.adapters.store import StoreCorrupt
+
+    for key, why in observer.quarantined.items():
+        raise StoreCorrupt(key, why)
 
 
 def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
           window: timedelta) -> list[dict[str, Any]]:
     from reconciler.adapters.airflow import AirflowClient
     from reconciler.adapters.clock import SystemClock
+    from reconciler.adapters.store import Unreadable
     from reconciler.core.plan import plan
     from reconciler.service.observer import Observer
 
@@ -95,6 +141,7 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
     observer = Observer(store, api, LoopSettings(window=window), SystemClock())
     seen = observer.observe(with_ledger=False)
     if seen.desired is None:
+        fail_if_quarantined(observer)
         fail("no graph has been synced to etcd yet: run `reconciler sync` first", EXIT_FAILED)
     result = plan(seen.desired.graph, seen.runs.values(), observer.read_ledger(), seen.now,
                   window=window, since=seen.desired.since, commit=seen.desired.commit,
@@ -109,6 +156,7 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
                                "queued)"
             data["paused"] = True
         out.append(data)
+    warn_unreadable(Unreadable(k, why) for k, why in observer.quarantined.items())
     return out
 
 
@@ -150,16 +198,18 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         except ValueError:
             fail(f"--cycle {cycle!r} is not an ISO 8601 date")
     store = _store(etcd)
+    unreadable: list[Any] = []
     try:
-        header = _header(store)
-        if header["commit"] is None:
+        header = _header(store, unreadable, need_head=live)
+        if header["commit"] is None and store.head_key() not in {u.key for u in unreadable}:
             fail("no graph has been synced to etcd yet: run `reconciler sync` first",
                  EXIT_FAILED)
-        rows = _live(store, etcd, airflow, window) if live else _from_mirror(store)
+        rows = _live(store, etcd, airflow, window) if live else _from_mirror(store, unreadable)
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:
         store.close()
+    warn_unreadable(unreadable)
     header["source_of_status"] = "live" if live else "etcd mirror"
     rows = [r for r in rows
             if (wanted is None or parse_time(r["cycle"]) == wanted)
@@ -238,6 +288,8 @@ def suspend(etcd: EtcdSettings, dag: str | None, everything: bool, reason: str,
         store.put_suspend(target, mark)
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
+    except ValueError:  # a name with "/" is no key segment, and no DAG id either
+        fail(f"{target!r} is not a DAG id", EXIT_FAILED)
     finally:
         store.close()
     if output == "json":
@@ -262,6 +314,8 @@ def resume(etcd: EtcdSettings, dag: str | None, everything: bool) -> None:
         removed = store.delete_suspend(target)
     except StoreError as exc:
         fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc), EXIT_FAILED)
     finally:
         store.close()
     if not removed:
@@ -431,17 +485,27 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
     """DAGs of the graph missing, stale or paused in Airflow; non-roots that also have a
     schedule of their own (they would run twice); roots that never ran in the window.
     Exit 1 when there is a finding."""
-    from reconciler.adapters.store import StoreError
+    from reconciler.adapters.store import StoreCorrupt, StoreError
     from reconciler.service.sync import read_synced_graph
 
     _require_credentials(airflow)
     store, api = _open(etcd, airflow, deadline=ONE_SHOT_DEADLINE)
+    commit: str | None = None
     try:
-        commit, graph = read_synced_graph(store)
-        since = datetime.now(UTC) - window
-        roots = sorted(d for d, p in graph.pipelines.items() if not p.depends_on)
-        runs = api.list_runs(roots, updated_at_gte=since) if roots else []
-        findings = diagnose(graph, api.list_dags(), {r["dag_id"] for r in runs})
+        # Every stored value this version cannot read, one finding each, key named.
+        findings = [{"key": u.key, "problem": "corrupt", "message": f"unreadable ({u.why})"}
+                    for u in store.corrupt_values()]
+        try:
+            commit, graph = read_synced_graph(store)
+        except StoreCorrupt:
+            if not findings:
+                raise
+            graph = None  # already a finding: Airflow cannot be checked against no graph
+        if graph is not None:
+            since = datetime.now(UTC) - window
+            roots = sorted(d for d, p in graph.pipelines.items() if not p.depends_on)
+            runs = api.list_runs(roots, updated_at_gte=since) if roots else []
+            findings += diagnose(graph, api.list_dags(), {r["dag_id"] for r in runs})
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:
@@ -450,8 +514,8 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         click.echo(json_answer("Diagnosis", commit=commit, findings=findings), nl=False)
     else:
         for f in findings:
-            click.echo(f"{f['dag_id']}: {f['message']}")
-        if not findings:
+            click.echo(f"{f.get('dag_id') or f['key']}: {f['message']}")
+        if not findings and graph is not None and commit is not None:
             click.echo(f"no finding: the {len(graph)} pipelines of {commit[:12]} are in "
                        "Airflow, unpaused, and scheduled the way the graph expects")
     if findings:

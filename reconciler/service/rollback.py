@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from reconciler.adapters.store import EtcdStore, HeadRecord, StoreConflict, StoreNotFound
+from reconciler.adapters.store import (
+    EtcdStore,
+    HeadRecord,
+    StoreConflict,
+    StoreCorrupt,
+    StoreNotFound,
+    Unreadable,
+)
 from reconciler.service.sync import build_head, carry_since, read_synced_graph
 
 MAX_ATTEMPTS = 5
@@ -28,8 +35,13 @@ class RollbackResult:
 def rollback(store: EtcdStore, seq: int, *, now: datetime, by: str) -> RollbackResult:
     """Make the commit of history entry `seq` the head again. Raises StoreNotFound when
     there is no such entry, StoreConflict when the head kept moving."""
-    target = next((h for h in store.read_history() if h.seq == seq), None)
+    entries = store.history_entries()
+    target = next((h for h in entries if isinstance(h, HeadRecord) and h.seq == seq), None)
     if target is None:
+        bad = next((u for u in entries
+                    if isinstance(u, Unreadable) and u.key == store.history_key(seq)), None)
+        if bad is not None:  # that entry is corrupt; the others still roll back
+            raise StoreCorrupt(bad.key, bad.why)
         raise StoreNotFound(f"no history entry {seq} in {store.root}: see `reconciler history`")
     commit, graph = read_synced_graph(store, target.commit)
     for _ in range(MAX_ATTEMPTS):

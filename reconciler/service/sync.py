@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import gzip
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -35,11 +36,14 @@ from reconciler.adapters.store import (
     StoreConflict,
     StoreCorrupt,
     StoreNotFound,
+    Unreadable,
 )
 from reconciler.core.checks import SourceFile, check_files
 from reconciler.core.graph import Graph
 from reconciler.core.problems import Problem, redact
 from reconciler.core.settings import EtcdSettings
+
+_SEGMENT = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}$")
 
 __all__ = ["read_tree"]  # re-exported: the tree reader lives in adapters/sources.py
 
@@ -313,6 +317,9 @@ def read_synced_graph(target: EtcdStore | EtcdSettings, commit: str | None = Non
                 raise StoreNotFound(f"nothing has been synced to {store.root} yet: run "
                                     "`reconciler sync` first")
             commit = head.commit
+        elif not _SEGMENT.match(commit):  # asked for by a user: never a path of keys
+            raise StoreNotFound(f"commit {commit} has never been synced to {store.root} "
+                                "(see `reconciler history`)")
         blob = store.read_graph_blob(commit)
         if blob is None:
             matches = store.synced_commits(commit.lower())
@@ -346,11 +353,13 @@ def read_since(target: EtcdStore | EtcdSettings, commit: str) -> dict[str, datet
             store.close()
 
 
-def read_history(target: EtcdStore | EtcdSettings, limit: int = 0) -> list[HeadRecord]:
-    """The synced heads, newest first."""
+def read_history(target: EtcdStore | EtcdSettings, limit: int = 0
+                 ) -> list[HeadRecord | Unreadable]:
+    """The synced heads, newest first; an entry that cannot be read is an `Unreadable`
+    naming its key, in its place."""
     store, owned = _with_store(target)
     try:
-        return store.read_history(limit)
+        return store.history_entries(limit)
     finally:
         if owned:
             store.close()

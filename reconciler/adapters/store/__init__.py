@@ -13,6 +13,7 @@ per key family:
     control/<name>                 controls.py  (operator's marks and requests)
     events/<dag_id>/<run_id>       events.py    (listener wake-ups, watches)
 
+audit.py finds every value of them that cannot be read (`doctor`).
 client.py owns the connection (endpoints, TLS, auth, failover, bounded calls) and the
 generic reads and writes; codec.py the value formats; errors.py the store's errors.
 `EtcdStore` is all of them on one connection: callers import everything from here.
@@ -20,6 +21,7 @@ generic reads and writes; codec.py the value formats; errors.py the store's erro
 
 from __future__ import annotations
 
+from reconciler.adapters.store.audit import AuditStore
 from reconciler.adapters.store.client import SCAN_CHUNK, EtcdClient, parse_endpoint
 from reconciler.adapters.store.codec import (
     MAX_REQUEST_BYTES,
@@ -49,7 +51,7 @@ from reconciler.adapters.store.leadership import LeaderStore
 from reconciler.adapters.store.observed import ObservedStore
 
 
-class EtcdStore(DesiredStore, ObservedStore, LeaderStore, ControlStore, EventStore):
+class EtcdStore(AuditStore, DesiredStore, ObservedStore, LeaderStore, ControlStore, EventStore):
     """A namespace of one etcd cluster, with endpoint failover and bounded calls: every
     key family's operations on one connection. Thread-safe for the loop's use (calls
     from the main thread, watch callbacks from the client's watch thread). Use as a
@@ -62,6 +64,7 @@ __all__ = [
     "PARTS_MAGIC",
     "PART_BYTES",
     "SCAN_CHUNK",
+    "AuditStore",
     "ControlStore",
     "DesiredStore",
     "EtcdClient",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,8 @@ MAX_REQUEST_BYTES = 1536 * 1024
 PART_BYTES = 1024 * 1024
 PARTS_MAGIC = b"reconciler-parts/1\n"
 _PART_DIGITS = 6
+_COMMIT = re.compile(r"^[0-9A-Za-z_.-]{1,128}$")
+"""What a synced commit can be named (a git hash in practice): one key segment."""
 _SEQ_DIGITS = 10
 
 
@@ -56,8 +59,16 @@ class HeadRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HeadRecord:
+        """Raises ValueError, KeyError or TypeError for a value that is not a head record
+        (the reader names the key: StoreCorrupt or Unreadable)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a head record is a JSON object, not {type(data).__name__}")
+        commit = data["commit"]
+        if not isinstance(commit, str) or not _COMMIT.match(commit) or commit in (".", ".."):
+            # It becomes a key segment (desired/graphs/<commit>): never a path.
+            raise ValueError(f"commit {str(commit)[:80]!r} is not a commit hash")
         # Unknown keys are ignored so that an older reconciler can read a newer head.
-        return cls(commit=str(data["commit"]), graph_digest=str(data.get("graph_digest", "")),
+        return cls(commit=commit, graph_digest=str(data.get("graph_digest", "")),
                    synced_at=_parse_iso(str(data["synced_at"])),
                    source=str(data.get("source", "")), previous=data.get("previous"),
                    forced=bool(data.get("forced", False)), seq=int(data.get("seq", 0)),

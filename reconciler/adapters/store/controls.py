@@ -37,8 +37,12 @@ class ControlStore(EtcdClient):
         self.put_json(self.suspend_key(target), dict(mark))
 
     def delete_suspend(self, target: str) -> bool:
-        """Remove the mark; False when there was none."""
-        key = self.suspend_key(target)
+        """Remove the mark; False when there was none. `target` is any name that
+        `read_suspended` lists, even one that is not a DAG id (a mark written by hand
+        with a "/" in it): whatever status shows, resume can remove."""
+        if not target or target in (".", ".."):
+            raise ValueError(f"{target!r} names no suspend mark")
+        key = self.suspended_prefix() + target
         self._count_write()
         return bool(self._call(f"delete {key}", lambda c: c.delete(key)))
 

@@ -56,7 +56,12 @@ from reconciler.adapters.store.codec import (
     decode_since,
     encode_since,
 )
-from reconciler.adapters.store.errors import StoreConflict, StoreCorrupt, StoreRequestTooLarge
+from reconciler.adapters.store.errors import (
+    StoreConflict,
+    StoreCorrupt,
+    StoreRequestTooLarge,
+    Unreadable,
+)
 from reconciler.core.graph import Graph
 
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
@@ -260,7 +265,17 @@ class DesiredStore(EtcdClient):
                 if "/" not in k[len(base):]]  # not the parts of a split graph
 
     def read_history(self, limit: int = 0) -> list[HeadRecord]:
-        """The synced heads, newest first (limit 0 = all)."""
+        """The readable synced heads, newest first (limit 0 = all); see history_entries."""
+        return [h for h in self.history_entries(limit) if isinstance(h, HeadRecord)]
+
+    def history_entries(self, limit: int = 0) -> list[HeadRecord | Unreadable]:
+        """Every history entry, newest first (limit 0 = all): an entry that cannot be read
+        (not JSON, not a head record) is an `Unreadable` naming its key, in its place."""
         prefix = self.key("desired", "history") + "/"
-        return [HeadRecord.from_dict(json.loads(v))
-                for _, v in self.get_prefix(prefix, newest_key_first=True, limit=limit)]
+        out: list[HeadRecord | Unreadable] = []
+        for key, value in self.get_prefix(prefix, newest_key_first=True, limit=limit):
+            try:
+                out.append(HeadRecord.from_dict(json.loads(value)))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                out.append(Unreadable(key, _short(exc)))
+        return out

@@ -5,9 +5,12 @@ leader's heartbeat. Written by the recorder (service/recorder.py), read by `stat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from reconciler.adapters.store.codec import _short
+from reconciler.adapters.store.errors import Unreadable
 from reconciler.adapters.store.ledger import LedgerStore
 
 
@@ -30,6 +33,20 @@ class ObservedStore(LedgerStore):
 
     def scan_observed(self, cycle: str | None = None) -> Iterator[tuple[tuple[str, str], Any]]:
         return self._scan_cycles("observed", cycle)
+
+    def read_heartbeat(self) -> dict[str, Any] | Unreadable | None:
+        """`status/loop` (None when no leader wrote it yet; Unreadable if not an object)."""
+        key = self.heartbeat_key()
+        value = self.get(key).value
+        if value is None:
+            return None
+        try:
+            data = json.loads(value)
+        except ValueError as exc:
+            return Unreadable(key, _short(exc))
+        if not isinstance(data, dict):
+            return Unreadable(key, f"a JSON {type(data).__name__}, not an object")
+        return data
 
     def heartbeat_key(self) -> str:
         """`status/loop`: the leader's last pass, written at most once a minute (fenced)."""
