@@ -50,6 +50,12 @@ if not hasattr(etcd3.watch, "six"):
 # Range reads of ledger/ and observed/ can exceed gRPC's 4 MiB default for large graphs.
 _MAX_RECEIVE_BYTES = 256 * 1024 * 1024
 # What an etcd member answers when the cluster cannot finish a request for now.
+_TLS_FAILED = re.compile(r"Tls handshake failed|SSL_ERROR_SSL|CERTIFICATE_VERIFY_FAILED")
+_CLIENT_CERT_REFUSED = re.compile(r"ALERT_BAD_CERTIFICATE|ALERT_CERTIFICATE_REQUIRED|"
+                                  r"ALERT_UNKNOWN_CA|ALERT_HANDSHAKE_FAILURE|"
+                                  r"ALERT_UNSUPPORTED_CERTIFICATE|ALERT_CERTIFICATE_UNKNOWN")
+_NAME_MISMATCH = re.compile(r"Peer name .* is not in peer certificate|hostname mismatch",
+                            re.IGNORECASE)
 _SERVER_BUSY = re.compile(r"context deadline exceeded|request timed out|leader changed|"
                           r"no leader", re.IGNORECASE)
 # Keys a range read of ledger/ or observed/ asks for at once (scan_prefix).
@@ -166,7 +172,7 @@ class EtcdClient:
             client.metadata = (("token", response.token),)
             client.call_credentials = None
             return
-        raise StoreUnavailable(f"etcd at {self._describe()} is unreachable ({_why(last)})")
+        raise self._unreachable("authenticate", last)
 
     @property
     def client(self) -> Any:
@@ -236,10 +242,63 @@ class EtcdClient:
                     self.last_failure = (time.monotonic(), message)
                     raise StoreUnavailable(message) from None
                 raise StoreError(f"etcd refused {what}: {details}") from None
-        message = (f"etcd at {self._describe()} is unreachable during {what} "
-                   f"({_why(last)})")
+        raise self._unreachable(what, last)
+
+    def _unreachable(self, what: str, last: BaseException | None) -> StoreError:
+        """The error for a call no endpoint answered: a TLS handshake that failed says so
+        and names the settings to set (StoreAccessDenied: no retry fixes it); anything else
+        is StoreUnavailable, with a hint when the cause looks like TLS on one side only."""
+        why = _why(last)
+        message = f"etcd at {self._describe()} is unreachable during {what} ({why})"
         self.last_failure = (time.monotonic(), message)
-        raise StoreUnavailable(message)
+        denied = self._tls_refusal(why)
+        if denied is not None:
+            self.last_failure = (time.monotonic(), denied)
+            return StoreAccessDenied(denied)
+        hint = self._tls_hint(why)
+        return StoreUnavailable(message + (f"; {hint}" if hint else ""))
+
+    def _tls_refusal(self, why: str) -> str | None:
+        """What to set when the TLS handshake failed for a reason of configuration."""
+        s, where = self.settings, f"etcd at {self._describe()}"
+        if not _TLS_FAILED.search(why):
+            return None
+        if "CERTIFICATE_VERIFY_FAILED" in why:
+            if s.ca:
+                return (f"{where}: TLS handshake failed: its certificate is not signed by the "
+                        f"CA in RECONCILER_ETCD_CA ({s.ca}); set RECONCILER_ETCD_CA "
+                        "(--etcd-ca) to the CA that signed it")
+            return (f"{where}: TLS handshake failed: its certificate is not trusted (no CA "
+                    "given, the system's roots do not know it); set RECONCILER_ETCD_CA "
+                    "(--etcd-ca) to the CA file that signed it")
+        if _CLIENT_CERT_REFUSED.search(why):
+            if not s.cert:
+                return (f"{where}: TLS handshake failed: etcd requires a client certificate; "
+                        "set RECONCILER_ETCD_CERT and RECONCILER_ETCD_KEY (--etcd-cert, "
+                        "--etcd-key) to one signed by the CA etcd trusts")
+            return (f"{where}: TLS handshake failed: etcd refused the client certificate in "
+                    f"RECONCILER_ETCD_CERT ({s.cert}); set RECONCILER_ETCD_CERT and "
+                    "RECONCILER_ETCD_KEY to one signed by the CA etcd trusts "
+                    "(its --trusted-ca-file)")
+        if _NAME_MISMATCH.search(why):
+            return (f"{where}: TLS handshake failed: its certificate does not name the host "
+                    "of the endpoint; use a name the certificate lists in "
+                    "RECONCILER_ETCD_ENDPOINTS")
+        return (f"{where}: TLS handshake failed ({why}); check RECONCILER_ETCD_CA, "
+                "RECONCILER_ETCD_CERT and RECONCILER_ETCD_KEY")
+
+    def _tls_hint(self, why: str) -> str | None:
+        """A connection closed at once is what a TLS-only etcd does to a plaintext client,
+        and a reset handshake what a plaintext etcd does to a TLS one: say which to check."""
+        s = self.settings
+        tls = bool(s.ca or s.cert or any(t for _, _, t in self._endpoints))
+        if not tls and "Socket closed" in why:
+            return ("if etcd serves TLS, set RECONCILER_ETCD_CA (--etcd-ca) and, if it asks "
+                    "for one, RECONCILER_ETCD_CERT and RECONCILER_ETCD_KEY")
+        if tls and "Handshake read failed" in why:
+            return ("TLS is configured (RECONCILER_ETCD_CA/CERT/KEY or an https:// "
+                    "endpoint): does this etcd serve TLS?")
+        return None
 
     def _count_write(self) -> None:
         with self._writes_lock:
