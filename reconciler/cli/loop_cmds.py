@@ -216,6 +216,7 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
     try:
         settings = LoopSettings(window=window)
         observer = Observer(store, api, settings, SystemClock())
+        observer.log_quarantine = False  # each key is named below, in one line
         seen = observer.observe(with_ledger=False)
         if seen.desired is None:
             for key, why in observer.quarantined.items():  # the head or graph: name it

@@ -139,6 +139,7 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
 
     api = AirflowClient(airflow, deadline=ONE_SHOT_DEADLINE)
     observer = Observer(store, api, LoopSettings(window=window), SystemClock())
+    observer.log_quarantine = False  # each key is named in one line, by warn_unreadable
     seen = observer.observe(with_ledger=False)
     if seen.desired is None:
         fail_if_quarantined(observer)

@@ -163,6 +163,8 @@ class Observer:
         self.suspended_version = 0
         self.quarantined: dict[str, str] = {}
         """key -> why, for every stored value that could not be read (logged once)."""
+        self.log_quarantine = True
+        """False for a one-shot command, which names each key in its own output."""
         self.ledger = ledger if ledger is not None else Ledger(store, self.quarantine,
                                                                self.release)
         """The run ledger, shared with the executor that writes it through (ledger.py)."""
@@ -198,8 +200,9 @@ class Observer:
 
     def quarantine(self, key: str, why: str) -> None:
         if self.quarantined.get(key) != why:
-            event("unreadable stored value quarantined (ignored until rewritten)",
-                  logging.ERROR, key=key, error=why)
+            if self.log_quarantine:
+                event("unreadable stored value quarantined (ignored until rewritten)",
+                      logging.ERROR, key=key, error=why)
             self.quarantined[key] = why
 
     def load_suspended(self) -> dict[str, str]:

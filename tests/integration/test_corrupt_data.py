@@ -5,6 +5,9 @@ a traceback. Real etcd; the fake Airflow for the commands that need one."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +24,7 @@ from tests.integration.test_operate import (
     ScheduledFake,
     airflow_env,
     cli,
+    etcd_env,
 )
 
 NOT_JSON = b"{not json"
@@ -196,3 +200,20 @@ def test_doctor_lists_a_corrupt_head_without_a_traceback(
 def test_doctor_finds_nothing_corrupt_in_a_clean_namespace(
         store: EtcdStore, etcd_settings: EtcdSettings) -> None:
     assert store.corrupt_values() == []
+
+
+def test_plan_names_a_corrupt_ledger_entry_in_one_line_and_plans_the_rest(
+        store: EtcdStore, etcd_settings: EtcdSettings, fake: ScheduledFake) -> None:
+    """As a user runs it (a process of its own, its stderr as is): the entry is skipped,
+    named once; no second, key-less log line."""
+    key = store.ledger_key(CYCLE.isoformat(), "02_pipeline")
+    store.put(key, NOT_JSON)
+    env = {**os.environ, **etcd_env(etcd_settings), **airflow_env(fake)}
+    done = subprocess.run([sys.executable, "-m", "reconciler", "plan"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"warning: unreadable value at {key}: ")
+    assert "02_pipeline" in done.stdout  # planned all the same (its run is missing)
