@@ -130,7 +130,7 @@ def fail_if_quarantined(observer: Any) -> None:
 
 
 def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
-          window: timedelta) -> list[dict[str, Any]]:
+          window: timedelta, unreadable: list[Any]) -> list[dict[str, Any]]:
     from reconciler.adapters.airflow import AirflowClient
     from reconciler.adapters.clock import SystemClock
     from reconciler.adapters.store import Unreadable
@@ -157,7 +157,9 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
                                "queued)"
             data["paused"] = True
         out.append(data)
-    warn_unreadable(Unreadable(k, why) for k, why in observer.quarantined.items())
+    named = {u.key for u in unreadable}  # the header may have found some already
+    unreadable += [Unreadable(k, why) for k, why in observer.quarantined.items()
+                   if k not in named]
     return out
 
 
@@ -205,7 +207,8 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         if header["commit"] is None and store.head_key() not in {u.key for u in unreadable}:
             fail("no graph has been synced to etcd yet: run `reconciler sync` first",
                  EXIT_FAILED)
-        rows = _live(store, etcd, airflow, window) if live else _from_mirror(store, unreadable)
+        rows = (_live(store, etcd, airflow, window, unreadable) if live
+                else _from_mirror(store, unreadable))
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:

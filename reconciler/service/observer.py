@@ -336,7 +336,7 @@ class Observer:
 
     def observe(self, *, with_ledger: bool = True, refresh: bool = True) -> Observation:
         """Desired graph, runs and (if asked) the ledger, now. The ledger is read from
-        etcd once and then kept up to date by `record` (only the leader writes it).
+        etcd once per term and then written through by the executor (ledger.py).
         `refresh=False` asks nothing of Airflow: the runs as the cache holds them."""
         now = self.clock.now()
         desired = self.load_desired()

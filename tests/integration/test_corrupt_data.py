@@ -217,3 +217,15 @@ def test_plan_names_a_corrupt_ledger_entry_in_one_line_and_plans_the_rest(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"warning: unreadable value at {key}: ")
     assert "02_pipeline" in done.stdout  # planned all the same (its run is missing)
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_status_names_an_unreadable_suspend_mark_once(
+        store: EtcdStore, etcd_settings: EtcdSettings, fake: ScheduledFake, live: bool) -> None:
+    key = store.suspended_prefix() + "05_pipeline"
+    store.put(key, NOT_JSON)
+    args = ["status", "--live"] if live else ["status", "--from-etcd"]
+    result = cli(etcd_settings, *args, **airflow_env(fake))
+    assert result.exit_code == 0, result.output
+    assert "warning: unreadable value at" in one_line_naming(result, key)
+    assert "suspended: 05_pipeline" in result.stdout  # an unreadable mark still suspends
