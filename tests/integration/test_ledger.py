@@ -233,3 +233,49 @@ def test_an_unexpected_error_in_one_action_keeps_the_other_outcomes(
                        "04_pipeline": "triggered", "05_pipeline": "triggered"}
     assert "RuntimeError" in str(next(o.error for o in report.outcomes
                                       if o.action.dag_id == "03_pipeline"))
+
+
+def finish(fake: FakeAirflow, *dag_ids: str) -> None:
+    for dag_id in dag_ids:
+        fake.advance(dag_id, RUN, "running")
+        time.sleep(0.002)  # a later end date than any before
+        fake.advance(dag_id, RUN, "success")
+
+
+def test_a_rerun_whose_result_write_fails_is_not_cleared_twice(
+        etcd: EtcdServer, store: EtcdStore, fake: AnsweringFake) -> None:
+    """Scenario 2 with an etcd outage: 03 re-ran, so 06 is cleared; etcd hangs while
+    Airflow answers the clear, the "done" write fails. Memory must hold the clear's intent
+    (unconfirmed), not the old trigger's entry: else 06's next end looks like an upstream
+    change not acted on, and 06 is cleared (run) a second time."""
+    r = reconciler(store, fake, eager=False)
+    r.run_pass()
+    finish(fake, "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline")
+    assert passes(r, 1) == [("trigger", "06_pipeline")]
+    finish(fake, "06_pipeline")
+    assert passes(r, 1) == [("trigger", "07_pipeline")]
+    finish(fake, "07_pipeline")
+    assert passes(r, 2) == []
+    fake.advance("03_pipeline", RUN, "queued")  # a user clears 03: it runs again
+    finish(fake, "03_pipeline")
+
+    def hang_etcd(request: Any) -> None:
+        if request.route == CLEAR and request.dag_id == "06_pipeline":
+            fake.before_reply = None
+            etcd.pause()
+
+    fake.before_reply = hang_etcd
+    with contextlib.suppress(StoreUnavailable):
+        r.run_pass()
+    time.sleep(0.5)
+    etcd.resume()
+    until_etcd_answers(store)
+    assert fake.clear_count("06_pipeline", RUN) == 1
+    assert passes(r, 2) == [("adopt", "06_pipeline")]  # the clear took effect: adopted
+    finish(fake, "06_pipeline")
+    assert passes(r, 2) == [("clear", "07_pipeline")]
+    finish(fake, "07_pipeline")
+    assert passes(r, 2) == []
+    assert fake.clear_count("06_pipeline", RUN) == 1
+    assert fake.clear_count("07_pipeline", RUN) == 1
+    assert fake.clear_count("02_pipeline", RUN) == 0
