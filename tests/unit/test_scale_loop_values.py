@@ -102,6 +102,9 @@ class LedgerStore:
     def ledger_key(self, cycle: str, dag_id: str) -> str:
         return f"/r/ns/ledger/{cycle}/{dag_id}"
 
+    def scanned_key(self, kind: str, cycle: str, dag_id: str) -> str:
+        return f"/r/ns/{kind}/{cycle}/{dag_id}"
+
 
 def test_the_observer_quarantines_a_malformed_fingerprint_and_reads_the_rest() -> None:
     good = entry(("a", "ra", iso(C))).to_json()
