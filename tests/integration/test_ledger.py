@@ -279,3 +279,15 @@ def test_a_rerun_whose_result_write_fails_is_not_cleared_twice(
     assert fake.clear_count("06_pipeline", RUN) == 1
     assert fake.clear_count("07_pipeline", RUN) == 1
     assert fake.clear_count("02_pipeline", RUN) == 0
+
+
+def test_a_ledger_key_without_a_cycle_is_quarantined_by_its_own_name(
+        store: EtcdStore, fake: AnsweringFake) -> None:
+    """`ledger/x` (no cycle segment: written by hand) is named as it is; rebuilding a key
+    from its empty cycle raised a ValueError out of the ledger read, and every pass died."""
+    bad = store.key("ledger", "x")
+    store.put(bad, json.dumps({"run_id": "r", "action": "trigger"}).encode())
+    r = reconciler(store, fake)
+    assert passes(r, 1) == [("trigger", d) for d in
+                            ("02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline")]
+    assert bad in r.observer.quarantined
