@@ -487,8 +487,9 @@ def diagnose(graph: Any, dags: Iterable[Mapping[str, Any]],
 def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
            output: str) -> None:
     """DAGs of the graph missing, stale or paused in Airflow; non-roots that also have a
-    schedule of their own (they would run twice); roots that never ran in the window.
-    Exit 1 when there is a finding."""
+    schedule of their own (they would run twice); roots that never ran in the window;
+    every value in etcd this version cannot read, its key named. Exit 1 when there is a
+    finding."""
     from reconciler.adapters.store import StoreCorrupt, StoreError
     from reconciler.service.sync import read_synced_graph
 
