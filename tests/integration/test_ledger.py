@@ -127,7 +127,10 @@ def test_an_eager_trigger_whose_result_write_fails_is_adopted_not_cleared(
     time.sleep(1.0)  # an outage of about 1.5 s in all
     etcd.resume()
     until_etcd_answers(store)
-    assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["state"] == "intent"
+    # etcd holds the intent, or "done" when the timed-out write was still applied once it
+    # resumed (the client cannot know which): memory holds the intent, unconfirmed.
+    assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["state"] in (
+        "intent", "done")
     assert r.ledger.get(CYCLE, "06_pipeline").state is LedgerState.INTENT  # type: ignore[union-attr]
 
     fake.advance("06_pipeline", RUN, "running")
