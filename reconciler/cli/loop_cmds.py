@@ -23,6 +23,7 @@ import click
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options, output_option
 from reconciler.core.errors import ReconcilerError
+from reconciler.core.safe_text import printable
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
 from reconciler.core.state import Plan, iso
 
@@ -258,8 +259,8 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
     if not result.actions:
         click.echo(f"nothing to do ({len(result.cycles)} open cycles, commit {commit[:12]})")
     for a in result.actions:
-        click.echo(f"{a.kind.value:8} {a.dag_id} cycle {iso(a.cycle)} run {a.run_id}: "
-                   f"{a.reason}")
+        click.echo(f"{a.kind.value:8} {printable(a.dag_id)} cycle {iso(a.cycle)} run "
+                   f"{printable(a.run_id)}: {printable(a.reason)}")
 
 
 @main.command()
