@@ -150,6 +150,8 @@ class RemoteClone:
         env = {k: v for k, v in self._environ.items()
                if k not in (_USER_ENV, _PASSWORD_ENV)}
         env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a human
+        if "GIT_SSH_COMMAND" not in env and "GIT_SSH" not in env:
+            env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"  # nor for a passphrase
         env.pop("GIT_DIR", None)
         if credentials is None:
             return env

@@ -190,8 +190,11 @@ def test_a_clone_left_by_an_older_version_loses_the_token_and_becomes_private(
         token: str) -> None:
     workdir = tmp_path / "clone"
     url = server.url("origin", userinfo=f"{USER}:{token}")
+    old_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
     subprocess.run(["git", "clone", "-q", "--bare", url, str(workdir)], check=True,
-                   env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # what the old code did
+                   env=old_env)  # what the old code did: a clone, then fetches
+    subprocess.run(["git", "--git-dir", str(workdir), "fetch", "-q", "origin",
+                    "+refs/heads/main:refs/heads/main"], check=True, env=old_env)
     for folder, _, files in os.walk(workdir):
         os.chmod(folder, 0o755)
         for name in files:
