@@ -241,7 +241,8 @@ def _make_private(folder: Path) -> None:
     mode = stat.S_IMODE(folder.stat().st_mode)
     if mode & 0o077 == 0:
         return
-    folder.chmod(0o700)
+    with contextlib.suppress(OSError):  # a mount point of another owner: its files still are
+        folder.chmod(0o700)
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = os.path.join(root, name)
