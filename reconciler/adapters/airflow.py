@@ -54,6 +54,7 @@ from tenacity import (
 )
 
 from reconciler.core.errors import NeedsHuman, ReconcilerError, RetryLater
+from reconciler.core.safe_text import redact
 from reconciler.core.settings import AirflowSettings
 from reconciler.core.state import iso, parse_time
 
@@ -212,11 +213,8 @@ class AirflowClient:
 
     def _redact(self, text: str) -> str:
         """Defence in depth: an answer echoing the request (a 422) must not leak a secret."""
-        for secret in (self.settings.password, self.settings.token, self._token,
-                       self._file_token):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return redact(text, (self.settings.password, self.settings.token, self._token,
+                             self._file_token))
 
     def _who(self) -> str:
         if self.settings.token_file and not self.settings.token:

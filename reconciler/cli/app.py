@@ -21,6 +21,7 @@ import click
 
 from reconciler import __version__
 from reconciler.core.problems import redact
+from reconciler.core.safe_text import printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,7 +39,8 @@ class CommandError(click.ClickException):
     """
 
     def __init__(self, message: str, code: int = EXIT_ENVIRONMENT) -> None:
-        super().__init__(" ".join(redact(message).split("\n")))
+        # One line: newlines become spaces, other control and bidi characters are escaped.
+        super().__init__(printable(" ".join(redact(message).split("\n"))))
         self.code = code
         self.exit_code = code  # type: ignore[misc]  # per error, not per class
 

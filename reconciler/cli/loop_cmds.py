@@ -23,7 +23,14 @@ import click
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.options import etcd_options, output_option
 from reconciler.core.errors import ReconcilerError
-from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
+from reconciler.core.safe_text import printable
+from reconciler.core.settings import (
+    AirflowSettings,
+    EtcdSettings,
+    GitSettings,
+    LoopSettings,
+    parse_duration,
+)
 from reconciler.core.state import Plan, iso
 
 ONE_SHOT_DEADLINE = 8.0
@@ -263,8 +270,8 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
     if not result.actions:
         click.echo(f"nothing to do ({len(result.cycles)} open cycles, commit {commit[:12]})")
     for a in result.actions:
-        click.echo(f"{a.kind.value:8} {a.dag_id} cycle {iso(a.cycle)} run {a.run_id}: "
-                   f"{a.reason}")
+        click.echo(f"{a.kind.value:8} {printable(a.dag_id)} cycle {iso(a.cycle)} run "
+                   f"{printable(a.run_id)}: {printable(a.reason)}")
 
 
 @main.command()
@@ -284,10 +291,19 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
 @click.option("--workdir", envvar="RECONCILER_WORKDIR", type=click.Path(file_okay=False),
               default=None, help="Where pull mode keeps its clone (default: a cache folder) "
               "[RECONCILER_WORKDIR].")
+@click.option("--git-username", envvar="RECONCILER_GIT_USERNAME", default=None,
+              help="Pull mode: the user sent with the token (default: the URL's, else "
+              "x-access-token); the token comes from RECONCILER_GIT_TOKEN, --git-token-file "
+              "or the URL, never from a flag [RECONCILER_GIT_USERNAME].")
+@click.option("--git-token-file", envvar="RECONCILER_GIT_TOKEN_FILE",
+              type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Pull mode: read the git token from this file, again at each fetch "
+              "[RECONCILER_GIT_TOKEN_FILE].")
 @loop_options
 @handle_errors
 def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: str | None,
-        branch: str, subdir: str, pull_interval: float, workdir: str | None) -> None:
+        branch: str, subdir: str, pull_interval: float, workdir: str | None,
+        git_username: str | None, git_token_file: str | None) -> None:
     """The loop: keep Airflow in step with the graph in etcd (the container's entrypoint).
 
     Stops cleanly on SIGTERM or SIGINT (the leader lease is released).
@@ -306,8 +322,10 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
     metrics = Metrics()
     reconciler = Reconciler(store, api, loop, metrics=metrics)
     health = Health(stall_after=loop.liveness_timeout)
+    git = GitSettings(username=git_username or None, token_file=git_token_file,
+                      token=os.environ.get("RECONCILER_GIT_TOKEN") or None)
     puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
-                     workdir=workdir) if repo else None)
+                     workdir=workdir, git=git) if repo else None)
     runner = Runner(reconciler, health, puller=puller)
     server = None
     if loop.http_port:

@@ -36,6 +36,7 @@ from reconciler.cli.loop_cmds import (
 )
 from reconciler.cli.options import etcd_options, json_answer, output_option
 from reconciler.core.errors import ReconcilerError
+from reconciler.core.safe_text import printable
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import State, iso, parse_time
 
@@ -230,26 +231,30 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
 
 
 def _print_status(header: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
-    commit = (header["commit"] or "")[:12]
-    click.echo(f"commit {commit}  synced {header['synced_at']}  ({header['source_of_status']})")
-    leader = header["leader"] or "none (no replica holds the lease)"
-    last = header["last_pass"] or "never"
+    # Every value from Airflow or etcd is escaped (printable): a run id or reason holding a
+    # newline, an ANSI escape or U+202E cannot forge a line of this table.
+    commit = printable((header["commit"] or "")[:12])
+    click.echo(f"commit {commit}  synced {printable(header['synced_at'])}  "
+               f"({header['source_of_status']})")
+    leader = printable(header["leader"] or "none (no replica holds the lease)")
+    last = printable(header["last_pass"] or "never")
     click.echo(f"leader {leader}  last pass {last}")
     for target, mark in sorted(header["suspended"].items()):
         what = "the whole namespace" if target == "*" else target
-        click.echo(click.style(f"suspended: {what} by {mark.get('by', '?')} at "
-                               f"{mark.get('at', '?')}: {mark.get('reason', '')}", fg="magenta"))
+        click.echo(click.style(printable(f"suspended: {what} by {mark.get('by', '?')} at "
+                                         f"{mark.get('at', '?')}: {mark.get('reason', '')}"),
+                               fg="magenta"))
     if not rows:
         click.echo("no pipeline matches" if header["commit"] else "no open cycle")
         return
-    width = max(len(r["dag_id"]) for r in rows)
+    width = max(len(printable(r["dag_id"])) for r in rows)
     current = None
     for r in sorted(rows, key=lambda r: r["cycle"], reverse=True):
         if r["cycle"] != current:
             current = r["cycle"]
-            click.echo(f"cycle {current}")
-        state = click.style(f"{r['state']:12}", fg=COLOURS.get(r["state"]))
-        click.echo(f"  {r['dag_id']:{width}}  {state}  {r['message']}")
+            click.echo(f"cycle {printable(current)}")
+        state = click.style(f"{printable(r['state']):12}", fg=COLOURS.get(r["state"]))
+        click.echo(f"  {printable(r['dag_id']):{width}}  {state}  {printable(r['message'])}")
 
 
 # --- suspend / resume / reconcile ------------------------------------------------------------
@@ -519,7 +524,7 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         click.echo(json_answer("Diagnosis", commit=commit, findings=findings), nl=False)
     else:
         for f in findings:
-            click.echo(f"{f.get('dag_id') or f['key']}: {f['message']}")
+            click.echo(f"{printable(f.get('dag_id') or f['key'])}: {printable(f['message'])}")
         if not findings and graph is not None and commit is not None:
             click.echo(f"no finding: the {len(graph)} pipelines of {commit[:12]} are in "
                        "Airflow, unpaused, and scheduled the way the graph expects")

@@ -1,22 +1,17 @@
 """Problems found in pipeline files: values, not exceptions, so every one is reported.
 
-Also the one rule that keeps credentials out of messages (`redact`), used wherever a
-path, URL or error text from outside is printed.
+`redact`, the one rule that keeps credentials out of messages (used wherever a path, URL
+or error text from outside is printed), lives in core/safe_text.py and is imported here too.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# scheme://userinfo@ up to the host: the userinfo (user, user:password, a token) goes.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
+from reconciler.core.safe_text import redact
 
-
-def redact(text: str) -> str:
-    """`text` with the credentials of every URL in it removed (https://u:p@h -> https://h)."""
-    return _USERINFO.sub(r"\1", text)
+__all__ = ["Problem", "redact"]
 
 
 @dataclass(frozen=True, order=True)

@@ -74,6 +74,19 @@ class AirflowSettings:
 
 
 @dataclass(frozen=True)
+class GitSettings:
+    """Credentials of pull mode's remote, besides those in its URL. They reach git through
+    the environment of each git process only (never the clone's config or a command line)."""
+
+    username: str | None = None
+    """Sent with the token; default: the URL's user, else `x-access-token`."""
+    token: str | None = field(default=None, repr=False)
+    """RECONCILER_GIT_TOKEN (never a flag)."""
+    token_file: str | None = None
+    """A file holding the token, read again at each fetch (rotated tokens)."""
+
+
+@dataclass(frozen=True)
 class LoopSettings:
     window: timedelta = timedelta(days=2)
     interval: float = 5.0

@@ -18,10 +18,15 @@ as the drop-in `examples/plugins/reconciler_events.py` for `$AIRFLOW_HOME/plugin
 one of the two, not both.
 
 It never blocks Airflow: a hook only puts the event into a bounded queue and returns; one
-background thread per process sends. When etcd is slow or down the queue fills and new
-events are dropped and counted (one warning a minute at most). HTTP timeouts are short. A
-task process flushes what it queued when it exits, for at most
-`RECONCILER_EVENTS_FLUSH_TIMEOUT` seconds. It never raises into Airflow.
+background thread per process sends. The thread never dies of an error: a failed write, an
+unreadable graph blob or a bug is logged in one line (once per change) and retried with
+capped backoff, and a thread that ended anyway is started again by the next event. When
+etcd is slow or down the queue fills and new events are dropped and counted (one warning a
+minute at most); once etcd (or the graph) has failed for `RECONCILER_EVENTS_DOWN_AFTER`
+seconds, events are refused at once (`submit` says so) until a probe reads etcd again.
+HTTP timeouts are short. A task process flushes what it queued when it exits, for at most
+`RECONCILER_EVENTS_FLUSH_TIMEOUT` seconds, and not at all while the sender is down. It
+never raises into Airflow.
 
 It writes only for DAGs of the synced graph: the thread reads `desired/head` and the graph
 blob it names (`desired/graphs/<commit>`, gzip JSON `{"pipelines": {dag_id: ...}}`), caches
@@ -40,7 +45,8 @@ does nothing):
 and its own: RECONCILER_EVENTS_TTL (600 s), RECONCILER_EVENTS_TIMEOUT (1 s per HTTP
 request), RECONCILER_EVENTS_QUEUE (1000 events), RECONCILER_EVENTS_GRAPH_REFRESH (30 s),
 RECONCILER_EVENTS_TASKS (true: task-level events too), RECONCILER_EVENTS_FLUSH_TIMEOUT
-(2 s). Older names still read: RECONCILER_EVENTS_ETCD_URL (one endpoint URL) and
+(2 s), RECONCILER_EVENTS_DOWN_AFTER (10 s), RECONCILER_EVENTS_RETRY_MAX (5 s, the longest
+wait between retries). Older names still read: RECONCILER_EVENTS_ETCD_URL (one endpoint URL) and
 RECONCILER_EVENTS_PREFIX (the namespace root, e.g. /reconciler/default/).
 """
 
@@ -60,6 +66,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,6 +108,10 @@ class Config:
     graph_refresh: float = 30.0
     tasks: bool = True
     flush_timeout: float = 2.0
+    down_after: float = 10.0
+    """Seconds of failing etcd (or an unreadable graph) after which events are refused."""
+    retry_max: float = 5.0
+    """The longest wait between two retries."""
 
     def __repr__(self) -> str:  # never the password
         return (f"Config(endpoints={self.endpoints!r}, root={self.root!r}, "
@@ -133,7 +144,9 @@ class Config:
             queue_size=int(env.get("RECONCILER_EVENTS_QUEUE", "1000")),
             graph_refresh=float(env.get("RECONCILER_EVENTS_GRAPH_REFRESH", "30")),
             tasks=_flag(env.get("RECONCILER_EVENTS_TASKS", "true")),
-            flush_timeout=float(env.get("RECONCILER_EVENTS_FLUSH_TIMEOUT", "2")))
+            flush_timeout=float(env.get("RECONCILER_EVENTS_FLUSH_TIMEOUT", "2")),
+            down_after=float(env.get("RECONCILER_EVENTS_DOWN_AFTER", "10")),
+            retry_max=float(env.get("RECONCILER_EVENTS_RETRY_MAX", "5")))
 
 
 def _endpoint_url(text: str, *, tls: bool) -> str:
@@ -230,32 +243,72 @@ class Gateway:
         self.call("/v3/kv/put", body)
 
 
+class GraphUnreadable(ValueError):
+    """The synced head or graph blob cannot be decoded (truncated, not gzip, not a graph)."""
+
+
 def graph_dag_ids(gateway: Gateway, root: str) -> frozenset[str]:
-    """The DAG ids of the graph `desired/head` names (empty when nothing is synced)."""
+    """The DAG ids of the graph `desired/head` names (empty when nothing is synced).
+
+    Raises GatewayError (etcd) or GraphUnreadable (whatever is wrong with the stored
+    values: a truncated gzip, a bad deflate stream, JSON that is not a graph)."""
     head_raw = gateway.get(f"{root}desired/head")
     if head_raw is None:
         return frozenset()
-    commit = json.loads(head_raw)["commit"]
+    try:
+        commit = json.loads(head_raw)["commit"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise GraphUnreadable(f"desired/head is not a head record ({_why(exc)})") from None
+    if not isinstance(commit, str) or not commit:
+        raise GraphUnreadable(f"desired/head names no commit ({commit!r})")
     blob = gateway.get(f"{root}desired/graphs/{commit}")
     if blob is None:
         return frozenset()
     if blob.startswith(PARTS_MAGIC):  # a large graph: a manifest and numbered parts
-        manifest = json.loads(blob[len(PARTS_MAGIC):])
-        parts = [gateway.get(f"{root}desired/graphs/{commit}/{n:06d}")
-                 for n in range(int(manifest["parts"]))]
+        try:
+            manifest = json.loads(blob[len(PARTS_MAGIC):])
+            count = int(manifest["parts"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise GraphUnreadable(f"the manifest of the graph of {commit} is unreadable "
+                                  f"({_why(exc)})") from None
+        parts = [gateway.get(f"{root}desired/graphs/{commit}/{n:06d}") for n in range(count)]
         if any(p is None for p in parts):
-            raise ValueError(f"a part of the graph of {commit} is missing")
+            raise GraphUnreadable(f"a part of the graph of {commit} is missing")
         blob = b"".join(p for p in parts if p is not None)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         if manifest.get("digest") and manifest["digest"] != digest:
-            raise ValueError(f"the parts of the graph of {commit} do not match its digest")
-    pipelines = json.loads(gzip.decompress(blob)).get("pipelines") or {}
+            raise GraphUnreadable(f"the parts of the graph of {commit} do not match its digest")
+    try:
+        graph = json.loads(gzip.decompress(blob))
+    except (OSError, EOFError, zlib.error, ValueError) as exc:  # BadGzipFile is an OSError
+        raise GraphUnreadable(f"the graph of {commit} is not gzip JSON ({_why(exc)})") from None
+    pipelines = graph.get("pipelines") if isinstance(graph, dict) else None
+    if not isinstance(pipelines, dict):
+        raise GraphUnreadable(f"the graph of {commit} is not a graph (no pipelines mapping)")
     return frozenset(str(d) for d in pipelines)
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _BadEvent(Exception):
+    """An event without the fields a key is made of: dropped, never retried."""
 
 
 class Sender:
     """The bounded queue and its one sender thread (started on the first event, again in
-    a forked child). `submit` never blocks; `flush` waits a bounded time."""
+    a forked child, and again should it ever have ended). `submit` never blocks and says
+    whether the event can be sent; `flush` waits a bounded time.
+
+    The thread never dies of an error: a failed write, an unreadable graph or a bug is
+    logged in one line (once per change) and retried with capped backoff. An event is
+    retried for at most `down_after` seconds; once etcd (or the graph) has failed for that
+    long the sender is down: `submit` refuses events at once (False, counted) and `flush`
+    does not wait, while the thread probes etcd with backoff and takes events again as soon
+    as a read succeeds."""
 
     def __init__(self, config: Config, gateway: Gateway | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -274,31 +327,62 @@ class Sender:
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
         self.dropped = 0
-        """Events refused because the queue was full (etcd slow or down)."""
+        """Events refused by submit (queue full, sender down or not running)."""
         self.sent = 0
         self.skipped = 0
         """Events of DAGs that are not in the synced graph."""
         self.failed = 0
-        """Events taken from the queue that could not be written."""
+        """Events taken from the queue that could not be written (given up)."""
+        self.restarts = 0
+        """Times the thread was found ended and started again."""
         self._last_drop_log: float | None = None
         self._last_error: str | None = None
         self._dag_ids: frozenset[str] | None = None
         self._dag_ids_at = 0.0
         self._lease: tuple[str, float] | None = None
+        self._failing_since: float | None = None
+        """clock() of the first failure since the last success (None: working)."""
+        self._failures = 0
+        self._pending: dict[str, Any] | None = None
+        """The event the thread is retrying, and since when."""
+        self._pending_since = 0.0
+        self._atexit_registered = False
+        self._exit_flushed = False
 
     # --- the hook side: never blocks ----------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        thread = self.thread
+        return thread is not None and thread.is_alive()
+
+    @property
+    def down(self) -> bool:
+        """etcd (or the graph) has failed for at least `down_after` seconds."""
+        since = self._failing_since
+        return since is not None and self.clock() - since >= self.config.down_after
+
     def submit(self, event: dict[str, Any]) -> bool:
-        """Queue one event; False (counted, never blocking) when the queue is full."""
-        self._ensure_thread()
+        """Queue one event; True when it is queued to be sent. False (counted, logged at
+        most once a minute, never blocking) when it cannot be: the sender is stopped or
+        cannot start its thread, etcd or the graph has failed for `down_after` seconds, or
+        the queue is full."""
+        if not self._ensure_thread():
+            self._drop("the sender thread is not running")
+            return False
+        if self.down:
+            self._drop(f"etcd at {','.join(self.config.endpoints)} failing for "
+                       f"{self.clock() - (self._failing_since or 0):.0f} s: {self._last_error}")
+            return False
         try:
             self.queue.put_nowait(event)
             return True
         except queue.Full:
-            self._drop()
+            self._drop(f"queue of {self.config.queue_size} full: etcd at "
+                       f"{','.join(self.config.endpoints)} slow or down")
             return False
 
-    def _drop(self) -> None:
+    def _drop(self, why: str) -> None:
         with self.lock:
             self.dropped += 1
             now = self.clock()
@@ -307,29 +391,54 @@ class Sender:
                 return
             self._last_drop_log = now
             dropped = self.dropped
-        log.warning("reconciler events: %d dropped so far (queue of %d full: etcd at %s "
-                    "slow or down); the reconciler still polls Airflow", dropped,
-                    self.config.queue_size, ",".join(self.config.endpoints))
+        log.warning("reconciler events: %d dropped so far (%s); the reconciler still polls "
+                    "Airflow", dropped, why)
 
-    def _ensure_thread(self) -> None:
-        if self.thread is not None:
-            return
+    def _ensure_thread(self) -> bool:
+        """Start the thread if it is not running (first event, a forked child, or a thread
+        that ended); False when stopped or when no thread can be started."""
+        if self.alive:
+            return True
         with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="reconciler-events",
-                                               daemon=True)
-                self.thread.start()
+            if self.alive:
+                return True
+            if self.stopping.is_set():
+                return False
+            if self.thread is not None:
+                self.restarts += 1
+                log.warning("reconciler events: the sender thread had ended; started again")
+            thread = threading.Thread(target=self._run, name="reconciler-events", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # "can't start new thread": out of threads
+                self.thread = None
+                self._note_error(f"cannot start the sender thread: {_why(exc)}")
+                return False
+            self.thread = thread
+            if not self._atexit_registered:
                 # Registered in this process (after a fork: after Airflow's atexit reset).
-                atexit.register(self.flush)
+                atexit.register(self._flush_at_exit)
+                self._atexit_registered = True
+            return True
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued event was handled, at most `timeout` seconds
-        (default: the config's flush timeout). True when the queue is empty."""
+        """Wait until every queued event was handled, at most `timeout` seconds (default:
+        the config's flush timeout), and not at all while nothing can move (the thread is
+        not running, or the sender is down). True when the queue is empty."""
         deadline = time.monotonic() + (self.config.flush_timeout if timeout is None
                                        else timeout)
         while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            if not self.alive or self.down:
+                break
             time.sleep(0.01)
         return not self.queue.unfinished_tasks
+
+    def _flush_at_exit(self) -> None:
+        # Once per process, however often it was registered: a task never waits longer
+        # than one flush timeout at exit.
+        if not self._exit_flushed:
+            self._exit_flushed = True
+            self.flush()
 
     def stop(self, timeout: float = 2.0) -> None:
         self.stopping.set()
@@ -344,54 +453,142 @@ class Sender:
     def _run(self) -> None:
         while not self.stopping.is_set():
             try:
-                event = self.queue.get(timeout=min(1.0, self.config.graph_refresh))
+                if not self._step():
+                    return
+            except Exception as exc:  # a bug must not end the thread: log, back off, go on
+                self._retry_later(f"unexpected {_why(exc)}")
+
+    def _step(self) -> bool:
+        """One event, one retry or one idle round; False once told to stop."""
+        if self._pending is None:
+            try:
+                event = self.queue.get(timeout=self._idle_timeout())
             except queue.Empty:
-                if self._dag_ids is not None and self._graph_stale():
-                    self._refresh_graph()
-                continue
+                self._idle()
+                return True
             if event is _STOP:
                 self.queue.task_done()
-                return
-            try:
-                self.handle(event)
-            except Exception as exc:  # a bug must not end the thread
-                self.failed += 1
-                self._note_error(f"{type(exc).__name__}: {exc}")
-            finally:
-                self.queue.task_done()
+                return False
+            if self.down:  # refused by submit from now on; drained without waiting
+                self._finish(failed=True)
+                return True
+            self._pending, self._pending_since = event, self.clock()
+        try:
+            self._send(self._pending)
+        except (GatewayError, GraphUnreadable) as exc:
+            self._retry_later(str(exc))
+            return True
+        except _BadEvent as exc:
+            self._note_error(str(exc))
+            self._finish(failed=True)
+            return True
+        self._finish()
+        return True
+
+    def _retry_later(self, message: str) -> None:
+        """Log the failure (once per change), give the event up once it has been retried
+        for `down_after` seconds (the reconciler still polls Airflow), back off."""
+        self._fail(message)
+        if self._pending is not None and (
+                self.down or self.clock() - self._pending_since >= self.config.down_after):
+            self._finish(failed=True)
+        self._backoff()
+
+    def _finish(self, *, failed: bool = False) -> None:
+        if failed:
+            self.failed += 1
+        self._pending = None
+        self.queue.task_done()
+
+    def _idle_timeout(self) -> float:
+        if self._failing_since is not None:
+            return self._delay()  # the next probe
+        return min(1.0, self.config.graph_refresh)
+
+    def _idle(self) -> None:
+        if self._failing_since is not None:
+            self._probe()
+        elif self._dag_ids is not None and self._graph_stale():
+            self._refresh_graph()
+
+    def _probe(self) -> None:
+        """While failing: one read of the graph; events are taken again once it works."""
+        try:
+            self._dag_ids = graph_dag_ids(self.gateway, self.config.root)
+        except (GatewayError, GraphUnreadable) as exc:
+            self._fail(str(exc))
+            return
+        self._dag_ids_at = self.clock()
+        self._ok()
+
+    def _delay(self) -> float:
+        return min(self.config.retry_max, 0.05 * 2 ** min(self._failures, 16))
+
+    def _backoff(self) -> None:
+        self.stopping.wait(self._delay())
+
+    def _fail(self, message: str) -> None:
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = self.clock()
+        self._note_error(message)
+
+    def _ok(self) -> None:
+        if self._failing_since is not None:
+            log.info("reconciler events: etcd works again")
+            self._last_error = None
+        self._failing_since = None
+        self._failures = 0
 
     def _graph_stale(self) -> bool:
         return self.clock() - self._dag_ids_at >= self.config.graph_refresh
 
-    def _refresh_graph(self) -> frozenset[str] | None:
+    def _refresh_graph(self) -> frozenset[str]:
+        """The graph's DAG ids, read again. An unreadable graph keeps the last ids read
+        (logged once); without any, GatewayError or GraphUnreadable is raised."""
         try:
             self._dag_ids = graph_dag_ids(self.gateway, self.config.root)
-        except (GatewayError, ValueError, KeyError, TypeError, OSError) as exc:
-            self._note_error(f"cannot read the graph: {exc}")
-            # Keep the last known ids; read again after the refresh interval.
+        except (GatewayError, GraphUnreadable) as exc:
+            if self._dag_ids is None:
+                raise
+            self._note_error(f"cannot read the graph; the last one read is used: {exc}")
         self._dag_ids_at = self.clock()
         return self._dag_ids
 
     def handle(self, event: dict[str, Any]) -> bool:
-        """Write one event if its DAG is in the graph; True when written."""
+        """One attempt to write one event if its DAG is in the graph: True when written,
+        False when skipped or failed (counted, logged once per change)."""
+        try:
+            return self._send(event)
+        except (GatewayError, GraphUnreadable, _BadEvent) as exc:
+            self.failed += 1
+            if isinstance(exc, _BadEvent):
+                self._note_error(str(exc))
+            else:
+                self._fail(str(exc))
+            return False
+
+    def _send(self, event: dict[str, Any]) -> bool:
+        """Write one event; False when its DAG is not in the graph. Raises GatewayError or
+        GraphUnreadable (retried) and _BadEvent (not)."""
+        try:
+            dag_id, run_id = str(event["dag_id"]), str(event["run_id"])
+        except (KeyError, TypeError) as exc:
+            raise _BadEvent(f"an event without dag_id and run_id was dropped ({_why(exc)})"
+                            ) from None
         dag_ids = self._dag_ids if self._dag_ids is not None and not self._graph_stale() \
             else self._refresh_graph()
-        dag_id, run_id = str(event["dag_id"]), str(event["run_id"])
-        if dag_ids is None or dag_id not in dag_ids or "/" in dag_id or "/" in run_id:
+        if dag_id not in dag_ids or "/" in dag_id or "/" in run_id:
             self.skipped += 1
             return False
         key = f"{self.config.root}events/{dag_id}/{run_id}"
         try:
             self.gateway.put(key, json.dumps(event, sort_keys=True).encode(), self._lease_id())
-        except GatewayError as exc:
-            self.failed += 1
+        except GatewayError:
             self._lease = None
-            self._note_error(str(exc))
-            return False
+            raise
         self.sent += 1
-        if self._last_error is not None:
-            log.info("reconciler events: etcd works again")
-            self._last_error = None
+        self._ok()
         return True
 
     def _lease_id(self) -> str:
@@ -403,6 +600,7 @@ class Sender:
         return self._lease[0]
 
     def _note_error(self, message: str) -> None:
+        message = " ".join(message.split())  # one line, whatever etcd answered
         if message != self._last_error:  # once per change, not per event
             log.warning("reconciler events: %s", message)
         self._last_error = message

@@ -2,6 +2,8 @@
 
 The loop logs one line per action and per state change, never per poll; the metrics
 count what a quiet pass must not do (Airflow requests, etcd writes) so it can be checked.
+A text log line is one line: values from outside are escaped (core.safe_text.printable);
+a JSON line holds them exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from reconciler.core.safe_text import printable
 
 log = logging.getLogger("reconciler")
 
@@ -39,11 +43,14 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%dT%H:%M:%S")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A run id or an error text from outside stays on its line and in its order (a
+        # newline, an ANSI escape, U+202E are escaped); a traceback below keeps its lines.
+        record.message = printable(record.message)
+        line = super().formatMessage(record)
         fields = getattr(record, "fields", {})
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{printable(k)}={printable(v)}" for k, v in fields.items())
         return line
 
 

@@ -4,8 +4,10 @@ Only the leader pulls (standbys would race it for nothing). Pulling runs on its 
 and never blocks reconciling: an unreachable remote is logged once per state change and
 retried with capped backoff while the loop keeps acting on the graph etcd already holds.
 A sync race (another writer moved the head) is not a lost leadership: the head is read
-again on the next pull. Credentials in the repository URL are never stored in etcd (the
-head's `source` shows the URL without them), logged or printed.
+again on the next pull. Credentials (in the URL, RECONCILER_GIT_TOKEN or a token file)
+reach git through its environment only (adapters/git_remote.py): never the clone's config,
+a command line, etcd (the head's `source` shows the URL without them) or a log. A changed
+--repo re-points the clone's remote.
 """
 
 from __future__ import annotations
@@ -15,37 +17,37 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.adapters.airflow import redact_url
+from reconciler.adapters.git_remote import RemoteClone
+from reconciler.adapters.git_remote import RemoteUnavailable as GitUnavailable
 from reconciler.adapters.sources import SourceError
 from reconciler.adapters.store import StoreConflict, StoreError
-from reconciler.core.errors import RetryLater, backoff
+from reconciler.core.errors import backoff
+from reconciler.core.settings import GitSettings
 from reconciler.service.observability import event
 from reconciler.service.ports import Clock, Store
 from reconciler.service.sync import sync
 
-GIT_TIMEOUT = 60.0
-"""Seconds one fetch or clone may take before it is killed."""
-
-
-class GitUnavailable(RetryLater):
-    """The remote could not be fetched (network, credentials, no such branch)."""
-
-    dependency = "git"
+__all__ = ["GitUnavailable", "Puller"]
 
 
 class Puller:
     def __init__(self, repo: str, branch: str, subdir: str, store: Store, clock: Clock, *,
                  interval: float, workdir: str | None = None,
                  is_leader: Callable[[], bool] = lambda: True,
-                 on_synced: Callable[[], None] | None = None) -> None:
+                 on_synced: Callable[[], None] | None = None,
+                 git: GitSettings | None = None) -> None:
         self.repo = repo
-        self.shown = redact_url(repo)
         self.branch = branch
         self.subdir = subdir
         self.store = store
         self.clock = clock
         self.interval = interval
         self.workdir = Path(workdir) if workdir else Path.home() / ".cache" / "reconciler" / "repo"
+        git = git or GitSettings()
+        self.remote = RemoteClone(repo, self.workdir, username=git.username, token=git.token,
+                                  token_file=git.token_file)
+        self.shown = self.remote.shown
+        """The repository as logs and etcd show it: never with credentials."""
         self.is_leader = is_leader
         self.on_synced = on_synced
         self.failures = 0
@@ -62,26 +64,17 @@ class Puller:
         return None
 
     def _fetch(self) -> Path:
-        import git
-
         local = self._local()
         if local is not None:
             return local
-        try:
-            if not (self.workdir / "HEAD").exists():
-                self.workdir.parent.mkdir(parents=True, exist_ok=True)
-                git.Repo.clone_from(self.repo, self.workdir, bare=True,
-                                    kill_after_timeout=GIT_TIMEOUT)
-            git.Repo(self.workdir).git.fetch(
-                "origin", f"+refs/heads/{self.branch}:refs/heads/{self.branch}",
-                kill_after_timeout=GIT_TIMEOUT)
-        except (git.GitError, OSError) as exc:
-            raise GitUnavailable(self._scrub(f"cannot fetch {self.branch} of {self.shown}: "
-                                             f"{_first_line(exc)}")) from None
+        moved = self.remote.fetch(self.branch)
+        if moved is not None:
+            event("pull mode: the clone's remote changed; it now fetches from the new one",
+                  logging.WARNING, repo=self.shown, previous=moved, workdir=str(self.workdir))
         return self.workdir
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self.repo, self.shown)
+        return self.remote.redact(text.replace(self.repo, self.shown))
 
     def pull_once(self) -> str:
         """Fetch and sync once; returns what happened (for logs and tests).
@@ -142,10 +135,6 @@ class Puller:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=GIT_TIMEOUT)
+            self._thread.join(timeout=self.remote.timeout)
             self._thread = None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1].strip() if text else type(exc).__name__

@@ -309,3 +309,197 @@ def test_a_graph_split_across_parts_is_joined_and_checked() -> None:
     del gateway.kv[f"{ROOT}desired/graphs/c0ffee/000001"]
     with pytest.raises(ValueError, match="missing"):
         ev.graph_dag_ids(gateway, ROOT)  # type: ignore[arg-type]
+
+
+# --- the sender never dies and never lies (issue 15, finding 3) ---------------------------
+
+
+def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def _deflate_garbage() -> bytes:
+    good = gzip.compress(json.dumps({"pipelines": {"02_pipeline": {}}}).encode())
+    return good[:10] + b"\xff" * 20 + good[-8:]  # a gzip header, then no deflate stream
+
+
+UNREADABLE_BLOBS = {
+    "truncated-gzip": gzip.compress(json.dumps(
+        {"format": 1, "pipelines": {"02_pipeline": {}}}).encode())[:-12],
+    "gzip-of-a-list": gzip.compress(b"[]"),
+    "gzip-of-non-graph-json": gzip.compress(b'{"pipelines": "02_pipeline"}'),
+    "gzip-of-an-object-without-pipelines": gzip.compress(b'{"format": 1}'),
+    "bad-deflate": _deflate_garbage(),
+    "not-gzip": b'{"pipelines": {"02_pipeline": {}}}',
+    "empty": b"",
+}
+
+
+def break_blob(gateway: FakeGateway, blob: bytes, commit: str = "abc123") -> None:
+    gateway.kv[f"{ROOT}desired/head"] = json.dumps({"commit": commit}).encode()
+    gateway.kv[f"{ROOT}desired/graphs/{commit}"] = blob
+
+
+@pytest.mark.parametrize("blob", list(UNREADABLE_BLOBS.values()), ids=list(UNREADABLE_BLOBS))
+def test_graph_dag_ids_names_an_unreadable_blob(blob: bytes) -> None:
+    gateway = FakeGateway()
+    break_blob(gateway, blob)
+    with pytest.raises(ev.GraphUnreadable, match="abc123"):
+        ev.graph_dag_ids(gateway, ROOT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("head", [b"garbage", b"[]", b'{"commit": 7}', b"{}"])
+def test_graph_dag_ids_names_an_unreadable_head(head: bytes) -> None:
+    gateway = FakeGateway()
+    gateway.kv[f"{ROOT}desired/head"] = head
+    with pytest.raises(ev.GraphUnreadable, match="desired/head"):
+        ev.graph_dag_ids(gateway, ROOT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("blob", list(UNREADABLE_BLOBS.values()), ids=list(UNREADABLE_BLOBS))
+def test_a_new_sender_with_an_unreadable_blob_stays_alive_says_so_and_sends_once_repaired(
+        blob: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A task process (no graph cached yet) meets an unreadable blob: its event is retried,
+    the thread lives, submit() turns False once it failed for down_after, flush does not
+    wait, and events flow again once the blob is repaired."""
+    gateway = FakeGateway()
+    break_blob(gateway, blob)
+    clock = FakeClock()
+    sender = make_sender(gateway, clock, down_after=10.0, retry_max=0.02, flush_timeout=30.0)
+    caplog.set_level(logging.INFO, logger="reconciler.plugin")
+    assert sender.submit(event(run_id="early"))
+    assert wait_until(lambda: len(gateway.calls) >= 6)  # retried, with backoff
+    assert sender.alive
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once per change, not per retry
+    assert "abc123" in warnings[0]
+    assert "\n" not in warnings[0]
+    clock.advance(11)  # failing for longer than down_after: the sender says so
+    assert not sender.submit(event(run_id="refused"))
+    started = time.monotonic()
+    assert not sender.flush() or sender.failed == 1
+    assert time.monotonic() - started < 2.0  # not the 30 s flush timeout
+    assert wait_until(lambda: sender.failed == 1)  # "early" given up
+    gateway.sync(["01_pipeline_init", "02_pipeline"])  # repaired
+    assert wait_until(lambda: not sender.down)  # a probe read it
+    assert sender.submit(event(run_id="after"))
+    assert sender.flush(5)
+    assert f"{ROOT}events/02_pipeline/after" in gateway.kv
+    assert any("works again" in r.getMessage() for r in caplog.records)
+    assert sender.alive
+    sender.stop()
+
+
+@pytest.mark.parametrize("blob", list(UNREADABLE_BLOBS.values()), ids=list(UNREADABLE_BLOBS))
+def test_a_blob_that_turns_unreadable_keeps_the_last_graph_and_the_thread(
+        blob: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """The scheduler's sender has the graph cached; the blob breaks; its periodic refresh
+    (on an idle thread) used to end the thread for good."""
+    gateway = FakeGateway(["01_pipeline_init", "02_pipeline"])
+    clock = FakeClock()
+    sender = make_sender(gateway, clock, graph_refresh=30.0)
+    assert sender.submit(event(run_id="before"))
+    assert sender.flush(5)
+    break_blob(gateway, blob, commit="def456")
+    caplog.set_level(logging.WARNING, logger="reconciler.plugin")
+    clock.advance(31)
+    reads = len(gateway.calls)
+    assert wait_until(lambda: f"get {ROOT}desired/graphs/def456" in gateway.calls[reads:])
+    time.sleep(0.05)
+    assert sender.alive
+    assert sender.submit(event(run_id="during"))
+    assert sender.flush(5)
+    assert f"{ROOT}events/02_pipeline/during" in gateway.kv  # the last graph read is used
+    assert [r for r in caplog.records if "def456" in r.getMessage()]
+    gateway.sync(["03_pipeline"], commit="fed789")
+    clock.advance(31)
+    assert wait_until(lambda: f"get {ROOT}desired/graphs/fed789" in gateway.calls)
+    assert sender.submit(event("03_pipeline", "repaired"))
+    assert sender.flush(5)
+    assert f"{ROOT}events/03_pipeline/repaired" in gateway.kv
+    sender.stop()
+
+
+def test_an_unexpected_error_is_logged_once_retried_and_the_event_still_sent(
+        gateway: FakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    sender = make_sender(gateway, retry_max=0.02)
+    caplog.set_level(logging.WARNING, logger="reconciler.plugin")
+    gateway.fail = AttributeError("'list' object has no attribute 'get'")  # a bug
+    assert sender.submit(event(run_id="r1"))
+    assert wait_until(lambda: len(gateway.calls) >= 4)
+    assert sender.alive
+    gateway.fail = None
+    assert sender.flush(5)
+    assert f"{ROOT}events/02_pipeline/r1" in gateway.kv  # retried, not lost
+    logged = [r.getMessage() for r in caplog.records]
+    assert len([m for m in logged if "AttributeError" in m]) == 1
+    sender.stop()
+
+
+def test_a_thread_that_ended_is_started_again_by_the_next_event(
+        gateway: FakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    gateway.block.clear()
+    sender = make_sender(gateway, flush_timeout=30.0)
+    assert sender.submit(event(run_id="r1"))
+    assert gateway.in_call.wait(5)
+    assert sender.submit(event(run_id="r2"))
+    first = sender.thread
+    assert first is not None
+    sender.stopping.set()  # the thread ends (as if something killed it) with r2 queued
+    gateway.block.set()
+    first.join(5)
+    assert not sender.alive
+    sender.stopping.clear()
+    started = time.monotonic()
+    assert not sender.flush()  # nothing can move: no wait for the 30 s timeout
+    assert time.monotonic() - started < 1.0
+    caplog.set_level(logging.WARNING, logger="reconciler.plugin")
+    assert sender.submit(event(run_id="r3"))
+    assert sender.flush(5)
+    assert {f"{ROOT}events/02_pipeline/{r}" for r in ("r1", "r2", "r3")} <= set(gateway.kv)
+    assert sender.restarts == 1
+    assert any("started again" in r.getMessage() for r in caplog.records)
+    sender.stop()
+
+
+def test_flush_does_not_wait_when_nothing_can_move(gateway: FakeGateway) -> None:
+    sender = make_sender(gateway, flush_timeout=30.0)
+    sender.queue.put_nowait(event())  # queued, but no thread runs
+    started = time.monotonic()
+    assert not sender.flush()
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_stopped_sender_refuses_events(gateway: FakeGateway) -> None:
+    sender = make_sender(gateway)
+    sender.stop()
+    assert not sender.submit(event())
+    assert sender.dropped == 1
+
+
+def test_the_exit_flush_runs_once_per_process(gateway: FakeGateway) -> None:
+    gateway.block.clear()  # etcd hangs
+    sender = make_sender(gateway, flush_timeout=0.3)
+    sender.submit(event(run_id="stuck"))
+    assert gateway.in_call.wait(5)
+    sender.submit(event(run_id="queued"))
+    started = time.monotonic()
+    sender._flush_at_exit()
+    sender._flush_at_exit()  # registered twice (a fork inherits the parent's): one wait
+    took = time.monotonic() - started
+    assert 0.25 < took < 0.55
+    gateway.block.set()
+    sender.stop()
+
+
+def test_configuration_of_the_failure_bounds() -> None:
+    c = ev.Config.from_env({"RECONCILER_ETCD_ENDPOINTS": "e:2379",
+                            "RECONCILER_EVENTS_DOWN_AFTER": "3",
+                            "RECONCILER_EVENTS_RETRY_MAX": "0.5"})
+    assert c is not None
+    assert (c.down_after, c.retry_max) == (3.0, 0.5)
