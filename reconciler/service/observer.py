@@ -35,9 +35,11 @@ TASKS_DONE = frozenset({"success", "skipped"})
 """Task states that count as done on the eager path: what the scheduler needs to close
 the run as a success. `removed` task instances (no longer in the DAG) are not counted."""
 
-WATERMARK_OVERLAP = timedelta(seconds=2)
+WATERMARK_OVERLAP = timedelta(seconds=3)
 """An incremental list asks for runs updated since the watermark minus this, so a run
-updated in the same instant as the previous answer is never missed."""
+updated in the same instant as the previous answer is never missed. The watermark is
+Airflow's clock read from its `Date` header, truncated to the second (up to 1 s early)
+and moved on locally since: the overlap covers both."""
 
 
 @runtime_checkable
@@ -165,6 +167,10 @@ class Observer:
         self.suspended_version = 0
         self.quarantined: dict[str, str] = {}
         """key -> why, for every stored value that could not be read (logged once)."""
+        self.skew: float | None = None
+        """Seconds our clock is ahead of Airflow's (negative: behind), at the last look."""
+        self._skewed = False
+        self._probed = False
 
     # --- desired state ---
 
@@ -241,6 +247,8 @@ class Observer:
         if stale:
             self.relist(dag_ids, horizon, now, mono)
         else:
+            # `now` is Airflow's clock when this listing starts: its 1 s resolution and the
+            # time the server took to answer are inside the overlap.
             assert self.cache.watermark is not None
             raw = self.api.list_runs(dag_ids,
                                      updated_at_gte=self.cache.watermark - WATERMARK_OVERLAP)
@@ -360,13 +368,51 @@ class Observer:
             self.ledger = kept
             self.ledger_version += 1
 
+    # --- Airflow's clock ---
+
+    def now(self, *, refresh: bool = True) -> datetime:
+        """Airflow's clock (its `Date` header, moved on by monotonic time), which dates
+        every run: the window and the informer's watermark follow it, so a local clock
+        hours or days off neither delays nor loses a run. Our clock only when Airflow's
+        is not known (no answer with a Date yet)."""
+        local = self.clock.now()
+        server_now = getattr(self.api, "server_now", None)
+        if server_now is None:
+            return local
+        server = server_now()
+        if server is None and refresh and not self._probed:
+            # Before the first listing: one cheap call (no auth) to read Airflow's clock.
+            health = getattr(self.api, "health", None)
+            if health is not None:
+                health()
+            self._probed = True
+            server = server_now()
+        if server is None:
+            return local
+        self._note_skew((local - server).total_seconds())
+        return server
+
+    def _note_skew(self, skew: float) -> None:
+        self.skew = skew
+        skewed = abs(skew) > self.settings.max_clock_skew
+        if skewed != self._skewed:
+            self._skewed = skewed
+            if skewed:
+                event("this machine's clock disagrees with Airflow's; following Airflow's",
+                      logging.WARNING, skew_seconds=round(skew, 1),
+                      threshold=self.settings.max_clock_skew)
+            else:
+                event("this machine's clock agrees with Airflow's again",
+                      skew_seconds=round(skew, 1))
+
     # --- one look ---
 
     def observe(self, *, with_ledger: bool = True, refresh: bool = True) -> Observation:
         """Desired graph, runs and (if asked) the ledger, now. The ledger is read from
         etcd once and then kept up to date by `record` (only the leader writes it).
-        `refresh=False` asks nothing of Airflow: the runs as the cache holds them."""
-        now = self.clock.now()
+        `refresh=False` asks nothing of Airflow: the runs as the cache holds them.
+        `now` is Airflow's clock (see `now()`)."""
+        now = self.now(refresh=refresh)
         desired = self.load_desired()
         suspended = self.load_suspended()
         ledger: Mapping[tuple[datetime, str], LedgerEntry] = {}
