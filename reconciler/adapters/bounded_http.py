@@ -28,6 +28,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 CHUNK = 65536
@@ -48,24 +49,24 @@ class Expired(Exception):
 
 
 class Call:
-    """One exchange under a deadline: the connections it used, and whether it expired."""
+    """One exchange under a deadline: the sockets it used, and whether it expired."""
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         """time.monotonic() after which the call's sockets are shut down."""
         self.expired = False
         self.done = False
-        self._connections: list[Any] = []
+        self._sockets: list[Any] = []
         self._lock = threading.Lock()
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def adopt(self, connection: Any) -> None:
+    def adopt(self, sock: Any) -> None:
         with self._lock:
-            self._connections.append(connection)
+            self._sockets.append(sock)
             if self.expired:
-                _shut(connection)
+                _shut(sock)
 
     def expire(self) -> None:
         # Under the lock, so a call that just finished (its connection back in the pool,
@@ -74,21 +75,18 @@ class Call:
             if self.done:
                 return
             self.expired = True
-            for connection in self._connections:
-                _shut(connection)
+            for sock in self._sockets:
+                _shut(sock)
 
     def finish(self) -> None:
         with self._lock:
             self.done = True
-            self._connections.clear()
+            self._sockets.clear()
 
 
-def _shut(connection: Any) -> None:
+def _shut(sock: Any) -> None:
     """Shut the socket down (not close: the reading thread still owns the descriptor), so
     a blocked recv returns; the connection is discarded by urllib3 afterwards."""
-    sock = getattr(connection, "sock", None)
-    if sock is None:
-        return
     with contextlib.suppress(OSError, ValueError, TypeError):
         # socket.socket's own shutdown, also for an SSLSocket: its override would drop the
         # SSL object under the feet of the thread reading from it.
@@ -145,21 +143,45 @@ _current = threading.local()
 WATCHDOG = Watchdog()
 
 
-def _register(connection: Any) -> Any:
+def _register(sock: Any) -> None:
     call: Call | None = getattr(_current, "call", None)
-    if call is not None:
-        call.adopt(connection)
-    return connection
+    if call is not None and sock is not None:
+        call.adopt(sock)
+
+
+# The socket is what is registered, not the connection: http.client drops the
+# connection's reference to it (`sock = None`) as soon as the headers of a `Connection:
+# close` answer are read, while the body is still read from it.
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _register(self.sock)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _register(self.sock)
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
     def _get_conn(self, timeout: float | None = None) -> Any:
-        return _register(super()._get_conn(timeout))
+        connection = super()._get_conn(timeout)
+        _register(getattr(connection, "sock", None))  # a kept-alive connection, reused
+        return connection
 
 
 class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
     def _get_conn(self, timeout: float | None = None) -> Any:
-        return _register(super()._get_conn(timeout))
+        connection = super()._get_conn(timeout)
+        _register(getattr(connection, "sock", None))
+        return connection
 
 
 _POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
