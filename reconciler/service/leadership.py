@@ -34,8 +34,9 @@ from reconciler.core.errors import NeedsHuman
 from reconciler.service.observability import event
 from reconciler.service.ports import Clock, Store
 
-PROBE_EVERY = 60.0
-"""Seconds between a standby's checks that it could write the leader key."""
+PROBE_EVERY = 30.0
+"""Seconds between checks that this replica may write the leader key (a standby: could
+it lead? the leader: may it still?)."""
 
 
 class Leadership:
@@ -67,6 +68,7 @@ class Leadership:
         """Why this replica may not lead (etcd refused it the leader key), or None."""
         self._hold_until = 0.0
         self._next_probe = 0.0
+        self.probe_every = PROBE_EVERY
 
     # --- what the other roles ask ---
 
@@ -102,13 +104,14 @@ class Leadership:
                     if left > 0:
                         self._expires = sent + left
                         self.last_error = None
+                        self._probe(sent)  # a leader that may no longer write must not lead
                         return self._schedule(sent, self.ttl / 3)
                     self._lose("the lease expired")
                 if self.store.leader() is not None:
                     self._probe(sent)
                     return self._schedule(sent, self._standby_poll())
                 lease = self.store.campaign(self.holder, self.ttl)
-                self._next_probe = sent + PROBE_EVERY
+                self._next_probe = sent + self.probe_every
                 self.cannot_lead = None
                 if lease is None:
                     return self._schedule(sent, self._standby_poll())
@@ -122,8 +125,13 @@ class Leadership:
             except StoreError as exc:
                 if self.on_error is not None:
                     self.on_error(exc)
-                if isinstance(exc, NeedsHuman) and self.lease is None:
-                    self.cannot_lead = f"cannot take the leader key: {exc}"
+                if isinstance(exc, NeedsHuman):
+                    # Permission denied (a read-only user, a revoked grant): no retry
+                    # will cure it, and a leader that cannot write keeps standbys out.
+                    self.cannot_lead = f"etcd refuses this replica the leader key: {exc}"
+                    if self.lease is not None:
+                        self._give_up(f"etcd refused a write: {exc}")
+                        self._hold_until = sent + self.ttl
                 if self.last_error != str(exc):
                     event("leader lease not renewed, retrying", logging.WARNING,
                           holder=self.holder, error=str(exc))
@@ -134,13 +142,13 @@ class Leadership:
                 return self._schedule(sent, min(1.0, self.ttl / 6))
 
     def _probe(self, now: float) -> None:
-        """As a standby: could this replica write the leader key if it were free? A
-        transaction whose comparison is always false: etcd checks the permission of its
-        put all the same, and writes nothing."""
+        """May this replica write the leader key (a standby: could it lead if the key were
+        free; the leader: may it still write)? A transaction whose comparison is always
+        false: etcd checks the permission of its put all the same, and writes nothing."""
         check = getattr(self.store, "put_if_revision", None)
         if check is None or now < self._next_probe:
             return
-        self._next_probe = now + PROBE_EVERY
+        self._next_probe = now + self.probe_every
         check(self.store.leader_key(), -1, b"")
         self.cannot_lead = None
 
