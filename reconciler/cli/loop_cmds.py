@@ -139,7 +139,7 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.IntRange(min=1), default=10_000, show_default=True,
                      help="Pages one listing may take [RECONCILER_AIRFLOW_MAX_PAGES]."),
         click.option("--airflow-listing-timeout", envvar="RECONCILER_AIRFLOW_LISTING_TIMEOUT",
-                     default="300", callback=_seconds, show_default=True,
+                     default="120", callback=_seconds, show_default=True,
                      help="Seconds one listing (all its pages) may take "
                      "[RECONCILER_AIRFLOW_LISTING_TIMEOUT]."),
     ]

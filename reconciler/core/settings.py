@@ -73,7 +73,7 @@ class AirflowSettings:
     refused before it is held (a listing asks again in smaller pages first)."""
     max_pages: int = 10_000
     """Pages one listing may take; a `total_entries` that needs more is refused at once."""
-    listing_timeout: float = 300.0
+    listing_timeout: float = 120.0
     """Seconds one listing (all its pages) may take in all."""
 
     def __post_init__(self) -> None:
