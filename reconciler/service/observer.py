@@ -5,6 +5,9 @@ the ledger, and the time it was taken) that `plan()`, the `plan` and `status` co
 and the loop all use. Like an informer it lists everything once (the runs updated inside
 the window, paginated), then asks only for what changed (`updated_at_gte` the watermark
 minus an overlap: one request when nothing did), and relists every `relist_interval`.
+The window, the watermark and the observation's `now` are Airflow's clock (its `Date`
+header, see `Observer.now`), not this machine's: a local clock off by hours or days
+neither delays nor loses a run; the skew is logged once per change and kept in `skew`.
 
 Stored values that cannot be read are quarantined: one log line naming the key, and the
 rest goes on (a ledger entry is then simply absent: the run's own timestamps decide, and
