@@ -323,31 +323,12 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
     Stops on SIGTERM or SIGINT: the leader lease is released at once, and the process
     exits within 8 s whatever a call is doing.
     """
-    from reconciler.adapters.airflow import redact_url
-    from reconciler.service.loop import Reconciler
-    from reconciler.service.observability import Health, Metrics, event, serve_http, setup_logging
-    from reconciler.service.puller import Puller
-    from reconciler.service.runner import Runner
-
-    _require_credentials(airflow)
-    setup_logging(loop.log_format)
-    # Reads (the informer) get the client's own deadline; each action's calls run under
-    # the executor's, shorter than the lease left (deadline_of).
-    store, api = _open(etcd, airflow)
-    metrics = Metrics()
-    reconciler = Reconciler(store, api, loop, metrics=metrics)
-    health = Health(stall_after=loop.liveness_timeout)
-    puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
-                     workdir=workdir) if repo else None)
-    runner = Runner(reconciler, health, puller=puller)
-    server = None
-    if loop.http_port:
-        try:
-            server, _ = serve_http(loop.http_host, loop.http_port, metrics, health)
-        except OSError as exc:
-            fail(f"cannot serve /metrics on {loop.http_host}:{loop.http_port}: "
-                 f"{exc.strerror or exc}")
+    # The handlers first, before the heavy imports (gRPC, etcd: seconds on a loaded
+    # machine): a SIGTERM while the loop is being set up (a replica restarted and stopped
+    # at once) is a clean stop too, not the default death by signal.
     stop = threading.Event()
+    runners: list[Any] = []
+    signals: list[str] = []
 
     def overrun() -> None:
         # A call that would not return: the lease is already released; do not wait for it.
@@ -357,17 +338,50 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
         os._exit(0)
 
     def on_signal(signum: int, _frame: Any) -> None:
-        event("stopping", signal=signal.Signals(signum).name)
-        runner.shutdown(stop, grace=STOP_GRACE, overrun=overrun)
+        if runners:
+            event("stopping", signal=signal.Signals(signum).name)
+            runners[0].shutdown(stop, grace=STOP_GRACE, overrun=overrun)
+        else:
+            signals.append(signal.Signals(signum).name)  # logged once logging is set up
+            stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    from reconciler.adapters.airflow import redact_url
+    from reconciler.service.loop import Reconciler
+    from reconciler.service.observability import Health, Metrics, event, serve_http, setup_logging
+    from reconciler.service.puller import Puller
+    from reconciler.service.runner import Runner
+
+    _require_credentials(airflow)
+    setup_logging(loop.log_format)
+    if signals:
+        event("stopping", signal=signals[0])
+    # Reads (the informer) get the client's own deadline; each action's calls run under
+    # the executor's, shorter than the lease left (deadline_of).
+    store, api = _open(etcd, airflow)
+    metrics = Metrics()
+    reconciler = Reconciler(store, api, loop, metrics=metrics)
+    health = Health(stall_after=loop.liveness_timeout)
+    puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
+                     workdir=workdir) if repo else None)
+    runner = Runner(reconciler, health, puller=puller)
+    runners.append(runner)
+    server = None
+    if loop.http_port:
+        try:
+            server, _ = serve_http(loop.http_host, loop.http_port, metrics, health)
+        except OSError as exc:
+            fail(f"cannot serve /metrics on {loop.http_host}:{loop.http_port}: "
+                 f"{exc.strerror or exc}")
     event("reconciler started", holder=reconciler.holder, airflow=redact_url(airflow.url),
           etcd=",".join(etcd.endpoints), namespace=etcd.root, interval=loop.interval,
           window=str(loop.window), lease_ttl=loop.lease_ttl,
           mode="pull" if repo else "push")
     try:
-        runner.run_forever(stop)
+        if not stop.is_set():
+            runner.run_forever(stop)
     finally:
         if server is not None:
             server.shutdown()
