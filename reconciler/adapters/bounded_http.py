@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import io
 import itertools
 import socket
 import threading
@@ -219,22 +220,25 @@ def read_body(response: requests.Response, call: Call, max_bytes: int) -> bytes:
     if announced > max_bytes:
         response.close()
         raise BodyTooLarge(announced, max_bytes, announced=True)
-    chunks: list[bytes] = []
+    # BytesIO, not a list joined at the end: getvalue() hands its buffer over without a
+    # copy, so a page costs its size once, not twice.
+    buffer = io.BytesIO()
     size = 0
     try:
         for chunk in response.iter_content(CHUNK):
             size += len(chunk)
             if size > max_bytes:
                 raise BodyTooLarge(size, max_bytes, announced=False)
-            chunks.append(chunk)
+            buffer.write(chunk)
             if call.expired or call.remaining() <= 0:
                 raise Expired()
     except BaseException:
+        buffer.close()  # not held by the traceback while the caller retries
         response.close()
         raise
     if call.expired:
         raise Expired()
-    body = b"".join(chunks)
+    body = buffer.getvalue()
     response._content = body
     response._content_consumed = True  # type: ignore[attr-defined]
     return body
