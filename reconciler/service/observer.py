@@ -401,8 +401,9 @@ class Observer:
         if skewed != self._skewed:
             self._skewed = skewed
             if skewed:
-                event("this machine's clock disagrees with Airflow's; following Airflow's",
-                      logging.WARNING, skew_seconds=round(skew, 1),
+                # The amount in the text too: a one-shot command shows only the text.
+                event(f"this machine's clock disagrees with Airflow's by {skew:+.0f} s; "
+                      "following Airflow's", logging.WARNING, skew_seconds=round(skew, 1),
                       threshold=self.settings.max_clock_skew)
             else:
                 event("this machine's clock agrees with Airflow's again",

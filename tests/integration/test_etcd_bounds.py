@@ -36,6 +36,7 @@ def ends(call: Callable[[], Any], within: float = BOUND) -> BaseException | Any:
     return out[0]
 
 
+@pytest.mark.real_clock  # only an etcd request timeout ends these: gRPC's is wall-clock
 @pytest.mark.parametrize("call", ["refresh", "campaign", "watch", "resign", "leader"])
 def test_a_call_to_a_silent_etcd_ends_within_its_bound(etcd_killable: EtcdServer,
                                                         call: str) -> None:
