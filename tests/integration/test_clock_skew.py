@@ -6,7 +6,11 @@ finding."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +28,10 @@ from reconciler.core.state import run_id_for
 from reconciler.service.loop import Reconciler
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fixtures.replicas import clean_env
 from tests.helpers import EXAMPLE_DAGS, example_repo
+
+TIMESHIFT = Path(__file__).resolve().parents[1] / "timeshift"
 
 CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 EXTRACTS = ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"]
@@ -142,3 +149,24 @@ def test_doctor_names_the_skew(store: EtcdStore, etcd_settings: EtcdSettings) ->
         assert "clock: this machine's clock is 2.0 h ahead of Airflow's" in skewed.output
         as_json = CliRunner().invoke(main, [*args, "--output", "json"], env=env)
         assert '"problem": "clock-skew"' in as_json.output
+
+
+def test_plan_on_a_machine_three_days_ahead_still_sees_the_cycle(
+        store: EtcdStore, fake: FakeAirflow, etcd_settings: EtcdSettings) -> None:
+    # The probe's case: `plan` said "nothing to do (0 open cycles)" while a root run had
+    # just finished. The command runs with its wall clock 3 days ahead of this process's
+    # (tests/timeshift), the fake Airflow on this process's.
+    shift = float(os.environ.get("TEST_CLOCK_SHIFT_DAYS") or 0) + 3
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(TIMESHIFT), *sys.path]),
+                    TEST_CLOCK_SHIFT_DAYS=f"{shift:g}",
+                    RECONCILER_ETCD_ENDPOINTS=",".join(etcd_settings.endpoints),
+                    RECONCILER_ETCD_PREFIX=etcd_settings.prefix,
+                    RECONCILER_NAMESPACE=etcd_settings.namespace,
+                    RECONCILER_AIRFLOW_URL=fake.url, RECONCILER_AIRFLOW_USERNAME="admin",
+                    RECONCILER_AIRFLOW_PASSWORD="secret-pw")
+    out = subprocess.run([sys.executable, "-m", "reconciler", "plan", "--output", "json"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    planned = sorted(a["dag_id"] for a in json.loads(out.stdout)["actions"])
+    assert planned == EXTRACTS
+    assert "clock disagrees with Airflow's by +259" in out.stderr  # +3 days, in seconds
