@@ -37,7 +37,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -53,6 +53,13 @@ from tenacity import (
     wait_random,
 )
 
+from reconciler.adapters.bounded_http import (
+    WATCHDOG,
+    BodyTooLarge,
+    Expired,
+    read_body,
+    watch_session,
+)
 from reconciler.core.errors import NeedsHuman, ReconcilerError, RetryLater
 from reconciler.core.safe_text import redact
 from reconciler.core.settings import AirflowSettings
@@ -106,6 +113,22 @@ class AirflowConflict(AirflowError, NeedsHuman):
 class AirflowRejected(AirflowError, NeedsHuman):
     """Any other answer that is not what the API gives: a 4xx, or a 200 that is not JSON
     (an SSO login page in front of the API, a wrong URL)."""
+
+
+class AirflowAnswerTooLarge(AirflowRejected):
+    """An answer over `settings.max_answer_bytes` (announced or counted as it streamed in):
+    refused before it is held in memory. A listing asks again with smaller pages first."""
+
+    def __init__(self, message: str, *, size: int = 0, announced: bool = False) -> None:
+        super().__init__(message)
+        self.size = size
+        self.announced = announced
+
+
+class AirflowRunawayListing(AirflowRejected):
+    """A listing that does not advance: a page repeating an earlier one, a `total_entries`
+    beyond `settings.max_pages` pages, more pages than that, or longer than
+    `settings.listing_timeout` in all."""
 
 
 class _Retryable(Exception):
@@ -175,6 +198,8 @@ class AirflowClient:
         self.server_time: datetime | None = None
         """The API server's clock (`Date` header, 1 s resolution) at the last answer: a
         watermark for `updated_at_gte` that does not depend on our clock."""
+        self._server_time_at = 0.0
+        """time.monotonic() when `server_time` was read."""
 
     # --- transport --------------------------------------------------------------------------
 
@@ -184,7 +209,7 @@ class AirflowClient:
             return self._shared_session
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
+            session = watch_session(requests.Session())
             # Never through a proxy taken from the environment unless asked: Airflow is
             # usually internal, and HTTP(S)_PROXY in a container must not see our token.
             session.trust_env = False
@@ -287,16 +312,35 @@ class AirflowClient:
         def attempt() -> requests.Response:
             remaining = deadline - (time.monotonic() - started)
             if remaining <= 0:
-                raise _Retryable(f"{method} {self.base}{path}: no answer within "
-                                 f"{deadline:g} s", no_answer=True)
+                raise _Retryable(self._no_answer(method, path, deadline), no_answer=True)
             # The read timeout never runs past the deadline: a hanging Airflow costs at
             # most `deadline` seconds in all, whatever settings.retries says.
             read = max(0.1, min(self.settings.timeout, remaining))
             timeout = (min(CONNECT_TIMEOUT, read), read)
             self._count()
             try:
-                response = self.session.request(method, self._url + path, headers=headers,
-                                                timeout=timeout, **kwargs)
+                # The watchdog bounds the whole exchange: headers and body trickled a byte
+                # at a time end at the deadline too (requests' timeout is per read).
+                with WATCHDOG.watch(remaining) as call:
+                    try:
+                        response = self.session.request(method, self._url + path,
+                                                        headers=headers, timeout=timeout,
+                                                        stream=True, **kwargs)
+                        read_body(response, call, self.settings.max_answer_bytes)
+                    except Expired:
+                        raise _Retryable(self._no_answer(method, path, deadline),
+                                         no_answer=True) from None
+                    except requests.RequestException:
+                        if call.expired:
+                            raise _Retryable(self._no_answer(method, path, deadline),
+                                             no_answer=True) from None
+                        raise
+            except BodyTooLarge as exc:
+                raise AirflowAnswerTooLarge(
+                    f"{method} {self.base}{path}: the answer is larger than "
+                    f"{exc.limit:,} bytes ({'announced ' if exc.announced else ''}"
+                    f"{exc.size:,}); raise RECONCILER_AIRFLOW_MAX_ANSWER_BYTES if it is "
+                    "real", size=exc.size, announced=exc.announced) from None
             except requests.exceptions.SSLError as exc:
                 # A certificate that does not verify needs a human, not a retry.
                 raise AirflowRejected(
@@ -344,13 +388,25 @@ class AirflowClient:
             raise AirflowUnavailable(message, no_answer=getattr(last, "no_answer", False)
                                      ) from None
 
+    def _no_answer(self, method: str, path: str, deadline: float) -> str:
+        return f"{method} {self.base}{path}: no whole answer within {deadline:g} s"
+
     def _note_server_time(self, response: requests.Response) -> None:
         date = response.headers.get("Date")
         if not date:
             return
         # A malformed Date header only costs the server-side watermark.
-        with contextlib.suppress(TypeError, ValueError):
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
             self.server_time = parsedate_to_datetime(date).astimezone(UTC)
+            self._server_time_at = time.monotonic()
+
+    def server_now(self) -> datetime | None:
+        """Airflow's clock now, as its last `Date` header said, moved on by the monotonic
+        time since (None before any answer with a Date). The header is truncated to the
+        second, so this is up to a second early: the safe side for a watermark."""
+        if self.server_time is None:
+            return None
+        return self.server_time + timedelta(seconds=time.monotonic() - self._server_time_at)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """`_send` plus authentication: one token refresh, then 401/403 are errors."""
@@ -485,16 +541,39 @@ class AirflowClient:
         GET takes `offset`/`limit`; the batch POST `page_offset`/`page_limit` in its body.
         The server caps `limit` at `[api] maximum_page_limit` without saying so, so the
         offset advances by what a page held and `total_entries`, not a short page, ends
-        the listing."""
+        the listing.
+
+        Bounded (`AirflowRunawayListing`): at most `settings.max_pages` pages (a
+        `total_entries` that needs more is refused on the first page), at most
+        `settings.listing_timeout` seconds in all, and a page that repeats an earlier one
+        (a server that ignores the offset) ends it at once. A page over
+        `settings.max_answer_bytes` (runs with a huge conf) is asked again in smaller
+        pages, down to one item, before the listing gives up."""
+        s = self.settings
         offset = 0
+        pages = 0
+        seen: set[tuple[Any, ...]] = set()
+        started = time.monotonic()
         while True:
-            if body is not None:
-                page = self._json(method, path, not_found=not_found,
-                                  json={**body, "page_offset": offset, "page_limit": page_size})
-            else:
-                page = self._json(method, path, not_found=not_found,
-                                  params={**(params or {}), "limit": page_size,
-                                          "offset": offset})
+            if time.monotonic() - started > s.listing_timeout:
+                raise AirflowRunawayListing(
+                    f"the {what} from {self.base} took more than {s.listing_timeout:g} s "
+                    f"({pages} pages, {offset} entries); raise "
+                    "RECONCILER_AIRFLOW_LISTING_TIMEOUT if Airflow is that slow")
+            try:
+                if body is not None:
+                    page = self._json(method, path, not_found=not_found,
+                                      json={**body, "page_offset": offset,
+                                            "page_limit": page_size})
+                else:
+                    page = self._json(method, path, not_found=not_found,
+                                      params={**(params or {}), "limit": page_size,
+                                              "offset": offset})
+            except AirflowAnswerTooLarge:
+                if page_size <= 1:
+                    raise
+                page_size = max(1, page_size // 4)
+                continue
             if not isinstance(page, dict):
                 raise AirflowRejected(f"the {what} from {self.base} is not an object: is this "
                                       "the Airflow API?")
@@ -502,10 +581,35 @@ class AirflowClient:
             if not isinstance(items, list):
                 raise AirflowRejected(f"the {what} from {self.base} has no list of {field}: "
                                       "is this the Airflow API?")
+            total = page.get("total_entries")
+            try:
+                total = int(total or 0)
+            except (TypeError, ValueError):
+                raise AirflowRejected(f"the {what} from {self.base} has a total_entries that "
+                                      f"is not a number ({str(total)[:40]!r})") from None
+            pages += 1
+            if items:
+                if pages == 1 and total > offset and \
+                        -(-total // len(items)) > s.max_pages:
+                    raise AirflowRunawayListing(
+                        f"the {what} from {self.base} claims {total:,} entries: more than "
+                        f"{s.max_pages:,} pages of {len(items)}; raise "
+                        "RECONCILER_AIRFLOW_MAX_PAGES if that is real")
+                mark = (_identity(items[0]), _identity(items[-1]), len(items))
+                if mark in seen:
+                    raise AirflowRunawayListing(
+                        f"the {what} from {self.base} does not advance: the page at offset "
+                        f"{offset} repeats an earlier page (the server ignores the offset?)")
+                seen.add(mark)
             yield items
             offset += len(items)
-            if not items or offset >= int(page.get("total_entries") or 0):
+            if not items or offset >= total:
                 return
+            if pages >= s.max_pages:
+                raise AirflowRunawayListing(
+                    f"the {what} from {self.base} goes on past {s.max_pages:,} pages "
+                    f"({offset:,} of {total:,} entries); raise RECONCILER_AIRFLOW_MAX_PAGES "
+                    "if that is real")
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
         """One run, or None when Airflow has no such run (or no such DAG: both are 404)."""
@@ -625,6 +729,14 @@ class AirflowClient:
             "PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False},
             not_found=f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG file "
                       "deployed and parsed?"))
+
+
+def _identity(item: Any) -> tuple[Any, ...]:
+    """What tells one listed item from another (a run, a task instance, a DAG)."""
+    if not isinstance(item, dict):
+        return (repr(item)[:200],)
+    return tuple(str(item.get(k)) for k in ("dag_id", "dag_run_id", "task_id", "map_index",
+                                            "logical_date", "id"))
 
 
 def _ssl_reason(exc: BaseException) -> str:

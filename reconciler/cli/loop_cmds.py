@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import threading
@@ -32,6 +33,10 @@ from reconciler.core.settings import (
     parse_duration,
 )
 from reconciler.core.state import Plan, iso
+
+STOP_GRACE = 8.0
+"""Seconds `run` waits, after SIGTERM, for the pass under way to end before it exits
+anyway (the leader key is released at once, on another thread)."""
 
 ONE_SHOT_DEADLINE = 8.0
 """Seconds a one-shot command (plan, status) gives each Airflow call, retries included:
@@ -74,19 +79,26 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 airflow_password_file: str | None, airflow_timeout: float,
                 airflow_ca: str | None, airflow_proxy: str | None,
                 airflow_proxy_from_env: bool, airflow_token_file: str | None,
-                airflow_page_size: int, **kwargs: Any) -> Any:
+                airflow_page_size: int, airflow_max_answer_bytes: int,
+                airflow_max_pages: int, airflow_listing_timeout: float,
+                **kwargs: Any) -> Any:
         password = (_read_secret_file(airflow_password_file, "--airflow-password-file")
                     or os.environ.get("RECONCILER_AIRFLOW_PASSWORD") or None)
         token = os.environ.get("RECONCILER_AIRFLOW_TOKEN") or None
         if not airflow_timeout > 0:
             fail(f"--airflow-timeout must be above 0 seconds, got {airflow_timeout:g}")
-        kwargs["airflow"] = AirflowSettings(
-            url=airflow_url.rstrip("/"), username=airflow_username, password=password,
-            token=token, timeout=airflow_timeout,
-            # the variable requests itself would read, when ours is not set
-            ca=airflow_ca or os.environ.get("REQUESTS_CA_BUNDLE") or None,
-            proxy=airflow_proxy or None, proxy_from_env=airflow_proxy_from_env,
-            token_file=airflow_token_file or None, page_size=airflow_page_size)
+        try:
+            kwargs["airflow"] = AirflowSettings(
+                url=airflow_url.rstrip("/"), username=airflow_username, password=password,
+                token=token, timeout=airflow_timeout,
+                # the variable requests itself would read, when ours is not set
+                ca=airflow_ca or os.environ.get("REQUESTS_CA_BUNDLE") or None,
+                proxy=airflow_proxy or None, proxy_from_env=airflow_proxy_from_env,
+                token_file=airflow_token_file or None, page_size=airflow_page_size,
+                max_answer_bytes=airflow_max_answer_bytes, max_pages=airflow_max_pages,
+                listing_timeout=airflow_listing_timeout)
+        except ValueError as exc:
+            fail(str(exc))
         return func(*args, **kwargs)
 
     options = [
@@ -125,6 +137,18 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      "serves at most its [api] maximum_page_limit (default 100): set "
                      "AIRFLOW__API__MAXIMUM_PAGE_LIMIT to match "
                      "[RECONCILER_AIRFLOW_PAGE_SIZE]."),
+        click.option("--airflow-max-answer-bytes", envvar="RECONCILER_AIRFLOW_MAX_ANSWER_BYTES",
+                     type=click.IntRange(min=1024), default=64 * 1024 * 1024,
+                     show_default=True, help="The largest answer (one page) read from "
+                     "Airflow; a larger page is asked again in smaller pages, a larger "
+                     "single item is an error [RECONCILER_AIRFLOW_MAX_ANSWER_BYTES]."),
+        click.option("--airflow-max-pages", envvar="RECONCILER_AIRFLOW_MAX_PAGES",
+                     type=click.IntRange(min=1), default=10_000, show_default=True,
+                     help="Pages one listing may take [RECONCILER_AIRFLOW_MAX_PAGES]."),
+        click.option("--airflow-listing-timeout", envvar="RECONCILER_AIRFLOW_LISTING_TIMEOUT",
+                     default="120", callback=_seconds, show_default=True,
+                     help="Seconds one listing (all its pages) may take "
+                     "[RECONCILER_AIRFLOW_LISTING_TIMEOUT]."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -138,14 +162,15 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, window: timedelta, interval: float, relist_interval: float,
                 lease_ttl: float, http_host: str, http_port: int, log_format: str,
                 concurrency: int, airflow_deadline: float | None, eager: bool,
-                **kwargs: Any) -> Any:
+                pass_deadline: float, max_clock_skew: float, **kwargs: Any) -> Any:
         try:
             kwargs["loop"] = LoopSettings(
                 window=window, interval=interval, relist_interval=relist_interval,
                 lease_ttl=int(lease_ttl), http_host=http_host, http_port=http_port,
                 log_format=log_format, concurrency=concurrency,
                 call_deadline=airflow_deadline, eager=eager,
-                pull_interval=kwargs.get("pull_interval") or 30.0)
+                pull_interval=kwargs.get("pull_interval") or 30.0,
+                pass_deadline=pass_deadline, max_clock_skew=max_clock_skew)
         except ValueError as exc:
             fail(str(exc))
         return func(*args, **kwargs)
@@ -168,6 +193,16 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      callback=_seconds, help="Seconds one action's Airflow call may take in "
                      "all, retries included (default: half the lease) "
                      "[RECONCILER_AIRFLOW_DEADLINE]."),
+        click.option("--pass-deadline", envvar="RECONCILER_PASS_DEADLINE", default="180",
+                     callback=_seconds, show_default=True,
+                     help="Seconds a pass may run; past it the replica is not ready and a "
+                     "leader gives its lease to a standby until a pass ends "
+                     "[RECONCILER_PASS_DEADLINE]."),
+        click.option("--max-clock-skew", envvar="RECONCILER_MAX_CLOCK_SKEW", default="30",
+                     callback=_seconds, show_default=True,
+                     help="Seconds this machine's clock may differ from Airflow's before a "
+                     "warning (the loop follows Airflow's clock either way) "
+                     "[RECONCILER_MAX_CLOCK_SKEW]."),
         click.option("--concurrency", envvar="RECONCILER_CONCURRENCY", type=int, default=8,
                      show_default=True, help="Actions of one pass in flight at once; 1 "
                      "for an Airflow on SQLite, whose API server stalls on concurrent "
@@ -306,8 +341,34 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
         git_username: str | None, git_token_file: str | None) -> None:
     """The loop: keep Airflow in step with the graph in etcd (the container's entrypoint).
 
-    Stops cleanly on SIGTERM or SIGINT (the leader lease is released).
+    Stops on SIGTERM or SIGINT: the leader lease is released at once, and the process
+    exits within 8 s whatever a call is doing.
     """
+    # The handlers first, before the heavy imports (gRPC, etcd: seconds on a loaded
+    # machine): a SIGTERM while the loop is being set up (a replica restarted and stopped
+    # at once) is a clean stop too, not the default death by signal.
+    stop = threading.Event()
+    runners: list[Any] = []
+    signals: list[str] = []
+
+    def overrun() -> None:
+        # A call that would not return: the lease is already released; do not wait for it.
+        event("stopped without waiting for the pass under way", logging.WARNING,
+              grace_seconds=STOP_GRACE)
+        logging.shutdown()
+        os._exit(0)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if runners:
+            event("stopping", signal=signal.Signals(signum).name)
+            runners[0].shutdown(stop, grace=STOP_GRACE, overrun=overrun)
+        else:
+            signals.append(signal.Signals(signum).name)  # logged once logging is set up
+            stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
     from reconciler.adapters.airflow import redact_url
     from reconciler.service.loop import Reconciler
     from reconciler.service.observability import Health, Metrics, event, serve_http, setup_logging
@@ -316,6 +377,8 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
 
     _require_credentials(airflow)
     setup_logging(loop.log_format)
+    if signals:
+        event("stopping", signal=signals[0])
     # Reads (the informer) get the client's own deadline; each action's calls run under
     # the executor's, shorter than the lease left (deadline_of).
     store, api = _open(etcd, airflow)
@@ -327,6 +390,7 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
     puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
                      workdir=workdir, git=git) if repo else None)
     runner = Runner(reconciler, health, puller=puller)
+    runners.append(runner)
     server = None
     if loop.http_port:
         try:
@@ -334,21 +398,13 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
         except OSError as exc:
             fail(f"cannot serve /metrics on {loop.http_host}:{loop.http_port}: "
                  f"{exc.strerror or exc}")
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        event("stopping", signal=signal.Signals(signum).name)
-        stop.set()
-        runner.wake.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     event("reconciler started", holder=reconciler.holder, airflow=redact_url(airflow.url),
           etcd=",".join(etcd.endpoints), namespace=etcd.root, interval=loop.interval,
           window=str(loop.window), lease_ttl=loop.lease_ttl,
           mode="pull" if repo else "push")
     try:
-        runner.run_forever(stop)
+        if not stop.is_set():
+            runner.run_forever(stop)
     finally:
         if server is not None:
             server.shutdown()

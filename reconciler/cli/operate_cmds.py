@@ -482,19 +482,37 @@ def diagnose(graph: Any, dags: Iterable[Mapping[str, Any]],
     return findings
 
 
+def clock_finding(skew: float | None, threshold: float) -> dict[str, Any] | None:
+    """A finding when this machine's clock is `skew` seconds off Airflow's, beyond
+    `threshold` (None: Airflow's clock is not known)."""
+    if skew is None or abs(skew) <= threshold:
+        return None
+    size = abs(skew)
+    amount = (f"{size / 86400:.1f} days" if size >= 86400 else
+              f"{size / 3600:.1f} h" if size >= 3600 else f"{size:.0f} s")
+    return {"dag_id": None, "problem": "clock-skew", "skew_seconds": round(skew, 1),
+            "message": f"this machine's clock is {amount} {'ahead of' if skew > 0 else 'behind'}"
+                       " Airflow's (its Date header): the loop follows Airflow's clock, but "
+                       "logs and ledger times are this machine's; fix its time sync (NTP)"}
+
+
 @main.command()
 @etcd_options
 @airflow_options
 @click.option("--window", envvar="RECONCILER_WINDOW", default="2d", callback=_duration,
               show_default=True, help="Lookback for root runs [RECONCILER_WINDOW].")
+@click.option("--max-clock-skew", envvar="RECONCILER_MAX_CLOCK_SKEW", default="30",
+              callback=_seconds, show_default=True,
+              help="Seconds this machine's clock may differ from Airflow's "
+              "[RECONCILER_MAX_CLOCK_SKEW].")
 @output_option(["text", "json"], "text")
 @handle_errors
 def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
-           output: str) -> None:
+           max_clock_skew: float, output: str) -> None:
     """DAGs of the graph missing, stale or paused in Airflow; non-roots that also have a
     schedule of their own (they would run twice); roots that never ran in the window;
-    every value in etcd this version cannot read, its key named. Exit 1 when there is a
-    finding."""
+    this machine's clock off Airflow's; every value in etcd this version cannot read, its
+    key named. Exit 1 when there is a finding."""
     from reconciler.adapters.store import StoreCorrupt, StoreError
     from reconciler.service.sync import read_synced_graph
 
@@ -512,10 +530,18 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
                 raise
             graph = None  # already a finding: Airflow cannot be checked against no graph
         if graph is not None:
-            since = datetime.now(UTC) - window
+            dags = api.list_dags()
+            # The window on Airflow's clock (its Date header), like the loop's.
+            local = datetime.now(UTC)
+            server = api.server_now()
+            since = (server or local) - window
             roots = sorted(d for d, p in graph.pipelines.items() if not p.depends_on)
             runs = api.list_runs(roots, updated_at_gte=since) if roots else []
-            findings += diagnose(graph, api.list_dags(), {r["dag_id"] for r in runs})
+            findings += diagnose(graph, dags, {r["dag_id"] for r in runs})
+            skew = None if server is None else (local - server).total_seconds()
+            clock = clock_finding(skew, max_clock_skew)
+            if clock is not None:
+                findings.append(clock)
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:
@@ -524,7 +550,8 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         click.echo(json_answer("Diagnosis", commit=commit, findings=findings), nl=False)
     else:
         for f in findings:
-            click.echo(f"{printable(f.get('dag_id') or f['key'])}: {printable(f['message'])}")
+            name = f.get("dag_id") or f.get("key") or "clock"
+            click.echo(f"{printable(name)}: {printable(f['message'])}")
         if not findings and graph is not None and commit is not None:
             click.echo(f"no finding: the {len(graph)} pipelines of {commit[:12]} are in "
                        "Airflow, unpaused, and scheduled the way the graph expects")

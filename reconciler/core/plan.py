@@ -64,6 +64,10 @@ upstream added to or removed from P's `depends_on` later does not re-run open cy
 Other rules and their edge cases
 --------------------------------
 - Roots are never triggered, cleared or adopted (Airflow schedules them).
+- A pipeline already started (in the ledger) on the same upstream run ids in another
+  cycle is not triggered again: an upstream run whose logical date changed in Airflow
+  moves to another cycle, and its downstreams are not run twice on it (NotScheduled,
+  the message names the cycle and run it was started as).
 - Several roots: a downstream joins runs with the same logical date only. A pipeline
   reachable from a root that has no run for the cycle waits, and its status says
   "waiting for <root> (no run in this cycle)"; when none of its upstreams has anything
@@ -104,7 +108,7 @@ topological order per open cycle, so O(runs + cycles x (pipelines + edges)).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -221,14 +225,46 @@ def plan(
     upstreams = {d: tuple(sorted(pipelines[d].depends_on)) for d in order}
     actions: list[Action] = []
     statuses: list[PipelineStatus] = []
+    triggered = _TriggeredOn(ledger)
     for cycle in cycles:
         _plan_cycle(
             cycle=cycle, opened_at=opened[cycle], bucket=by_date[cycle], order=order,
             pipelines=pipelines, upstreams=upstreams, ledger=ledger, since=since,
             commit=commit, actions=actions, statuses=statuses, suspended=suspended or {},
-            eager=eager,
+            eager=eager, triggered=triggered,
         )
     return Plan(actions=tuple(actions), statuses=tuple(statuses), cycles=tuple(cycles))
+
+
+class _TriggeredOn:
+    """Which cycle each pipeline was already started for on a given set of upstream runs
+    (the run ids of its ledger entries' fingerprints), built on first use: the plan asks
+    only before a first trigger.
+
+    An upstream run belongs to one cycle, its logical date; so the same upstream runs in
+    another cycle mean a run whose logical date changed between listings (edited in
+    Airflow's database). Triggering again there would run the pipeline twice on the
+    same upstream executions."""
+
+    def __init__(self, ledger: Mapping[tuple[datetime, str], LedgerEntry]) -> None:
+        self._ledger = ledger
+        self._index: dict[tuple[str, tuple[tuple[str, str], ...]],
+                          tuple[datetime, str]] | None = None
+
+    def elsewhere(self, dag_id: str, items: Sequence[FingerprintItem],
+                  cycle: datetime) -> tuple[datetime, str] | None:
+        """(cycle, run id) of an earlier start of `dag_id` on the runs of `items` in
+        another cycle than `cycle`, if any."""
+        if self._index is None:
+            self._index = {}
+            for (when, name), entry in self._ledger.items():
+                if entry.fingerprint:
+                    key = (name, tuple((i.upstream, i.run_id) for i in entry.fingerprint))
+                    self._index.setdefault(key, (when, entry.run_id))
+        if not items:
+            return None
+        hit = self._index.get((dag_id, tuple((i.upstream, i.run_id) for i in items)))
+        return hit if hit is not None and hit[0] != cycle else None
 
 
 def _prefer(a: DagRun, b: DagRun, cycle: datetime, entry: LedgerEntry | None) -> DagRun:
@@ -258,6 +294,7 @@ def _plan_cycle(
     statuses: list[PipelineStatus],
     suspended: Mapping[str, str],
     eager: bool,
+    triggered: _TriggeredOn,
 ) -> None:
     outcome: dict[str, _Outcome] = {}
     everything = suspended.get("*")
@@ -327,7 +364,8 @@ def _plan_cycle(
             outcome[dag_id] = _satisfied(
                 dag_id=dag_id, cycle=cycle, run=run, entry=entry, pipeline=pipeline,
                 inputs=inputs, items=items, outcome=outcome, deterministic=deterministic,
-                commit=commit, actions=actions, status=status, eager=eager)
+                commit=commit, actions=actions, status=status, eager=eager,
+                triggered=triggered)
 
 
 def _unsatisfied(dag_id: str, run: DagRun | None, ups: tuple[str, ...], all_done: bool,
@@ -383,12 +421,19 @@ def _satisfied(*, dag_id: str, cycle: datetime, run: DagRun | None,
                entry: LedgerEntry | None, pipeline: Pipeline, inputs: list[DagRun],
                items: list[FingerprintItem], outcome: Mapping[str, _Outcome],
                deterministic: str, commit: str, actions: list[Action], status: _StatusFn,
-               eager: bool) -> _Outcome:
+               eager: bool, triggered: _TriggeredOn) -> _Outcome:
     """Every upstream is done: the table of DESIGN section 5."""
     all_done = pipeline.trigger_rule == "all_done"
     fingerprint = Fingerprint.presorted(items)  # `ups` is sorted
 
     if run is None:
+        earlier = triggered.elsewhere(dag_id, items, cycle) if entry is None else None
+        if earlier is not None:
+            status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
+                   f"already started as {earlier[1]} in cycle {iso(earlier[0])} on these "
+                   "same upstream runs (an upstream run's logical date changed in "
+                   "Airflow): not triggered again")
+            return _Outcome(_ABSENT, None, f"started in cycle {iso(earlier[0])}")
         if entry is None:
             eager_ups = [i.upstream for i in items if i.end_date.startswith(EAGER)]
             eager_note = (f" (eager: every task of {', '.join(eager_ups)} is done)"

@@ -68,9 +68,26 @@ class AirflowSettings:
     listing stays complete, just slower: a relist of 150,000 runs is 1,500 requests at 100,
     150 at 1000)."""
 
+    max_answer_bytes: int = 64 * 1024 * 1024
+    """The largest answer (one page of a listing) read from Airflow; a bigger one is
+    refused before it is held (a listing asks again in smaller pages first)."""
+    max_pages: int = 10_000
+    """Pages one listing may take; a `total_entries` that needs more is refused at once."""
+    listing_timeout: float = 120.0
+    """Seconds one listing (all its pages) may take in all."""
+
     def __post_init__(self) -> None:
         if self.page_size < 1:
             raise ValueError(f"--airflow-page-size must be at least 1, got {self.page_size}")
+        if self.max_answer_bytes < 1024:
+            raise ValueError("RECONCILER_AIRFLOW_MAX_ANSWER_BYTES must be at least 1024, got "
+                             f"{self.max_answer_bytes}")
+        if self.max_pages < 1:
+            raise ValueError(f"RECONCILER_AIRFLOW_MAX_PAGES must be at least 1, got "
+                             f"{self.max_pages}")
+        if not self.listing_timeout > 0:
+            raise ValueError("RECONCILER_AIRFLOW_LISTING_TIMEOUT must be above 0, got "
+                             f"{self.listing_timeout:g}")
 
 
 @dataclass(frozen=True)
@@ -106,8 +123,15 @@ class LoopSettings:
     """Count an upstream as succeeded once every task of its run is done (confirmed through
     the REST API after a task-level event), before Airflow closes the run."""
     stall_after: float | None = None
-    """/healthz fails when no pass ended for this long. Default: 10 intervals, at least
-    twice the longest backoff."""
+    """/healthz fails when no pass ended for this long. Default: 10 intervals, and a
+    minute past the pass deadline."""
+    pass_deadline: float = 180.0
+    """A pass running longer than this is stuck: the leader gives up its lease (a standby
+    takes over) and is not ready until a pass ends. Above the listing timeout, so a slow
+    but advancing relist is not taken for a stuck one."""
+    max_clock_skew: float = 30.0
+    """Seconds our clock may differ from Airflow's (its Date header) before a warning, the
+    gauge and `doctor` say so. The loop follows Airflow's clock either way."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,6 +150,11 @@ class LoopSettings:
         if self.call_deadline is not None and not 0 < self.call_deadline < self.lease_ttl:
             problems.append(f"--airflow-deadline must be between 0 and the lease TTL "
                             f"({self.lease_ttl} s), got {self.call_deadline:g}")
+        if not self.pass_deadline > self.lease_ttl:
+            problems.append(f"--pass-deadline must be above the lease TTL ({self.lease_ttl} s), "
+                            f"got {self.pass_deadline:g}")
+        if not self.max_clock_skew > 0:
+            problems.append(f"--max-clock-skew must be above 0, got {self.max_clock_skew:g}")
         if not 0 <= self.http_port < 65536:
             problems.append(f"--http-port must be 0-65535, got {self.http_port}")
         if problems:
@@ -141,7 +170,7 @@ class LoopSettings:
     def liveness_timeout(self) -> float:
         if self.stall_after is not None:
             return self.stall_after
-        return max(10 * self.interval, 120.0)
+        return max(10 * self.interval, 120.0, self.pass_deadline + 60.0)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,8 @@ class DagRun:
     end_date: datetime | None = None
     run_type: str = "manual"
     conf: Mapping[str, Any] = field(default_factory=dict)
+    """Only the `reconciler` key of the run's conf (its provenance): the rest, a user's
+    payload of any size, is never needed by the loop and not held in its run cache."""
     tasks_done_at: datetime | None = None
     """The eager path: every task instance of this (still running) run succeeded or was
     skipped, confirmed through the REST API; the latest task end. None otherwise."""
@@ -128,6 +130,7 @@ class DagRun:
         """
         logical = data.get("logical_date", data.get("execution_date"))
         conf = data.get("conf")
+        provenance = conf.get("reconciler") if isinstance(conf, Mapping) else None
         return cls(
             dag_id=_intern(str(data["dag_id"])),
             run_id=_intern(str(data["dag_run_id"])),
@@ -138,7 +141,7 @@ class DagRun:
             start_date=parse_time(data.get("start_date")),
             end_date=parse_time(data.get("end_date")),
             run_type=_intern(str(data.get("run_type") or "manual")),
-            conf=dict(conf) if conf else _NO_CONF,
+            conf={"reconciler": provenance} if provenance is not None else _NO_CONF,
         )
 
 

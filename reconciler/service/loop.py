@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from reconciler.adapters.clock import SystemClock
+from reconciler.core.errors import disposition
 from reconciler.core.heap import gc_paused
 from reconciler.core.plan import plan
 from reconciler.core.settings import LoopSettings
@@ -83,10 +84,17 @@ class Reconciler:
                                  margin=min(1.0, settings.lease_ttl / 6))
         self.recorder = Recorder(store, self.holder, self.metrics)
         self.metrics.leader.set_function(lambda: 1.0 if self.leadership.is_leader() else 0.0)
+        self.metrics.clock_skew.set_function(lambda: self.observer.skew or 0.0)
+        self.leadership.on_error = self._count_error
         self._term = 0
         self._plan_key: tuple[str, int, int, int] | None = None
         self._plan: Plan | None = None
         self._forgotten_at: float | None = None
+
+    def _count_error(self, exc: BaseException) -> None:
+        """An error outside a pass (the leadership thread's), in the errors metric."""
+        how = disposition(exc, 1, interval=self.settings.interval)
+        self.metrics.errors.labels(how.dependency, how.kind).inc()
 
     def run_pass(self) -> PassReport:
         report = PassReport()

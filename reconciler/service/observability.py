@@ -94,6 +94,12 @@ class Metrics:
                                  registry=r)
         self.waiting = Gauge("reconciler_pipelines_waiting",
                              "Pipeline x cycle pairs waiting or blocked", ["state"], registry=r)
+        self.clock_skew = Gauge("reconciler_clock_skew_seconds",
+                                "Seconds this machine's clock is ahead of Airflow's (its "
+                                "Date header; negative: behind)", registry=r)
+        self.pass_running = Gauge("reconciler_pass_running_seconds",
+                                  "Seconds the pass under way has been running (0 between "
+                                  "passes)", registry=r)
 
 
 class Health:
@@ -105,9 +111,14 @@ class Health:
     reports it), so a standby that never calls Airflow does not claim Airflow works.
     """
 
-    def __init__(self, *, stall_after: float = 120.0,
+    def __init__(self, *, stall_after: float = 120.0, pass_deadline: float | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.stall_after = stall_after
+        self.pass_deadline = pass_deadline
+        """A pass running longer than this is stuck: not ready (and the leader gives up
+        its lease, see Leadership.stuck). None: never."""
+        self.pass_started: float | None = None
+        """monotonic() when the pass under way began; None between passes."""
         self._monotonic = monotonic
         self.started = False
         self.passed_once = False
@@ -125,6 +136,27 @@ class Health:
     def passed(self) -> None:
         self.passed_once = True
 
+    def pass_began(self) -> None:
+        self.pass_started = self._monotonic()
+
+    def pass_ended(self) -> None:
+        self.pass_started = None
+
+    def running_for(self) -> float:
+        """Seconds the pass under way has been running; 0 between passes."""
+        started = self.pass_started
+        return 0.0 if started is None else max(0.0, self._monotonic() - started)
+
+    def stuck(self) -> str | None:
+        """Why the pass under way counts as stuck, or None."""
+        started, deadline = self.pass_started, self.pass_deadline
+        if started is None or deadline is None:
+            return None
+        running = self._monotonic() - started
+        if running <= deadline:
+            return None
+        return f"a pass has been running for {running:.0f} s (pass deadline {deadline:g} s)"
+
     @property
     def alive(self) -> bool:
         if not self.started or self.last_beat is None:
@@ -133,7 +165,7 @@ class Health:
 
     @property
     def is_ready(self) -> bool:
-        return self.started and self.passed_once and not self.reasons
+        return self.started and self.passed_once and not self.reasons and self.stuck() is None
 
     def unready(self, dependency: str, why: str) -> bool:
         """Returns True when this is a change (so the caller logs it once)."""
@@ -147,6 +179,10 @@ class Health:
     def describe(self) -> str:
         if not self.started:
             return "not ready: starting"
+        stuck = self.stuck()
+        if stuck is not None:
+            return "not ready: " + "; ".join(
+                [stuck] + [f"{k}: {v}" for k, v in sorted(self.reasons.items())])
         if not self.passed_once and not self.reasons:
             return "not ready: no pass has completed yet"
         if self.reasons:
@@ -167,7 +203,8 @@ def serve_http(host: str, port: int, metrics: Metrics, health: Health
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             ok = health.alive
-            body = (b"ok\n" if ok else
+            stuck = health.stuck()
+            body = ((f"ok ({stuck})\n" if stuck else "ok\n").encode() if ok else
                     f"stalled: no pass ended for {health.stall_after:g} s\n".encode())
         elif path == "/readyz":
             ok = health.is_ready

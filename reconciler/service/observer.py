@@ -5,6 +5,9 @@ the ledger, and the time it was taken) that `plan()`, the `plan` and `status` co
 and the loop all use. Like an informer it lists everything once (the runs updated inside
 the window, paginated), then asks only for what changed (`updated_at_gte` the watermark
 minus an overlap: one request when nothing did), and relists every `relist_interval`.
+The window, the watermark and the observation's `now` are Airflow's clock (its `Date`
+header, see `Observer.now`), not this machine's: a local clock off by hours or days
+neither delays nor loses a run; the skew is logged once per change and kept in `skew`.
 
 Stored values that cannot be read are quarantined: one log line naming the key, and the
 rest goes on (a ledger entry is then simply absent: the run's own timestamps decide, and
@@ -35,9 +38,11 @@ TASKS_DONE = frozenset({"success", "skipped"})
 """Task states that count as done on the eager path: what the scheduler needs to close
 the run as a success. `removed` task instances (no longer in the DAG) are not counted."""
 
-WATERMARK_OVERLAP = timedelta(seconds=2)
+WATERMARK_OVERLAP = timedelta(seconds=3)
 """An incremental list asks for runs updated since the watermark minus this, so a run
-updated in the same instant as the previous answer is never missed."""
+updated in the same instant as the previous answer is never missed. The watermark is
+Airflow's clock read from its `Date` header, truncated to the second (up to 1 s early)
+and moved on locally since: the overlap covers both."""
 
 
 @runtime_checkable
@@ -168,6 +173,10 @@ class Observer:
         self.ledger = ledger if ledger is not None else Ledger(store, self.quarantine,
                                                                self.release)
         """The run ledger, shared with the executor that writes it through (ledger.py)."""
+        self.skew: float | None = None
+        """Seconds our clock is ahead of Airflow's (negative: behind), at the last look."""
+        self._skewed = False
+        self._probed = False
 
     # --- desired state ---
 
@@ -245,6 +254,8 @@ class Observer:
         if stale:
             self.relist(dag_ids, horizon, now, mono)
         else:
+            # `now` is Airflow's clock when this listing starts: its 1 s resolution and the
+            # time the server took to answer are inside the overlap.
             assert self.cache.watermark is not None
             raw = self.api.list_runs(dag_ids,
                                      updated_at_gte=self.cache.watermark - WATERMARK_OVERLAP)
@@ -332,13 +343,52 @@ class Observer:
         """A quarantined key was rewritten with a good value."""
         self.quarantined.pop(key, None)
 
+    # --- Airflow's clock ---
+
+    def now(self, *, refresh: bool = True) -> datetime:
+        """Airflow's clock (its `Date` header, moved on by monotonic time), which dates
+        every run: the window and the informer's watermark follow it, so a local clock
+        hours or days off neither delays nor loses a run. Our clock only when Airflow's
+        is not known (no answer with a Date yet)."""
+        local = self.clock.now()
+        server_now = getattr(self.api, "server_now", None)
+        if server_now is None:
+            return local
+        server = server_now()
+        if server is None and refresh and not self._probed:
+            # Before the first listing: one cheap call (no auth) to read Airflow's clock.
+            health = getattr(self.api, "health", None)
+            if health is not None:
+                health()
+            self._probed = True
+            server = server_now()
+        if server is None:
+            return local
+        self._note_skew((local - server).total_seconds())
+        return server
+
+    def _note_skew(self, skew: float) -> None:
+        self.skew = skew
+        skewed = abs(skew) > self.settings.max_clock_skew
+        if skewed != self._skewed:
+            self._skewed = skewed
+            if skewed:
+                # The amount in the text too: a one-shot command shows only the text.
+                event(f"this machine's clock disagrees with Airflow's by {skew:+.0f} s; "
+                      "following Airflow's", logging.WARNING, skew_seconds=round(skew, 1),
+                      threshold=self.settings.max_clock_skew)
+            else:
+                event("this machine's clock agrees with Airflow's again",
+                      skew_seconds=round(skew, 1))
+
     # --- one look ---
 
     def observe(self, *, with_ledger: bool = True, refresh: bool = True) -> Observation:
         """Desired graph, runs and (if asked) the ledger, now. The ledger is read from
         etcd once per term and then written through by the executor (ledger.py).
-        `refresh=False` asks nothing of Airflow: the runs as the cache holds them."""
-        now = self.clock.now()
+        `refresh=False` asks nothing of Airflow: the runs as the cache holds them.
+        `now` is Airflow's clock (see `now()`)."""
+        now = self.now(refresh=refresh)
         desired = self.load_desired()
         suspended = self.load_suspended()
         ledger: Mapping[tuple[datetime, str], LedgerEntry] = MappingProxyType({})

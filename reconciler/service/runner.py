@@ -6,6 +6,12 @@ changed; `events/`: the Airflow listener saw a run end), later while a dependenc
 of an error to log level, backoff and readiness). Errors are logged once per change of
 state, not once per pass, and never end the loop. Leadership and pulling run on their own
 threads, started and stopped here.
+
+Each pass is timed (`Health.pass_began`/`pass_ended`): one running past
+`settings.pass_deadline` makes the replica unready and its keep-alive give the lease to a
+standby (Leadership.stuck). A leader that etcd refuses a write gives its lease up too.
+`shutdown()` (SIGTERM) releases the leader key at once from another thread, whatever the
+pass is doing, and calls `overrun` if the loop has not ended within `grace` seconds.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from reconciler.adapters.store import StoreError
+from reconciler.adapters.store import StoreAccessDenied, StoreError
 from reconciler.core.errors import disposition
 from reconciler.service.loop import Reconciler
 from reconciler.service.observability import Health, event
@@ -37,6 +44,12 @@ class Runner:
         self.failures = 0
         self._last_error: str | None = None
         self._watches: list[Any] = []
+        self._finished = threading.Event()
+        self._stopping = False
+        if health.pass_deadline is None:
+            health.pass_deadline = self.settings.pass_deadline
+        reconciler.leadership.stuck = health.stuck
+        reconciler.metrics.pass_running.set_function(health.running_for)
 
     # --- wake-ups ---
 
@@ -80,6 +93,7 @@ class Runner:
         """One pass and what follows from it; the seconds to wait before the next."""
         started = self.clock.monotonic()
         ok = False
+        self.health.pass_began()
         try:
             self._ensure_watch()
             self.r.run_pass()
@@ -94,6 +108,7 @@ class Runner:
             self._last_error = None
             self.health.passed()
         finally:
+            self.health.pass_ended()
             self.r.metrics.pass_seconds.observe(self.clock.monotonic() - started)
             self.health.beat()
             self._readiness(ok)
@@ -116,6 +131,9 @@ class Runner:
                 event(f"{how.dependency} problem, retrying", how.level, error=str(exc),
                       next=how.kind, retry_in=round(how.delay, 1))
             self._last_error = text
+        if isinstance(exc, StoreAccessDenied) and self.r.leadership.is_leader():
+            # A leader that may not write cannot act: a standby that can should lead.
+            self.r.leadership.give_up(f"etcd refused a write: {exc}")
         if how.unready:
             self.health.unready(how.dependency, str(exc))
         if how.dependency == "etcd":
@@ -131,6 +149,11 @@ class Runner:
                 self.health.unready(name, failure[1])
             elif ok and contact is not None:
                 self.health.ready(name)
+        cannot_lead = self.r.leadership.cannot_lead
+        if cannot_lead is not None:
+            self.health.unready("leadership", cannot_lead)
+        else:
+            self.health.ready("leadership")
         self.health.leader = self.r.leadership.is_leader()
         if self.health.leader and getattr(self.r.api, "last_contact", None) is None:
             # A leader is ready once it has really talked to Airflow, not before.
@@ -138,6 +161,24 @@ class Runner:
         self.r.metrics.ready.set(1 if self.health.is_ready else 0)
 
     # --- the loop ---
+
+    def shutdown(self, stop: threading.Event, *, grace: float,
+                 overrun: Callable[[], None]) -> None:
+        """Stop the loop (from a signal handler): the leader key is released now, on a
+        thread of its own, whatever the pass is doing; `overrun()` is called if the loop
+        has not ended `grace` seconds later (a call that will not return)."""
+        stop.set()
+        self.wake.set()
+        if self._stopping:
+            return
+        self._stopping = True
+        threading.Thread(target=self.r.leadership.stop, name="resign", daemon=True).start()
+
+        def enforce() -> None:
+            if not self._finished.wait(grace):
+                overrun()
+
+        threading.Thread(target=enforce, name="stop-deadline", daemon=True).start()
 
     def run_forever(self, stop: threading.Event) -> None:
         self.health.start()
@@ -157,8 +198,9 @@ class Runner:
                 self.clock.wait(self.wake, max(MIN_GAP, delay))
                 self.clock.wait(stop, MIN_GAP)  # coalesce a burst of wake-ups
         finally:
+            self.r.leadership.stop()  # first: a standby takes over while we tidy up
             self._drop_watch()
             if self.puller is not None:
                 self.puller.stop()
-            self.r.leadership.stop()
             self.r.close()
+            self._finished.set()

@@ -123,3 +123,74 @@ def test_a_fenced_write_that_found_another_holder_ends_leadership_at_once() -> N
     assert not a.is_leader()
     assert a.due()
     assert changes == [True, False]
+
+
+def test_a_leader_whose_pass_is_stuck_gives_the_lease_to_a_standby() -> None:
+    from reconciler.service.observability import Health
+
+    clock = FakeClock()
+    table = LeaseTable(clock)
+    health = Health(pass_deadline=30, monotonic=clock.monotonic)
+    health.start()
+    a = Leadership(table, "a", 6, clock)  # type: ignore[arg-type]
+    a.stuck = health.stuck
+    b = Leadership(table, "b", 6, clock)  # type: ignore[arg-type]
+    a.tick()
+    health.pass_began()
+    for _ in range(15):  # 30 s of a pass that does not end: the lease is kept meanwhile
+        clock.advance(2)
+        a.tick()
+        assert a.is_leader()
+    clock.advance(2)
+    a.tick()  # 32 s: stuck
+    assert not a.is_leader()
+    assert table.holder is None  # resigned: the standby need not wait for the TTL
+    assert "a pass has been running for 32 s" in (health.stuck() or "")
+    assert not health.is_ready
+    b.tick()
+    assert b.is_leader()
+    a.tick()  # still stuck: does not campaign (b holds it anyway)
+    assert not a.is_leader()
+    health.pass_ended()
+    assert health.stuck() is None
+    table.resign(table.lease_id)  # b goes away; a's passes end again: a may lead again
+    a.tick()
+    assert a.is_leader()
+
+
+def test_a_leader_refused_a_write_holds_off_one_ttl_before_campaigning_again() -> None:
+    clock = FakeClock()
+    table = LeaseTable(clock)
+    a = Leadership(table, "a", 6, clock)  # type: ignore[arg-type]
+    a.tick()
+    a.give_up("etcd refused a write: permission denied")
+    assert not a.is_leader()
+    assert table.holder is None
+    clock.advance(3)
+    a.tick()
+    assert not a.is_leader()  # within the hold-off a standby that can write goes first
+    clock.advance(3.1)
+    a.tick()
+    assert a.is_leader()
+
+
+def test_health_says_a_pass_is_stuck_on_both_probes() -> None:
+    from reconciler.service.observability import Health
+
+    clock = FakeClock()
+    health = Health(stall_after=240, pass_deadline=180, monotonic=clock.monotonic)
+    health.start()
+    health.passed()
+    assert health.is_ready
+    health.pass_began()
+    clock.advance(181)
+    assert not health.is_ready
+    assert health.describe().startswith("not ready: a pass has been running for 181 s")
+    assert health.alive  # liveness only after stall_after: a restart is the last resort
+    assert health.running_for() == 181
+    clock.advance(60)
+    assert not health.alive
+    health.pass_ended()
+    health.beat()
+    assert health.is_ready
+    assert health.alive

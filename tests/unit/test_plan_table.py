@@ -784,13 +784,14 @@ def test_dagrun_from_api_parses_airflow_3_json() -> None:
         "dag_run_id": "manual__2025-06-01T00:00:00+00:00", "dag_id": "02_pipeline",
         "logical_date": "2025-06-01T00:00:00Z", "queued_at": "2025-06-01T00:01:00.5+00:00",
         "start_date": "2025-06-01T00:01:01.123456Z", "end_date": None, "state": "running",
-        "run_type": "manual", "conf": {"x": 1}, "run_after": "2025-06-01T00:00:00Z"})
+        "run_type": "manual", "conf": {"x": 1, "reconciler": {"commit": "c"}},
+        "run_after": "2025-06-01T00:00:00Z"})
     assert run.logical_date == C
     assert run.queued_at == C + timedelta(minutes=1, milliseconds=500)
     assert run.start_date is not None
     assert run.start_date.tzinfo is not None
-    assert (run.end_date, run.state, run.conf, run.finished) == (None, "running", {"x": 1},
-                                                                 False)
+    assert (run.end_date, run.state, run.conf, run.finished) == (
+        None, "running", {"reconciler": {"commit": "c"}}, False)  # only the provenance
     asset = DagRun.from_api({"dag_run_id": "a", "dag_id": "d", "logical_date": None,
                              "state": "success"})
     assert asset.logical_date is None
