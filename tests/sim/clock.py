@@ -4,8 +4,9 @@
   Its wall time can jump (an NTP step, forwards or backwards) while its monotonic time
   only moves on.
 - `SimTime.airflow()` is Airflow's wall clock (the fake's `now`, and the `Date` header of
-  its answers): the same timeline plus a skew, so the reconciler's clock can run ahead of
-  or behind Airflow's.
+  its answers): the timeline itself. The reconciler's clock is the timeline plus its
+  jumps plus a skew, so it can run ahead of or behind Airflow's (Airflow's own clock
+  never jumps: its run timestamps stay ordered).
 
 Nothing sleeps: time moves when the simulation advances it (a tick, a trickled answer).
 """
@@ -24,7 +25,7 @@ class SimTime:
         self.jump = 0.0
         """Seconds the reconciler's wall clock was stepped by (clock jumps)."""
         self.skew = 0.0
-        """Seconds Airflow's clock is ahead of the timeline (negative: behind)."""
+        """Seconds the reconciler's clock runs ahead of Airflow's (negative: behind)."""
         self._lock = threading.Lock()
         self.reconciler = ReconcilerClock(self)
 
@@ -43,11 +44,11 @@ class SimTime:
 
     def airflow(self) -> datetime:
         with self._lock:
-            return self._start + timedelta(seconds=self._elapsed + self.skew)
+            return self._start + timedelta(seconds=self._elapsed)
 
     def reconciler_now(self) -> datetime:
         with self._lock:
-            return self._start + timedelta(seconds=self._elapsed + self.jump)
+            return self._start + timedelta(seconds=self._elapsed + self.jump + self.skew)
 
     def monotonic(self) -> float:
         with self._lock:

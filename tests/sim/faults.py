@@ -77,11 +77,11 @@ class FaultPlan:
         scheduled.sort(key=lambda s: (s.step, s.kind))
         return cls(seed, fault_steps, kinds, rate, scheduled)
 
-    def airflow_fault(self, holder: str, route: str, n: int, is_write: bool,
+    def airflow_fault(self, holder: str, route: str, path: str, n: int, is_write: bool,
                       step: int = 0) -> str | None:
         if not self.active:
             return None
-        rng = stable_random(self.seed, step, holder, route, n)
+        rng = stable_random(self.seed, step, holder, path, n)
         if rng.random() >= self.airflow_rate:
             return None
         kinds = [k for k in self.airflow_kinds
@@ -172,8 +172,8 @@ class Injector:
         if everything:
             for replica in world.replicas:
                 replica.kill_pending = False
-            # A stepped clock stays stepped; Airflow's clock is set to agree with it again.
-            world.time.skew = world.time.jump
+            # NTP sets the reconciler's clock right again (one more step).
+            world.time.skew = world.time.jump = 0.0
             if self.cluster is not None and self.etcd_hit:
                 self._cluster_whole()
                 # The etcd client skips an endpoint for `time_retry` real seconds after

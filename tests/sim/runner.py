@@ -97,6 +97,9 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS) -> SeedR
                             concurrency=rng.choice([1, 4]), eager=False,
                             window=timedelta(days=2))
     namespace = f"sim-{seed}-{random.getrandbits(32):08x}"
+    # The loop's jitter (core/errors.py backoff, the client's retries) draws from the
+    # global generator: seeded too, so that a replay backs off the same way.
+    random.seed(seed)
     etcd = EtcdSettings(**{**env.etcd.__dict__, "namespace": namespace})
     store, probe = EtcdStore(etcd), EtcdStore(etcd)
     world = World(seed, store, probe, Workload.universe(seed), settings)

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from email.message import Message
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import requests
 from requests.structures import CaseInsensitiveDict
@@ -138,14 +139,17 @@ class SimSession(requests.Session):
                    if k.lower() != "content-length"}
         route = route_of(method, path)
         step = self.world.step
+        # Keyed by the path (which names the DAG and run), not by the order of the calls:
+        # the executor's threads send a fan-out in any order.
+        where = self.world.relative(unquote(path.split("?")[0]))
         with self._lock:
-            n = self._seen.get((step, route), 0)
-            self._seen[(step, route)] = n + 1
+            n = self._seen.get((step, where), 0)
+            self._seen[(step, where)] = n + 1
         if route in LISTINGS and n > MAX_SAME_LISTING:
             raise Runaway(f"{self.replica.holder}: {n} requests of {route} in one step")
         is_write = route in (TRIGGER, CLEAR)
-        fault = self.world.faults.airflow_fault(self.replica.holder, route, n, is_write,
-                                                step)
+        fault = self.world.faults.airflow_fault(self.replica.holder, route, where, n,
+                                                is_write, step)
         self.world.crash_point(self.replica, f"before {route}")
         leader = self.world.leader_now() if is_write else None
 
@@ -168,7 +172,7 @@ class SimSession(requests.Session):
         world = self.world
         if fault != "paging-stuck":
             world.count_fault(f"airflow:{fault}")
-        rng = stable_random(world.seed, world.step, path, fault)
+        rng = stable_random(world.seed, world.step, world.relative(unquote(path)), fault)
         if fault in ("500", "503"):
             return self._answer(int(fault), {"detail": "injected failure"}, url)
         if fault == "html":

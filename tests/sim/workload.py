@@ -175,7 +175,9 @@ class Workload:
         """Airflow's scheduler: queued runs start, running ones end (some failed)."""
         world, rng = self.world, self.rng
         now = world.time.airflow()
-        for run in sorted(world.fake.runs(), key=lambda r: r.seq):
+        # In a fixed order (not the fake's ids: concurrent triggers get them in thread
+        # order), so a seed draws the same numbers every time.
+        for run in sorted(world.fake.runs(), key=lambda r: (r.dag_id, r.run_id)):
             if run.state == "queued" and (finish or rng.random() < 0.7):
                 world.fake.advance(run.dag_id, run.run_id, "running", at=now)
                 world.add(Event(now, "start", run.dag_id, run.run_id, run.logical_date,
@@ -190,7 +192,7 @@ class Workload:
     def user_clears(self) -> None:
         """A user re-runs a finished run, or retries a failed one."""
         world, rng = self.world, self.rng
-        finished = [r for r in sorted(world.fake.runs(), key=lambda r: r.seq)
+        finished = [r for r in sorted(world.fake.runs(), key=lambda r: (r.dag_id, r.run_id))
                     if r.state in ("success", "failed")]
         failed = [r for r in finished if r.state == "failed"]
         pick = None

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import unquote
 
@@ -35,6 +36,9 @@ from reconciler.service.loop import Reconciler
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.sim.clock import SimTime
 from tests.sim.transport import CLEAR, TRIGGER, Killed, SimSession
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
 
 
 @dataclass
@@ -224,6 +228,14 @@ class World:
                 r.observer.head_dirty.set()
             if suspended:
                 r.observer.suspended_dirty.set()
+
+    def relative(self, text: str) -> str:
+        """`text` with each timestamp as seconds since the seed started: what a fault is
+        drawn from, so that a replay on another day draws the same faults."""
+        start = self.time.true_now() - timedelta(seconds=self.time.elapsed)
+        return _TIMESTAMP.sub(
+            lambda m: f"T{(parse_time(m.group(0)) - start).total_seconds():+.0f}"
+            if parse_time(m.group(0)) else m.group(0), text)
 
     # --- the history --------------------------------------------------------------------
 
