@@ -17,7 +17,6 @@ the quiet steps begin (runner.py).
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
 
 STEP_FAULTS = ("etcd-pause", "etcd-pause-member", "etcd-kill-member", "etcd-leader-loss",
                "replica-cut", "replica-kill", "clock-jump", "clock-skew")
-ENDPOINT_RETRY = 2.1
-"""Real seconds: EtcdStore's endpoints' time_retry (max(2, timeout)), and a little."""
 ETCD_FAULTS = {"etcd-pause", "etcd-pause-member", "etcd-kill-member", "etcd-leader-loss"}
 
 
@@ -176,11 +173,13 @@ class Injector:
             world.time.skew = world.time.jump = 0.0
             if self.cluster is not None and self.etcd_hit:
                 self._cluster_whole()
-                # The etcd client skips an endpoint for `time_retry` real seconds after
-                # it failed (EtcdStore: at least 2 s); a seed runs in about a second, so
-                # that real time is waited out here, as the quiet minutes would.
-                time.sleep(ENDPOINT_RETRY)
                 self.etcd_hit = False
+            # The etcd client skips an endpoint for `time_retry` real seconds after it
+            # failed (EtcdStore: at least 2 s); the quiet simulated minutes would have
+            # waited that out, the second or two a seed really lasts does not.
+            for store in (world.store, world.probe):
+                for endpoint in store.client.endpoints.values():
+                    endpoint.last_failed = 0
 
     def _heal(self, kind: str, what: object) -> None:
         cluster = self.cluster

@@ -17,8 +17,9 @@ Once the faults have healed and the quiet steps ran, the end state (`check_final
 
 - `never-triggered`: a pipeline due in a cycle (enabled, not suspended, every upstream
   satisfied by its trigger rule, not excluded by `backfill: false`) has no run;
-- `stale-downstream`: its run's last execution started before an upstream's last end
-  (a re-run that never came);
+- `stale-downstream`: its run's last execution started before the last end of an
+  upstream it was started on (a re-run that never came; an upstream added to it later
+  does not count, as core/plan.py decides);
 - `unfinished`: a run still queued or running after the quiet steps.
 
 Injected duplicate deliveries (the network's doing) are not held against the reconciler.
@@ -65,14 +66,6 @@ class Checker:
     def _versions(self, step: int) -> list[Version]:
         versions = [v for v in self.workload.versions if v.step <= step]
         return versions[-2:] if versions else []
-
-    def _ups_all(self, dag_id: str, step: int) -> set[str]:
-        out: set[str] = set()
-        for v in self._versions(step):
-            p = v.graph.pipelines.get(dag_id)
-            if p is not None:
-                out |= set(p.depends_on)
-        return out
 
     def _ups_both(self, dag_id: str, step: int) -> set[str]:
         sets = []
@@ -136,14 +129,16 @@ class Checker:
             own = self._upstream_run(event.dag_id, cycle)
             ends = [self._end_of(u, cycle) for u in self._ups_both(event.dag_id, event.step)]
             if own is not None and own.start is not None and ends and all(
-                    e is not None and e <= own.start for e in ends):
+                    e is not None and e < own.start for e in ends):
                 self.violation("unneeded-clear", event,
                                f"its run started at {own.start.isoformat()}, after every "
                                "upstream's last end: it already ran on these upstream "
                                "executions")
         if cycle is not None:
+            # Upstreams it had in both graphs of the moment: one added later does not
+            # re-run an open cycle (core/plan.py), so it is not held against it.
             self.started_on[(event.dag_id, cycle)] = {
-                u: self._end_of(u, cycle) for u in self._ups_all(event.dag_id, event.step)}
+                u: self._end_of(u, cycle) for u in self._ups_both(event.dag_id, event.step)}
 
     def _end_of(self, up: str, cycle: datetime | None) -> datetime | None:
         run = self._upstream_run(up, cycle)
@@ -205,7 +200,10 @@ class Checker:
                     outcome[dag_id] = "pending"
                     continue
                 outcome[dag_id] = _state(run.state)
-                ends = {u: self._end_of(u, cycle) for u in p.depends_on}
+                before = self.started_on.get((dag_id, cycle))
+                if before is None:
+                    continue
+                ends = {u: self._end_of(u, cycle) for u in p.depends_on if u in before}
                 newer = [u for u, e in ends.items() if e is not None and run.start_date
                          is not None and e > run.start_date]
                 if newer:

@@ -89,7 +89,10 @@ class SeedResult:
         return "\n".join(lines)
 
 
-def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS) -> SeedResult:
+def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
+             calm: bool = False, replicas: int | None = None) -> SeedResult:
+    """Run one seed; `calm`: the same workload without any fault (the checker's control
+    case); `replicas`: that many instead of the seed's 1-3."""
     started = time.monotonic()
     rng = random.Random(seed)
     settings = LoopSettings(interval=INTERVAL, lease_ttl=10,
@@ -105,6 +108,8 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS) -> SeedR
     world = World(seed, store, probe, Workload.universe(seed), settings)
     workload = Workload.draw(world, rng)
     plan = FaultPlan.draw(seed, rng, fault_steps, etcd_faults=env.cluster is not None)
+    if calm:
+        plan = FaultPlan(seed, fault_steps, (), 0.0, [])
     world.faults = plan
     injector = Injector(world, env.cluster, rng)
     result = SeedResult(seed, faults=plan.describe())
@@ -114,11 +119,12 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS) -> SeedR
         # The graph is synced an hour before the first cycle (backfill: false holds).
         if not workload.sync(at=world.time.true_now() - timedelta(hours=1)):
             raise RuntimeError(f"seed {seed}: etcd refused the first sync")
-        for _ in range(rng.randint(1, 3)):
+        count = rng.randint(1, 3)
+        for _ in range(replicas or count):
             world.new_replica()
         result.replicas = len(world.replicas)
         quiet_since: int | None = None
-        calm = 0
+        calm_steps = 0
         min_quiet = int(settings.relist_interval / INTERVAL) + 4
         for step in range(1, fault_steps + QUIET_STEPS_MAX + 1):
             world.step = step
@@ -156,8 +162,9 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS) -> SeedR
             if quiet_since is not None:
                 busy = any(r.state in ("queued", "running") for r in world.fake.runs())
                 acted = sum(world.actions.values()) != actions_before
-                calm = 0 if (busy or acted or world.later or workload.unsynced) else calm + 1
-                if step - quiet_since >= min_quiet and calm >= CALM_STEPS:
+                idle = not (busy or acted or world.later or workload.unsynced)
+                calm_steps = calm_steps + 1 if idle else 0
+                if step - quiet_since >= min_quiet and calm_steps >= CALM_STEPS:
                     break
         result.steps = world.step
         checker = Checker(world, workload)

@@ -37,7 +37,6 @@ from tests.fakes.fake_airflow import FakeAirflow
 from tests.sim.clock import SimTime
 from tests.sim.transport import CLEAR, TRIGGER, Killed, SimSession
 
-
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
 
 
@@ -233,9 +232,12 @@ class World:
         """`text` with each timestamp as seconds since the seed started: what a fault is
         drawn from, so that a replay on another day draws the same faults."""
         start = self.time.true_now() - timedelta(seconds=self.time.elapsed)
-        return _TIMESTAMP.sub(
-            lambda m: f"T{(parse_time(m.group(0)) - start).total_seconds():+.0f}"
-            if parse_time(m.group(0)) else m.group(0), text)
+
+        def offset(match: re.Match[str]) -> str:
+            at = parse_time(match.group(0))
+            return match.group(0) if at is None else f"T{(at - start).total_seconds():+.0f}"
+
+        return _TIMESTAMP.sub(offset, text)
 
     # --- the history --------------------------------------------------------------------
 
