@@ -60,7 +60,11 @@ def main() -> int:
             env = SimEnv(cluster.settings(timeout=0.5), cluster)
         try:
             for seed in seeds:
-                result = run_seed(seed, env)
+                try:
+                    result = run_seed(seed, env)
+                except (KeyboardInterrupt, SystemExit):
+                    print(f"interrupted during seed {seed}", flush=True)
+                    break
                 results.append(result)
                 if args.verbose or args.seed is not None or not result.ok:
                     status = "ok" if result.ok else f"{len(result.violations)} VIOLATION(S)"
@@ -80,6 +84,8 @@ def main() -> int:
 
 
 def summarize(results: list[SeedResult], wall: float) -> None:
+    if not results:
+        return
     injected: Counter[str] = Counter()
     actions: Counter[str] = Counter()
     kinds: dict[str, list[int]] = {}

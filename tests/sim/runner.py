@@ -208,10 +208,13 @@ def _pass(world: World, replica: Replica) -> None:
     except ReconcilerError:
         pass  # the runner backs off and tries again: expected under faults
     except Exception as exc:
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        # Where in the reconciler it came from: its innermost three frames.
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if "/reconciler/" in f.filename][-3:]
+        where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                           for f in reversed(frames))
         world.violation("unexpected-error",
-                        f"step {world.step}: {replica.holder}: {exc!r} at "
-                        f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}")
+                        f"step {world.step}: {replica.holder}: {exc!r} at {where}")
     if replica.kill_pending and not replica.dead:
         replica.kill_pending = False
         world.kill(replica)
