@@ -74,16 +74,19 @@ def main() -> int:
                           flush=True)
                     for kind, detail in result.violations:
                         print(f"  {kind}: {detail}", flush=True)
+                    if not result.ok:
+                        print(f"  replay: {replay_command(seed, single=args.single)}",
+                              flush=True)
         finally:
             if cluster is not None:
                 cluster.stop()
             if server is not None:
                 server.stop()
-    summarize(results, time.monotonic() - started)
+    summarize(results, time.monotonic() - started, args.single)
     return 0 if all(r.ok for r in results) else 1
 
 
-def summarize(results: list[SeedResult], wall: float) -> None:
+def summarize(results: list[SeedResult], wall: float, single: bool) -> None:
     if not results:
         return
     injected: Counter[str] = Counter()
@@ -107,7 +110,7 @@ def summarize(results: list[SeedResult], wall: float) -> None:
     bad = [r for r in results if not r.ok]
     print(f"violations: {sum(len(r.violations) for r in bad)} in {len(bad)} seed(s)")
     for kind, seeds in sorted(kinds.items()):
-        print(f"  {kind}: {len(seeds)} seed(s), e.g. {replay_command(seeds[0])}"
+        print(f"  {kind}: {len(seeds)} seed(s), e.g. {replay_command(seeds[0], single=single)}"
               f"  (seeds {', '.join(map(str, seeds[:12]))}{' ...' if len(seeds) > 12 else ''})")
 
 

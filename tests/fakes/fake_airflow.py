@@ -26,7 +26,9 @@ name and detail below was checked against a real `airflow standalone` (docs/airf
   `end_date` null and a new `queued_at` (a `running` run stays `running`).
 - `GET /monitor/health` without auth; `PATCH /dags/{id}` `{"is_paused"}`.
 
-`updated_at` is kept on every change. Test-side controls: `add_run`, `advance` (the
+`updated_at` is kept on every change; times come from `now` (the real clock unless one is
+injected: the fault simulation, tests/sim, runs the fake on a simulated clock and calls
+its request handler in-process). Test-side controls: `add_run`, `advance` (the
 scheduler), `finish_all`, `runs`, `run`, `expire_tokens`, `rotate_secret`, `add_user`; a
 request counter per endpoint (`requests["GET /api/v2/dags/~/dagRuns"]`); faults for the
 next requests (`fail_next(n, "500" | "503" | "hang" | "401" | "html", seconds)`, or only

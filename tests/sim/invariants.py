@@ -44,6 +44,8 @@ class _Run:
     start: datetime | None = None
     """When its current execution started (None: queued)."""
     end: datetime | None = None
+    tasks_done: datetime | None = None
+    """Every task of the current execution succeeded (the eager path), at that time."""
     ended_once: bool = False
 
 
@@ -93,8 +95,11 @@ class Checker:
                     if event.logical_date is not None:
                         self.by_cycle[(event.dag_id, event.logical_date)] = event.run_id
             elif event.kind == "start":
-                self.runs[key].state = "running"
-                self.runs[key].start = event.at
+                started = self.runs[key]
+                started.state, started.start, started.tasks_done = "running", event.at, None
+            elif event.kind == "tasks-done":
+                done = self.runs[key]
+                done.tasks_done, done.ended_once = event.at, True
             elif event.kind == "end":
                 ended = self.runs[key]
                 ended.state, ended.end, ended.ended_once = event.state, event.at, True
@@ -105,7 +110,7 @@ class Checker:
                 if cleared is not None:
                     if cleared.state != "running":
                         cleared.state, cleared.start = "queued", None
-                    cleared.end = None
+                    cleared.end = cleared.tasks_done = None
 
     def _judge(self, event: Event, action: str) -> None:
         if event.leader is not None and event.leader != event.by:
@@ -120,7 +125,8 @@ class Checker:
             if run is None or not run.ended_once:
                 self.violation(f"premature-{action}", event, f"upstream {up} never finished "
                                                              "in this cycle")
-            elif action == "clear" and run.state in ("queued", "running"):
+            elif action == "clear" and run.state in ("queued", "running") \
+                    and run.tasks_done is None:
                 self.violation("premature-clear", event, f"upstream {up} is {run.state}")
         if action == "clear":
             if event.state in ("queued", "running"):
@@ -141,8 +147,10 @@ class Checker:
                 u: self._end_of(u, cycle) for u in self._ups_both(event.dag_id, event.step)}
 
     def _end_of(self, up: str, cycle: datetime | None) -> datetime | None:
+        """When the upstream's current execution ended: its last task's end when the
+        eager path could see it done before the scheduler closed the run."""
         run = self._upstream_run(up, cycle)
-        return None if run is None else run.end
+        return None if run is None else (run.tasks_done or run.end)
 
     # --- the end state ------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from reconciler.core.errors import LostLeadership, ReconcilerError
 from reconciler.core.settings import EtcdSettings, LoopSettings
 from tests.sim.faults import FaultPlan, Injector
 from tests.sim.invariants import Checker
-from tests.sim.transport import Killed, Runaway
+from tests.sim.transport import Killed, Runaway, stable_random
 from tests.sim.workload import Workload
 from tests.sim.world import LogWatch, Replica, World
 
@@ -53,8 +53,9 @@ action (core/errors.py MAX_BACKOFF, 60 s), so a deferred action gets its retry."
 REPLAY = ".venv/bin/python benchmarks/bench_sim.py --seed {seed}"
 
 
-def replay_command(seed: int) -> str:
-    return REPLAY.format(seed=seed)
+def replay_command(seed: int, *, single: bool = False) -> str:
+    """The one command that runs `seed` again (`single`: it ran on one etcd server)."""
+    return REPLAY.format(seed=seed) + (" --single" if single else "")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class SeedResult:
     injected: Counter[str] = field(default_factory=Counter)
     actions: Counter[str] = field(default_factory=Counter)
     violations: list[tuple[str, str]] = field(default_factory=list)
+    single: bool = False
+    """Ran on one etcd server (no etcd faults), not on the 3-member cluster."""
 
     @property
     def ok(self) -> bool:
@@ -84,7 +87,8 @@ class SeedResult:
 
     def report(self) -> str:
         lines = [f"seed {self.seed}: {len(self.violations)} violation(s) in {self.steps} "
-                 f"steps ({self.faults}); replay: {replay_command(self.seed)}"]
+                 f"steps ({self.faults}); replay: "
+                 f"{replay_command(self.seed, single=self.single)}"]
         lines += [f"  {kind}: {detail}" for kind, detail in self.violations]
         return "\n".join(lines)
 
@@ -97,7 +101,8 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
     rng = random.Random(seed)
     settings = LoopSettings(interval=INTERVAL, lease_ttl=10,
                             relist_interval=rng.choice([60.0, 120.0]),
-                            concurrency=rng.choice([1, 4]), eager=False,
+                            concurrency=rng.choice([1, 4]),
+                            eager=stable_random(seed, "eager").random() < 0.5,
                             window=timedelta(days=2))
     namespace = f"sim-{seed}-{random.getrandbits(32):08x}"
     # The loop's jitter (core/errors.py backoff, the client's retries) draws from the
@@ -112,7 +117,7 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
         plan = FaultPlan(seed, fault_steps, (), 0.0, [])
     world.faults = plan
     injector = Injector(world, env.cluster, rng)
-    result = SeedResult(seed, faults=plan.describe())
+    result = SeedResult(seed, faults=plan.describe(), single=env.cluster is None)
     watch = LogWatch()
     logging.getLogger().addHandler(watch)
     try:

@@ -108,6 +108,7 @@ def route_of(method: str, path: str) -> str:
 
 TRIGGER = "POST /api/v2/dags/{dag_id}/dagRuns"
 CLEAR = "POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"
+TASKS = "GET /api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
 LISTINGS = {"GET /api/v2/dags/~/dagRuns", "POST /api/v2/dags/~/dagRuns/list"}
 
 
@@ -253,7 +254,13 @@ class SimSession(requests.Session):
         if route == CLEAR:
             before = world.run_state_before_clear(path)
         handler = _Handler(path, headers, body)
-        world.fake._serve(handler, method)  # type: ignore[arg-type]
+        if route == TASKS:
+            # The fake Airflow has no task instances: the simulation's scheduler has.
+            parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
+            handler.status, answer = world.task_instances(parts[3], parts[5])
+            handler.wfile.write(json.dumps(answer).encode())
+        else:
+            world.fake._serve(handler, method)  # type: ignore[arg-type]
         data = handler.wfile.getvalue()
         if route in (TRIGGER, CLEAR) and handler.status == 200:
             world.record_write(self.replica, route, path, body, data, duplicate, before,

@@ -178,16 +178,32 @@ class Workload:
         # In a fixed order (not the fake's ids: concurrent triggers get them in thread
         # order), so a seed draws the same numbers every time.
         for run in sorted(world.fake.runs(), key=lambda r: (r.dag_id, r.run_id)):
+            key = (run.dag_id, run.run_id)
             if run.state == "queued" and (finish or rng.random() < 0.7):
+                world.tasks_done.pop(key, None)
                 world.fake.advance(run.dag_id, run.run_id, "running", at=now)
                 world.add(Event(now, "start", run.dag_id, run.run_id, run.logical_date,
                                 by="scheduler"))
-            elif run.state == "running" and (finish or rng.random() < 0.5):
-                state = "failed" if rng.random() < self.fail_rate.get(run.dag_id, 0) \
-                    else "success"
-                world.fake.advance(run.dag_id, run.run_id, state, at=now)
-                world.add(Event(now, "end", run.dag_id, run.run_id, run.logical_date,
-                                by="scheduler", state=state))
+            elif run.state == "running" and key not in world.tasks_done \
+                    and (finish or rng.random() < 0.5):
+                if rng.random() < self.fail_rate.get(run.dag_id, 0):
+                    world.fake.advance(run.dag_id, run.run_id, "failed", at=now)
+                    world.add(Event(now, "end", run.dag_id, run.run_id, run.logical_date,
+                                    by="scheduler", state="failed"))
+                elif rng.random() < 0.5:
+                    world.all_tasks_done(run.dag_id, run.run_id)  # closed on a later step
+                else:
+                    self._close(run.dag_id, run.run_id, now)
+            elif run.state == "running" and (finish or rng.random() < 0.6):
+                self._close(run.dag_id, run.run_id, now)
+
+    def _close(self, dag_id: str, run_id: str, now: datetime) -> None:
+        """The scheduler closes a run whose tasks all succeeded."""
+        world = self.world
+        run = world.fake.advance(dag_id, run_id, "success", at=now)
+        world.tasks_done.pop((dag_id, run_id), None)
+        world.add(Event(now, "end", dag_id, run_id, run.logical_date, by="scheduler",
+                        state="success"))
 
     def user_clears(self) -> None:
         """A user re-runs a finished run, or retries a failed one."""
@@ -204,6 +220,7 @@ class Workload:
             return
         now = world.time.airflow()
         before = pick.state
+        world.tasks_done.pop((pick.dag_id, pick.run_id), None)
         world.fake.advance(pick.dag_id, pick.run_id, "queued", at=now)
         world.add(Event(now, "user-clear", pick.dag_id, pick.run_id, pick.logical_date,
                         by="user", state=before))

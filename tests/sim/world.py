@@ -47,7 +47,7 @@ class Event:
     at: datetime
     """Airflow's clock."""
     kind: str
-    """root | create | start | end | clear | user-clear"""
+    """root | create | start | tasks-done | end | clear | user-clear"""
     dag_id: str
     run_id: str
     logical_date: datetime | None = None
@@ -159,6 +159,8 @@ class World:
     later: list[Callable[[], Any]] = field(default_factory=list)
     """Requests that reach Airflow after their client gave up (the `delayed` fault)."""
     leases: Leases = field(default_factory=lambda: Leases())
+    tasks_done: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    """Runs still running whose every task has succeeded (the eager path), and when."""
     injected: Counter[str] = field(default_factory=Counter)
     actions: Counter[str] = field(default_factory=Counter)
     violations: list[tuple[str, str]] = field(default_factory=list)
@@ -238,6 +240,45 @@ class World:
             return match.group(0) if at is None else f"T{(at - start).total_seconds():+.0f}"
 
         return _TIMESTAMP.sub(offset, text)
+
+    # --- the eager path: task-level events and task instances ------------------------
+
+    def all_tasks_done(self, dag_id: str, run_id: str) -> None:
+        """Every task of a running run succeeded; the scheduler has not closed it yet.
+        The listener plugin writes a task-level event to etcd; the watch delivers it."""
+        now = self.time.airflow()
+        self.tasks_done[(dag_id, run_id)] = now
+        run = self.fake.run(dag_id, run_id)
+        self.add(Event(now, "tasks-done", dag_id, run_id,
+                       run.logical_date if run else None, by="scheduler"))
+        key = self.store.event_key(dag_id, run_id)
+        value = json.dumps({"kind": "task", "dag_id": dag_id, "run_id": run_id,
+                            "task_id": "work", "state": "success"}).encode()
+        try:
+            self.store.put(key, value)
+        except StoreError:
+            return  # the plugin could not write it: the run's own end will do
+        for replica in self.replicas:
+            r = replica.reconciler
+            if not replica.dead and not replica.cut and r is not None:
+                r.observer.on_event(key, value)
+
+    def task_instances(self, dag_id: str, run_id: str) -> tuple[int, dict[str, Any]]:
+        """The answer of GET .../taskInstances: one task, done or not."""
+        run = self.fake.run(dag_id, run_id)
+        if run is None:
+            return 404, {"detail": "not found"}
+        done = self.tasks_done.get((dag_id, run_id))
+        if run.state == "success":
+            state, end = "success", run.end_date
+        elif done is not None and run.state == "running":
+            state, end = "success", done
+        else:
+            state, end = ("failed" if run.state == "failed" else "running"), run.end_date
+        ti = {"task_id": "work", "map_index": -1, "state": state, "try_number": 1,
+              "start_date": run.start_date.isoformat() if run.start_date else None,
+              "end_date": end.isoformat() if end else None}
+        return 200, {"task_instances": [ti], "total_entries": 1}
 
     # --- the history --------------------------------------------------------------------
 
