@@ -46,6 +46,8 @@ class _Run:
     end: datetime | None = None
     tasks_done: datetime | None = None
     """Every task of the current execution succeeded (the eager path), at that time."""
+    by_user: bool = False
+    """The current execution was started by a user's clear, not by the reconciler."""
     ended_once: bool = False
 
 
@@ -108,6 +110,7 @@ class Checker:
                     self._judge(event, "clear")
                 cleared = self.runs.get(key)
                 if cleared is not None:
+                    cleared.by_user = event.kind == "user-clear"
                     if cleared.state != "running":
                         cleared.state, cleared.start = "queued", None
                     cleared.end = cleared.tasks_done = None
@@ -133,7 +136,12 @@ class Checker:
                 self.violation("clear-of-unfinished-run", event,
                                f"the run was {event.state}: it had already restarted")
             own = self._upstream_run(event.dag_id, cycle)
-            ends = [self._end_of(u, cycle) for u in self._ups_both(event.dag_id, event.step)]
+            # A user's re-run that started while an upstream's tasks were done but its
+            # run not closed yet is a race the loop cannot see through: it is judged by
+            # the closing end. The loop's own (eager) start, by the last task's end.
+            user = own is not None and own.by_user
+            ends = [self._end_of(u, cycle, closed=user)
+                    for u in self._ups_both(event.dag_id, event.step)]
             if own is not None and own.start is not None and ends and all(
                     e is not None and e < own.start for e in ends):
                 self.violation("unneeded-clear", event,
@@ -146,11 +154,15 @@ class Checker:
             self.started_on[(event.dag_id, cycle)] = {
                 u: self._end_of(u, cycle) for u in self._ups_both(event.dag_id, event.step)}
 
-    def _end_of(self, up: str, cycle: datetime | None) -> datetime | None:
+    def _end_of(self, up: str, cycle: datetime | None, *,
+                closed: bool = False) -> datetime | None:
         """When the upstream's current execution ended: its last task's end when the
-        eager path could see it done before the scheduler closed the run."""
+        eager path could see it done before the scheduler closed the run (`closed`: the
+        run's own end only)."""
         run = self._upstream_run(up, cycle)
-        return None if run is None else (run.tasks_done or run.end)
+        if run is None:
+            return None
+        return run.end if closed else (run.tasks_done or run.end)
 
     # --- the end state ------------------------------------------------------------------
 
@@ -211,7 +223,10 @@ class Checker:
                 before = self.started_on.get((dag_id, cycle))
                 if before is None:
                     continue
-                ends = {u: self._end_of(u, cycle) for u in p.depends_on if u in before}
+                mine = self._upstream_run(dag_id, cycle)
+                user = mine is not None and mine.by_user
+                ends = {u: self._end_of(u, cycle, closed=user) for u in p.depends_on
+                        if u in before}
                 newer = [u for u, e in ends.items() if e is not None and run.start_date
                          is not None and e > run.start_date]
                 if newer:
