@@ -44,6 +44,7 @@ or failed (all_done). Then the table of DESIGN section 5 applies:
 | queued/running | confirmed for that run | wait (a stale fingerprint re-runs it once it ends) |
 | finished | confirmed, fingerprint unchanged | nothing (done, or failed stays failed) |
 | finished | confirmed, an upstream's run id or end date changed | clear (re-run) |
+| finished, re-run (by a user) after those upstreams ended | confirmed, changed | adopt |
 | any | none, for another run id, or not confirmed (intent, failed call) | adopt / clear |
 
 "Confirmed" means `state == done` and the same run id. An unconfirmed entry is the
@@ -467,6 +468,14 @@ def _satisfied(*, dag_id: str, cycle: datetime, run: DagRun | None,
                      "it ends") if changed else ""
             _own_run_status(dag_id, run, status, how + later)
             return _done(run, eager) if not changed else _Outcome(_PENDING, run, run.state)
+        if changed and _ran_since(run, changed, inputs):
+            # Someone (a user in the UI) re-ran it after those upstreams ended again: it
+            # already ran on these upstream executions; a clear would run it once more.
+            why = (f"{', '.join(changed)} re-ran, and run {run.run_id} was re-run after "
+                   "that: recording the new upstream runs")
+            actions.append(_adopt(dag_id, cycle, run, fingerprint, why, commit))
+            _own_run_status(dag_id, run, status, "", reason=Reason.ADOPTING, text=why)
+            return _finished(run)
         if changed:
             why = f"{', '.join(changed)} re-ran since run {run.run_id} was started"
             actions.append(_clear(dag_id, cycle, run, fingerprint, why, commit))
@@ -596,6 +605,17 @@ def _own_run_status(dag_id: str, run: DagRun, status: _StatusFn, suffix: str, *,
 
 def _failed_list(causes: tuple[str, ...]) -> str:
     return "failed " + ", ".join(causes)
+
+
+def _ran_since(run: DagRun, changed: Sequence[str], inputs: Sequence[DagRun]) -> bool:
+    """Whether the current execution of `run` started after every `changed` upstream's
+    run ended (its end, or on the eager path its last task's end): the same rule as for
+    adopting a run the ledger does not vouch for."""
+    started = run.start_date
+    if started is None:
+        return False
+    ends = {r.dag_id: r.end_date or r.tasks_done_at for r in inputs}
+    return all((end := ends.get(up)) is not None and started > end for up in changed)
 
 
 def _clear(dag_id: str, cycle: datetime, run: DagRun, fingerprint: Fingerprint, why: str,

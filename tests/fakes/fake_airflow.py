@@ -26,7 +26,9 @@ name and detail below was checked against a real `airflow standalone` (docs/airf
   `end_date` null and a new `queued_at` (a `running` run stays `running`).
 - `GET /monitor/health` without auth; `PATCH /dags/{id}` `{"is_paused"}`.
 
-`updated_at` is kept on every change. Test-side controls: `add_run`, `advance` (the
+`updated_at` is kept on every change; times come from `now` (the real clock unless one is
+injected: the fault simulation, tests/sim, runs the fake on a simulated clock and calls
+its request handler in-process). Test-side controls: `add_run`, `advance` (the
 scheduler), `finish_all`, `runs`, `run`, `expire_tokens`, `rotate_secret`, `add_user`; a
 request counter per endpoint (`requests["GET /api/v2/dags/~/dagRuns"]`); faults for the
 next requests (`fail_next(n, "500" | "503" | "hang" | "401" | "html", seconds)`, or only
@@ -176,8 +178,12 @@ class FakeRun:
 
 class FakeAirflow:
     def __init__(self, dag_ids: list[str], *, username: str = "admin",
-                 password: str = "secret-pw", maximum_page_limit: int = MAX_PAGE) -> None:
+                 password: str = "secret-pw", maximum_page_limit: int = MAX_PAGE,
+                 now: Callable[[], datetime] | None = None) -> None:
         self.dag_ids = set(dag_ids)
+        self._now: Callable[[], datetime] = now or (lambda: datetime.now(UTC))
+        """Airflow's clock: the real one unless injected (the fault simulation gives it a
+        simulated clock, skewed from the reconciler's)."""
         self.maximum_page_limit = maximum_page_limit
         """`[api] maximum_page_limit`: the most runs a GET list page holds, whatever
         `limit` asked for (the answer does not say it was capped)."""
@@ -308,7 +314,7 @@ class FakeAirflow:
         started = timedelta(seconds=queue_seconds)
         runs_for = timedelta(seconds=run_seconds)
         while not self._scheduling.wait(tick):
-            now = datetime.now(UTC)
+            now = self._now()
             with self._lock:
                 for run in list(self._runs.values()):
                     if self.paused.get(run.dag_id):
@@ -324,7 +330,7 @@ class FakeAirflow:
     def schedule_root(self, logical_date: datetime | None = None,
                       dag_id: str = "01_pipeline_init") -> FakeRun:
         """The root's scheduled run, queued now, as Airflow's scheduler creates it."""
-        now = datetime.now(UTC)
+        now = self._now()
         logical = logical_date or now.replace(microsecond=0)
         return self.add_run(dag_id, f"scheduled__{logical.isoformat()}", logical,
                             run_type="scheduled", queued_at=now, run_after=now)
@@ -379,7 +385,7 @@ class FakeAirflow:
         """A run as the scheduler (or anyone) would create it; no uniqueness checks."""
         with self._lock:
             self._seq += 1
-            now = datetime.now(UTC)
+            now = self._now()
             fields.setdefault("queued_at", now)
             fields.setdefault("run_after", fields["queued_at"])
             run = FakeRun(dag_id, run_id, logical_date, state=state, seq=self._seq,
@@ -394,7 +400,7 @@ class FakeAirflow:
         assert state in ("queued", "running", "success", "failed"), state
         with self._lock:
             run = self._runs[(dag_id, run_id)]
-            now = at or datetime.now(UTC)
+            now = at or self._now()
             if state == "queued":
                 run.start_date = run.end_date = None
                 run.queued_at = now
@@ -404,7 +410,7 @@ class FakeAirflow:
                 run.start_date = run.start_date or now
                 run.end_date = now
             run.state = state
-            run.updated_at = datetime.now(UTC)
+            run.updated_at = self._now()
             return run
 
     set_state = advance  # the older name, kept for the loop tests
@@ -588,7 +594,7 @@ class FakeAirflow:
                                                         "loc": ["body", "logical_date"],
                                                         "msg": "Input should have timezone "
                                                                "info"}]})
-        now = datetime.now(UTC)
+        now = self._now()
         run_id = body.get("dag_run_id") or f"manual__{now.isoformat()}"
         if not RUN_ID_PATTERN.match(run_id):
             return self._reply(h, 400, {"detail": f"The run_id provided '{run_id}' does not "
@@ -607,7 +613,7 @@ class FakeAirflow:
     def _clear(self, h: BaseHTTPRequestHandler, run: FakeRun, body: Any) -> None:
         if body.get("dry_run", True):
             return self._reply(h, 200, {"task_instances": [], "total_entries": 0})
-        now = datetime.now(UTC)
+        now = self._now()
         self.clears.setdefault((run.dag_id, run.run_id), []).append(
             Clear(now, run.state, run.end_date))
         if run.state != "running":

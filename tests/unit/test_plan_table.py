@@ -363,17 +363,52 @@ def test_two_upstreams_rerun_together_give_one_rerun_downstream() -> None:
 
 
 def test_stale_fingerprint_of_a_clear_entry_clears_again() -> None:
-    """The ledger says 06 was cleared (done) on older upstream runs: it is re-run again."""
+    """The ledger says 06 was cleared (done) on older upstream runs: one of them re-ran
+    after 06 started, so 06 is re-run again."""
     world = World(example_graph())
     world.root_run()
     world.settle()
     entry = world.ledger[(C, "06_pipeline")]
-    stale = Fingerprint([(u, r, "2025-06-01T00:00:00+00:00") for u, r, _ in entry.fingerprint])
-    world.ledger[(C, "06_pipeline")] = replace(entry, action=ActionKind.CLEAR,
-                                               fingerprint=stale)
+    world.ledger[(C, "06_pipeline")] = replace(entry, action=ActionKind.CLEAR)
+    world.user_clear("03_pipeline")
+    world.finish("03_pipeline")
     result = world.plan()
     assert kinds(result) == [("clear", "06_pipeline")]
     assert_idempotent(world)
+
+
+def test_a_downstream_a_user_reran_after_its_upstream_reran_is_adopted_not_cleared() -> None:
+    """03 re-runs, then a user re-runs 06 too before the loop looked: 06 already ran on
+    03's new run. Clearing it (its ledger fingerprint names 03's old run) would run it a
+    third time; its new upstream runs are recorded instead, and 07 re-runs once."""
+    world = World(example_graph())
+    world.root_run()
+    world.settle()
+    world.user_clear("03_pipeline")
+    world.finish("03_pipeline")
+    world.user_clear("06_pipeline")
+    world.finish("06_pipeline")
+    result = world.plan()
+    assert kinds(result) == [("adopt", "06_pipeline"), ("clear", "07_pipeline")]
+    assert "re-run after that" in by_id(result)["06_pipeline"].message
+    world.settle()
+    assert world.count("06_pipeline") == 2  # the loop's and the user's
+    assert world.count("07_pipeline") == 2
+    assert world.count("02_pipeline") == 1
+
+
+def test_a_downstream_a_user_reran_before_its_upstream_ended_is_still_rerun() -> None:
+    """The user's re-run of 06 started while 03 was still re-running: it read 03's old
+    data, so the loop re-runs it once more after 03 ends."""
+    world = World(example_graph())
+    world.root_run()
+    world.settle()
+    world.user_clear("03_pipeline")
+    world.start("03_pipeline")
+    world.user_clear("06_pipeline")
+    world.finish("06_pipeline")
+    world.finish("03_pipeline")
+    assert kinds(world.plan()) == [("clear", "06_pipeline")]
 
 
 def test_an_upstream_added_or_removed_later_does_not_rerun_open_cycles() -> None:
