@@ -28,6 +28,7 @@ import click
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.loop_cmds import (
     ONE_SHOT_DEADLINE,
+    _airflow_client,
     _duration,
     _open,
     _require_credentials,
@@ -86,12 +87,11 @@ def _from_mirror(store: Any) -> list[dict[str, Any]]:
 
 def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
           window: timedelta) -> list[dict[str, Any]]:
-    from reconciler.adapters.airflow import AirflowClient
     from reconciler.adapters.clock import SystemClock
     from reconciler.core.plan import plan
     from reconciler.service.observer import Observer
 
-    api = AirflowClient(airflow, deadline=ONE_SHOT_DEADLINE)
+    api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
     observer = Observer(store, api, LoopSettings(window=window), SystemClock())
     seen = observer.observe(with_ledger=False)
     if seen.desired is None:
