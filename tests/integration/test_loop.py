@@ -1,6 +1,8 @@
 """The loop's roles against a real etcd and the fake Airflow API: the scenarios of DESIGN
 section 1, quiet passes, crashes between intent and call, replicas and fencing, lost
-answers, corrupt stored data, the window, pull mode. Dates are relative to now."""
+answers, corrupt stored data, the window, pull mode. Dates are relative to now. Every test
+with the fake runs against both API generations: v2 (Airflow 3) and v1 (Airflow 2, the
+fake's v1 layer and the v1 client)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import requests
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import run_id_for
@@ -22,6 +25,7 @@ from reconciler.service.loop import Reconciler
 from reconciler.service.puller import Puller
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.helpers import example_repo, git
 
 DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
@@ -47,16 +51,16 @@ def store(etcd_settings: EtcdSettings, repo: Path) -> Iterator[EtcdStore]:
     s.close()
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeAirflow]:
-    with FakeAirflow(DAGS) as f:
+@pytest.fixture(params=["v2", "v1"])
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAirflow]:
+    with (FakeAirflowV1 if request.param == "v1" else FakeAirflow)(DAGS) as f:
         yield f
 
 
 def client(fake: FakeAirflow) -> AirflowClient:
-    return AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
-                                         timeout=2, retries=2), backoff_initial=0.01,
-                         backoff_max=0.05)
+    cls = AirflowV1Client if isinstance(fake, FakeAirflowV1) else AirflowClient
+    return cls(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                               timeout=2, retries=2), backoff_initial=0.01, backoff_max=0.05)
 
 
 def reconciler(store: EtcdStore, fake: FakeAirflow, holder: str = "r1", *,
