@@ -182,6 +182,13 @@ class AirflowProcess:
             "AIRFLOW__WEBSERVER__WORKERS": "2",
             "AIRFLOW__WEBSERVER__SECRET_KEY": self.jwt_secret,
             "AIRFLOW__WEBSERVER__WARN_DEPLOYMENT_EXPOSURE": "False",
+            # a busy machine: gunicorn's master and the DAG imports get time to answer
+            # (the 120 s defaults shut the webserver down under load)
+            "AIRFLOW__WEBSERVER__WEB_SERVER_MASTER_TIMEOUT": "600",
+            "AIRFLOW__WEBSERVER__WEB_SERVER_WORKER_TIMEOUT": "600",
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "AIRFLOW__CORE__DAG_FILE_PROCESSOR_TIMEOUT": "180",
+            "AIRFLOW__SCHEDULER__PARSING_PROCESSES": "1",
             "AIRFLOW__API__AUTH_BACKENDS": BASIC_AUTH,
             "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",

@@ -32,10 +32,16 @@ checked on a real 2.11.2):
 - Clear sends `{"dry_run": false}` as on v2 (v1's default is a dry run too).
 - DAGs: `is_active` and `schedule_interval` become v2's `is_stale` and
   `timetable_summary`, so `doctor` and `status` read one shape.
+
+`explain_refusal()` tells the three causes of a 403 apart for `doctor`, through the UI
+login (which takes the same password): a refused password, basic auth missing from
+`[api] auth_backends` (the password logs in and the session reads the API), or a role
+without the permissions.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -48,12 +54,16 @@ from reconciler.adapters.airflow import (
     AirflowNotFound,
     AirflowRejected,
     _path,
+    configure_session,
 )
 from reconciler.core.state import iso
 
 V1 = "/api/v1"
 BASIC_AUTH_BACKEND = "airflow.api.auth.backend.basic_auth"
 """What `[api] auth_backends` must list on Airflow 2 (AIRFLOW__API__AUTH_BACKENDS)."""
+SET_BASIC_AUTH = ("AIRFLOW__API__AUTH_BACKENDS=airflow.api.auth.backend.basic_auth,"
+                  "airflow.api.auth.backend.session")
+_CSRF = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
 
 
 def v1_path(path: str) -> str:
@@ -100,9 +110,10 @@ class AirflowV1Client(AirflowClient):
             session.auth = (s.username, s.password)
         return session
 
-    def _refused(self, method: str, path: str, response: requests.Response) -> str:
+    def _refused(self, method: str, path: str, response: requests.Response | None) -> str:
+        status = response.status_code if response is not None else 403
         return (f"Airflow 2 at {self.base} refused {method} {path} for user "
-                f"{self.settings.username!r} (HTTP {response.status_code}): check "
+                f"{self.settings.username!r} (HTTP {status}): check "
                 "RECONCILER_AIRFLOW_USERNAME and RECONCILER_AIRFLOW_PASSWORD, that "
                 f"[api] auth_backends lists {BASIC_AUTH_BACKEND} (AIRFLOW__API__AUTH_BACKENDS; "
                 "the default, session only, refuses every API client), and that the user's "
@@ -128,6 +139,45 @@ class AirflowV1Client(AirflowClient):
               **kwargs: Any) -> Any:
         # Error messages name the path that was sent.
         return super()._json(method, v1_path(path), not_found=not_found, **kwargs)
+
+    def explain_refusal(self) -> str:
+        """Why Airflow 2 answers 403 to these credentials, as one line saying what to do.
+
+        Its UI login takes the same user and password: refused there too, the password is
+        wrong; accepted, and the session then reads the API, Airflow lacks the basic auth
+        backend (the exact setting is named); accepted but the API still refuses, the
+        user's role lacks the permissions. Never the password."""
+        s, base, user = self.settings, self.base, self.settings.username
+        session = requests.Session()
+        session.trust_env = False
+        configure_session(session, s, self._url)
+        timeout = (min(5.0, s.timeout), s.timeout)
+        try:
+            form = session.get(f"{self._url}/login/", timeout=timeout)
+            token = _CSRF.search(form.text)
+            login = session.post(f"{self._url}/login/", timeout=timeout, allow_redirects=False,
+                                 data={"username": user or "", "password": s.password or "",
+                                       **({"csrf_token": token.group(1)} if token else {})})
+            logged_in = (login.status_code in (301, 302, 303)
+                         and "/login" not in login.headers.get("Location", "/login"))
+            api = (session.get(f"{self._url}{V1}/dags", params={"limit": 1}, timeout=timeout)
+                   if logged_in else None)
+        except requests.RequestException as exc:
+            return (f"{self._refused('GET', f'{V1}/dags', None)} (the UI login could not "
+                    f"tell which: {type(exc).__name__})")
+        finally:
+            session.close()
+        if not logged_in:
+            return (f"Airflow 2 at {base} refused the password of user {user!r}, on its API "
+                    "(HTTP 403) and its UI login alike: check RECONCILER_AIRFLOW_USERNAME and "
+                    "RECONCILER_AIRFLOW_PASSWORD")
+        if api is not None and api.status_code == 200:
+            return (f"Airflow 2 at {base} takes the password of user {user!r} but refuses "
+                    f"basic auth on its REST API: [api] auth_backends lacks {BASIC_AUTH_BACKEND}"
+                    f"; set {SET_BASIC_AUTH} and restart its webserver")
+        return (f"user {user!r} logs in to Airflow 2 at {base} but may not read DAGs through "
+                f"its REST API (HTTP {api.status_code if api is not None else '?'}): give it "
+                "the role 'User' (read DAGs; read, trigger and clear DAG runs)")
 
     # --- the API ------------------------------------------------------------------------------
 

@@ -431,6 +431,7 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
     """DAGs of the graph missing, stale or paused in Airflow; non-roots that also have a
     schedule of their own (they would run twice); roots that never ran in the window.
     Exit 1 when there is a finding."""
+    from reconciler.adapters.airflow import AirflowAuthError
     from reconciler.adapters.store import StoreError
     from reconciler.service.sync import read_synced_graph
 
@@ -442,6 +443,10 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         roots = sorted(d for d, p in graph.pipelines.items() if not p.depends_on)
         runs = api.list_runs(roots, updated_at_gte=since) if roots else []
         findings = diagnose(graph, api.list_dags(), {r["dag_id"] for r in runs})
+    except AirflowAuthError as exc:
+        # Airflow 2 answers 403 for three causes: its client tells which (the UI login)
+        explain = getattr(api, "explain_refusal", None)
+        fail(explain() if explain is not None else str(exc))
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:

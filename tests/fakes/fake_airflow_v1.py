@@ -12,7 +12,9 @@ rewritten back. What differs, as checked on a real 2.11.2 standalone (DESIGN sec
 - Basic auth. A wrong password, an unknown user, no credentials, and any credentials
   while `basic_auth` is False (`[api] auth_backends` without basic auth: Airflow 2's
   default) all answer 403 `{"detail": null, "title": "Forbidden", ...}`; so does a
-  viewer's write.
+  viewer's write. The session backend is always on: the UI login (`GET /login/` with a
+  CSRF token in the form, `POST /login/`: 302 to `/` with a session cookie, or back to
+  `/login/` when the password is refused) gives a cookie the API takes.
 - Errors are problem JSON (`detail`, `status`, `title`, `type`); validation errors are 400
   (v2 says 422); a 409 names the run id or the logical date.
 - Trigger takes `execution_date` or `logical_date` (equal if both, else 400); neither: the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -91,6 +94,10 @@ class FakeAirflowV1(FakeAirflow):
         self.basic_auth = basic_auth
         """`[api] auth_backends` lists basic auth (False: Airflow 2's default, session
         only: every API client gets 403)."""
+        self.sessions: dict[str, str] = {}  # UI session cookie -> username
+        self.no_access: set[str] = set()
+        """Users who log in to the UI but whose role may not use the API (403 there)."""
+        self._csrf = uuid.uuid4().hex
 
     # --- routes spelled as v1 ---------------------------------------------------------
 
@@ -105,6 +112,8 @@ class FakeAirflowV1(FakeAirflow):
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(h.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        if parts == ["login"]:
+            return self._login(h, method)
         if parts == ["api", "v1", "version"] and method == "GET":
             self.requests[f"GET {url.path}"] += 1
             return self._reply(h, 200, {"git_version": "", "version": VERSION})
@@ -216,8 +225,35 @@ class FakeAirflowV1(FakeAirflow):
                          "already exists"))
         return super()._trigger(h, dag_id, body, user)
 
+    def _login(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        self.requests[f"{method} /login/"] += 1
+        if method == "GET":
+            page = (f'<form method="post"><input id="csrf_token" name="csrf_token" '
+                    f'type="hidden" value="{self._csrf}"></form>').encode()
+            return self._reply(h, 200, page, "text/html; charset=utf-8")
+        length = int(h.headers.get("Content-Length") or 0)
+        form = parse_qs((h.rfile.read(length) if length else b"").decode())
+        user, password = form.get("username", [""])[0], form.get("password", [""])[0]
+        known = self.users.get(user)
+        cookie = None
+        if form.get("csrf_token", [""])[0] == self._csrf and known and known[0] == password:
+            cookie = uuid.uuid4().hex
+            self.sessions[cookie] = user
+        h._status = 302  # type: ignore[attr-defined]  # for the log
+        h.send_response(302)
+        h.send_header("Location", "/" if cookie else "/login/")
+        if cookie:
+            h.send_header("Set-Cookie", f"session={cookie}; Path=/; HttpOnly")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
     def _authenticate(self, h: BaseHTTPRequestHandler) -> str | tuple[int, dict[str, Any]]:
         refused = (403, {"detail": None})
+        for part in h.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == "session" and value in self.sessions:  # the session backend: always on
+                user = self.sessions[value]
+                return refused if user in self.no_access else user
         header = h.headers.get("Authorization", "")
         if not self.basic_auth or not header.startswith("Basic "):
             return refused
@@ -226,7 +262,7 @@ class FakeAirflowV1(FakeAirflow):
         except ValueError:
             return refused
         known = self.users.get(user)
-        if known is None or known[0] != password:
+        if known is None or known[0] != password or user in self.no_access:
             return refused
         return user
 

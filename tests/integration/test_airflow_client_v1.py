@@ -258,3 +258,31 @@ def test_a_url_without_an_airflow_api_is_a_mismatch() -> None:
         fake.fail_next(2, "html")  # an SSO page in front of both version endpoints
         with pytest.raises(AirflowApiMismatch, match="no Airflow REST API at"):
             detect(settings(fake.url))
+
+
+# --- what doctor says on a 403 --------------------------------------------------------------
+
+
+def test_explain_refusal_names_the_auth_backend_when_the_password_logs_in() -> None:
+    with FakeAirflowV1(["a"], password=PASSWORD, basic_auth=False) as fake:
+        said = client(fake.url).explain_refusal()
+    assert said.endswith("set AIRFLOW__API__AUTH_BACKENDS=airflow.api.auth.backend."
+                         "basic_auth,airflow.api.auth.backend.session and restart its "
+                         "webserver")
+    assert PASSWORD not in said
+
+
+def test_explain_refusal_says_the_password_is_wrong_when_the_login_refuses_it(
+        fake: FakeAirflowV1) -> None:
+    said = client(fake.url, password="wrong").explain_refusal()
+    assert "refused the password of user 'admin'" in said
+    assert "auth_backends" not in said
+
+
+def test_explain_refusal_names_the_role_when_the_user_may_not_read(
+        fake: FakeAirflowV1) -> None:
+    fake.basic_auth = False
+    fake.add_user("guest", "guest-pw", "viewer")
+    fake.no_access.add("guest")  # logs in, may read nothing
+    said = client(fake.url, username="guest", password="guest-pw").explain_refusal()
+    assert "give it the role 'User'" in said
