@@ -99,5 +99,6 @@ def detect(settings: AirflowSettings, *, deadline: float = DEFAULT_DEADLINE) -> 
 def client_for(detected: Detected, settings: AirflowSettings, *,
                deadline: float = DEFAULT_DEADLINE) -> AirflowClient:
     """The client of that generation (both are `AirflowClient`s: the same interface)."""
-    cls = AirflowV1Client if detected.generation == "v1" else AirflowClient
-    return cls(settings, deadline=deadline)
+    if detected.generation == "v1":
+        return AirflowV1Client(settings, deadline=deadline, airflow_version=detected.version)
+    return AirflowClient(settings, deadline=deadline)

@@ -26,6 +26,11 @@ checked on a real 2.11.2):
   v2: one request when nothing changed); `POST /api/v1/dags/~/dagRuns/list` takes
   `dag_ids` and an uncapped `page_limit` but ignores `updated_at_gte`, so it serves only
   the full relist's per-DAG listings, as on v2.
+- Before 2.6 the run listing has no `updated_at_gte` (2.4 and 2.5 answer 400 to it): the
+  informer's pass then lists what can have changed since the watermark in two GETs,
+  the runs still `queued` or `running` (new, started, cleared) and those with `end_date`
+  after it (ended, marked). The version comes from `detect`; a 400 naming the filter
+  switches too (a version not told).
 - Run JSON has no `queued_at` and no `updated_at`: the planner then judges a run by its
   start date (a cleared run restarts queued with `start_date` null, which `restarted`
   counts as restarted).
@@ -41,8 +46,9 @@ without the permissions.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from datetime import datetime
 from typing import Any
 
@@ -56,9 +62,12 @@ from reconciler.adapters.airflow import (
     _path,
     configure_session,
 )
+from reconciler.core.settings import AirflowSettings
 from reconciler.core.state import iso
 
 V1 = "/api/v1"
+UPDATED_AT_FILTER = (2, 6)
+"""The first Airflow with `updated_at_gte` on the run listing."""
 BASIC_AUTH_BACKEND = "airflow.api.auth.backend.basic_auth"
 """What `[api] auth_backends` must list on Airflow 2 (AIRFLOW__API__AUTH_BACKENDS)."""
 SET_BASIC_AUTH = ("AIRFLOW__API__AUTH_BACKENDS=airflow.api.auth.backend.basic_auth,"
@@ -97,10 +106,24 @@ def dag_v1(dag: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _release(version: str | None) -> tuple[int, int] | None:
+    """(2, 11) of "2.11.2"; None when not told or not a release number."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 class AirflowV1Client(AirflowClient):
-    """Airflow 2 REST API v1 with basic auth. Thread-safe as the base class is."""
+    """Airflow 2 REST API v1 with basic auth. Thread-safe as the base class is.
+    `airflow_version`: the server's, as `detect` found it (None: assume 2.6 or later)."""
 
     generation = "v1"
+
+    def __init__(self, settings: AirflowSettings, session: requests.Session | None = None,
+                 *, airflow_version: str | None = None, **kwargs: Any) -> None:
+        super().__init__(settings, session, **kwargs)
+        release = _release(airflow_version)
+        self.updated_at_filter = release is None or release >= UPDATED_AT_FILTER
+        """The run listing filters on `updated_at` (2.6+); else `_changed_since`."""
 
     @property
     def session(self) -> requests.Session:
@@ -201,6 +224,9 @@ class AirflowV1Client(AirflowClient):
         dates = {name: iso(value) for name, value in (("execution_date_gte", logical_date_gte),
                                                       ("execution_date_lte", logical_date_lte))
                  if value is not None}
+        if updated_at_gte is not None and not self.updated_at_filter:
+            yield from self._changed_since(keep, updated_at_gte, dates, size)
+            return
         if keep is not None and updated_at_gte is None:
             pages = self._pages("POST", f"{V1}/dags/~/dagRuns/list", "dag_runs", size,
                                 body={"dag_ids": sorted(keep), "order_by": "id", **dates},
@@ -210,10 +236,38 @@ class AirflowV1Client(AirflowClient):
                 dates["updated_at_gte"] = iso(updated_at_gte)
             pages = self._pages("GET", f"{V1}/dags/~/dagRuns", "dag_runs", size,
                                 params={"order_by": "id", **dates}, what="run list")
-        for runs in pages:
+        try:
+            first = next(pages, None)
+        except AirflowRejected as exc:
+            if updated_at_gte is None or "updated_at" not in str(exc):
+                raise
+            self.updated_at_filter = False  # an Airflow before 2.6 that did not say so
+            dates.pop("updated_at_gte", None)
+            yield from self._changed_since(keep, updated_at_gte, dates, size)
+            return
+        for runs in itertools.chain([first] if first is not None else [], pages):
             for run in runs:
                 if isinstance(run, dict) and (keep is None or run.get("dag_id") in keep):
                     yield run_v1(run)
+
+    def _changed_since(self, keep: Set[str] | None, since: datetime,
+                       dates: Mapping[str, str], size: int) -> Iterator[dict[str, Any]]:
+        """What stands in for `updated_at_gte` before 2.6: the runs not finished (new,
+        started, cleared: queued or running) and those that ended since `since`, each
+        once."""
+        seen: set[tuple[Any, Any]] = set()
+        for extra in ({"state": ["queued", "running"]}, {"end_date_gte": iso(since)}):
+            for runs in self._pages("GET", f"{V1}/dags/~/dagRuns", "dag_runs", size,
+                                    params={"order_by": "id", **dates, **extra},
+                                    what="run list"):
+                for run in runs:
+                    if not isinstance(run, dict) or (keep is not None
+                                                     and run.get("dag_id") not in keep):
+                        continue
+                    key = (run.get("dag_id"), run.get("dag_run_id"))
+                    if key not in seen:
+                        seen.add(key)
+                        yield run_v1(run)
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
         run = super().get_run(dag_id, run_id)

@@ -26,6 +26,9 @@ rewritten back. What differs, as checked on a real 2.11.2 standalone (DESIGN sec
   `order_by` from v1's list. `POST /api/v1/dags/~/dagRuns/list` takes `execution_date_*`,
   an uncapped `page_limit`, and ignores `updated_at_gte` (it lists as if it were not
   there); other unknown keys answer 400.
+- `version` before "2.6" (`FakeAirflowV1(..., version="2.5.3")`): the GET listing has no
+  `updated_at_gte`/`_lte` and answers 400 to them, as connexion's strict validation does;
+  its `state` (repeated) and `end_date_gte` filters work on every version.
 """
 
 from __future__ import annotations
@@ -89,8 +92,13 @@ def _has_zone(text: str) -> bool:
 class FakeAirflowV1(FakeAirflow):
     api = "/api/v1"
 
-    def __init__(self, dag_ids: list[str], *, basic_auth: bool = True, **kwargs: Any) -> None:
+    def __init__(self, dag_ids: list[str], *, basic_auth: bool = True,
+                 version: str = VERSION, **kwargs: Any) -> None:
         super().__init__(dag_ids, **kwargs)
+        self.version = version
+        major, minor = (int(x) for x in version.split(".")[:2])
+        self.updated_at_filter = (major, minor) >= (2, 6)
+        self._only: tuple[set[str] | None, datetime | None] = (None, None)
         self.basic_auth = basic_auth
         """`[api] auth_backends` lists basic auth (False: Airflow 2's default, session
         only: every API client gets 403)."""
@@ -116,7 +124,7 @@ class FakeAirflowV1(FakeAirflow):
             return self._login(h, method)
         if parts == ["api", "v1", "version"] and method == "GET":
             self.requests[f"GET {url.path}"] += 1
-            return self._reply(h, 200, {"git_version": "", "version": VERSION})
+            return self._reply(h, 200, {"git_version": "", "version": self.version})
         if parts[:2] != ["api", "v1"]:
             self.requests[f"{method} {url.path}"] += 1  # /api/v2/..., /auth/token: no such
             return self._reply(h, 404, NOT_FOUND_HTML, "text/html; charset=utf-8")
@@ -154,6 +162,9 @@ class FakeAirflowV1(FakeAirflow):
         if rest is None:
             return query, body
         if rest[:2] == ["~", "dagRuns"] and len(rest) == 2 and method == "GET":
+            if not self.updated_at_filter and {"updated_at_gte", "updated_at_lte"} & set(query):
+                extra = ", ".join(sorted({"updated_at_gte", "updated_at_lte"} & set(query)))
+                return 400, f"Extra query parameter(s) {extra} not in spec"
             query = {k.replace("execution_date_", "logical_date_"): v for k, v in query.items()}
             query.setdefault("limit", [str(FALLBACK_PAGE_V1)])
             order = query.get("order_by", ["id"])[0]
@@ -186,6 +197,30 @@ class FakeAirflowV1(FakeAirflow):
         if not rest and method == "GET":
             query.pop("only_active", None)
         return query, body
+
+    def _list(self, h: BaseHTTPRequestHandler, query: dict[str, list[str]],
+              dag_id: str | None) -> None:
+        # v1's `state` and `end_date_gte` filters, applied in _select (under the fake's lock)
+        states = set(query.pop("state", [])) or None
+        ended = query.pop("end_date_gte", [None])[0]
+        try:
+            self._only = (states, datetime.fromisoformat(ended.replace("Z", "+00:00"))
+                          if ended else None)
+        except ValueError:
+            return self._reply(h, 400, _problem(400, f"'{ended}' is not a 'date-time'"))
+        try:
+            return super()._list(h, query, dag_id)
+        finally:
+            self._only = (None, None)
+
+    def _select(self, dag_ids: set[str] | None, ranges: dict[str, tuple[str, str]],
+                order_by: str) -> Any:
+        runs = super()._select(dag_ids, ranges, order_by)
+        states, ended = self._only
+        if isinstance(runs, tuple) or (states is None and ended is None):
+            return runs
+        return [r for r in runs if (states is None or r.state in states) and
+                (ended is None or (r.end_date is not None and r.end_date >= ended))]
 
     @staticmethod
     def _trigger_v2(body: Any) -> Any:

@@ -286,3 +286,35 @@ def test_explain_refusal_names_the_role_when_the_user_may_not_read(
     fake.no_access.add("guest")  # logs in, may read nothing
     said = client(fake.url, username="guest", password="guest-pw").explain_refusal()
     assert "give it the role 'User'" in said
+
+
+# --- before 2.6: no updated_at filter ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_before_2_6_the_incremental_pass_lists_active_and_recently_ended_runs(
+        told: bool) -> None:
+    """2.4 and 2.5 answer 400 to `updated_at_gte`: what changed since the watermark is
+    every run still queued or running plus every run that ended since. With the version
+    told (detect), the filter is never sent; untold, its 400 switches the client over."""
+    with FakeAirflowV1(["a", "b"], password=PASSWORD, version="2.5.3") as fake:
+        long_ago = CYCLE - timedelta(days=30)
+        fake.add_run("a", "ended_long_ago", long_ago)
+        fake.advance("a", "ended_long_ago", "running", at=long_ago)
+        fake.advance("a", "ended_long_ago", "success", at=long_ago)
+        fake.add_run("a", "queued", CYCLE)
+        fake.add_run("b", "running", CYCLE)
+        fake.advance("b", "running", "running")
+        fake.add_run("b", "ended_now", CYCLE + timedelta(minutes=1))
+        fake.finish_all()  # ends "queued" and "running" too
+        fake.add_run("a", "new", CYCLE + timedelta(minutes=2))
+        found = detect(settings(fake.url))
+        assert found.version == "2.5.3"
+        api = (client_for(found, settings(fake.url)) if told else client(fake.url))
+        since = datetime.now(UTC) - timedelta(minutes=5)
+        changed = api.list_runs({"a", "b"}, updated_at_gte=since)
+        assert sorted(r["dag_run_id"] for r in changed) == [
+            "ended_now", "new", "queued", "running"]
+        assert fake.requests[LIST] == (2 if told else 3)  # the refused one, then two
+        assert api.list_runs({"a", "b"}, updated_at_gte=since)  # switched for good
+        assert fake.requests[LIST] == (4 if told else 5)
