@@ -129,10 +129,11 @@ def scheduler_pid(airflow: Any) -> int:
     raise AssertionError("no scheduler process under airflow standalone")
 
 
-def held_while_eager(bench: Bench, scheduler: int) -> datetime | None:
+def held_while_eager(bench: Bench, scheduler: int) -> tuple[datetime, set[str]] | None:
     """Open a cycle; once the root's last task runs, hold the scheduler (SIGSTOP) so that
     Airflow cannot close the root run, and wait for 02-05 to be triggered all the same.
-    The cycle, or None when the run closed before the scheduler was held."""
+    The cycle and how the ledger says 02-05 were decided while the root run was still
+    open, or None when the run closed before the scheduler was held."""
     cycle = new_cycle()
     bench.open_cycle(cycle)
     root_run = f"e2e__{iso(cycle)}"
@@ -153,10 +154,12 @@ def held_while_eager(bench: Bench, scheduler: int) -> datetime | None:
         for dag_id in EXTRACTS:
             eventually(lambda d=dag_id: bench.run(d, cycle), 60,
                        f"{dag_id} triggered before the root run closed")
+        with EtcdStore(bench.etcd) as store:
+            ledger = store.read_ledger(iso(cycle))
         root = bench.run("01_pipeline_init", cycle)
         assert root is not None
         assert root.state == "running"
-        return cycle
+        return cycle, {ledger[(iso(cycle), d)]["decided"] for d in EXTRACTS}
     finally:
         os.kill(scheduler, signal.SIGCONT)
 
@@ -170,15 +173,14 @@ def test_the_plugin_wakes_the_eager_path_while_airflow_has_not_closed_the_run(
     eventually(lambda: "02_pipeline" in ev.graph_dag_ids(gateway, EVENTS2_PREFIX), 30,
                "the synced graph")
     scheduler = scheduler_pid(airflow2_server)
-    cycle = None
+    held = None
     for _attempt in range(3):
-        cycle = held_while_eager(bench, scheduler)
-        if cycle is not None:
+        held = held_while_eager(bench, scheduler)
+        if held is not None:
             break
-    assert cycle is not None, "Airflow closed the root run before the scheduler was held"
-    with EtcdStore(bench.etcd) as store:
-        ledger = store.read_ledger(iso(cycle))
-    assert {ledger[(iso(cycle), d)]["decided"] for d in EXTRACTS} == {"eager"}
+    assert held is not None, "Airflow closed the root run before the scheduler was held"
+    cycle, decided = held
+    assert decided == {"eager"}
     key = f"{EVENTS2_PREFIX}events/01_pipeline_init/e2e__{iso(cycle)}"
     assert "load" in {e.get("task_id") for e in key_history(gateway, key) if e["kind"] == "task"}
     bench.wait_done("07_pipeline", cycle)
