@@ -143,7 +143,7 @@ def held_while_eager(bench: Bench, scheduler: int) -> tuple[datetime, set[str]] 
                for t in bench.api.task_instances("01_pipeline_init", root_run)}
         return tis.get("load") in ("running", "success")
 
-    eventually(last_task_started, 180, "the root's last task to start", every=0.1)
+    eventually(last_task_started, 300, "the root's last task to start", every=0.1)
     os.kill(scheduler, signal.SIGSTOP)
     try:
         root = bench.run("01_pipeline_init", cycle)
@@ -152,7 +152,7 @@ def held_while_eager(bench: Bench, scheduler: int) -> tuple[datetime, set[str]] 
         # the task's own event (the plugin, in the task process) is all the reconciler
         # has: it reads the task instances and starts 02-05
         for dag_id in EXTRACTS:
-            eventually(lambda d=dag_id: bench.run(d, cycle), 60,
+            eventually(lambda d=dag_id: bench.run(d, cycle), 120,
                        f"{dag_id} triggered before the root run closed")
         with EtcdStore(bench.etcd) as store:
             ledger = store.read_ledger(iso(cycle))
