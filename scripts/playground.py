@@ -78,7 +78,8 @@ def stop_group(proc: subprocess.Popen[bytes] | None, name: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="etcd, airflow standalone and the "
+                                     "reconciler on the example graph, on loopback")
     parser.add_argument("--airflow", type=int, choices=[2, 3], default=3,
                         help="the Airflow major to run (default 3)")
     major = parser.parse_args().airflow
