@@ -190,13 +190,15 @@ class AirflowProcess:
             "AIRFLOW__CORE__DAG_FILE_PROCESSOR_TIMEOUT": "180",
             "AIRFLOW__SCHEDULER__PARSING_PROCESSES": "1",
             "AIRFLOW__API__AUTH_BACKENDS": BASIC_AUTH,
+            # new files are found within 5 s; a parsed file is parsed again once a minute
+            # (each parse is a process of its own: every 5 s starves a small machine)
             "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "5",
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "60",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
             # LocalExecutor starts this many worker processes at once: few, on a laptop
-            "AIRFLOW__CORE__PARALLELISM": "6",
+            "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "16",
             "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",
             "NO_PROXY": "127.0.0.1,localhost",
