@@ -306,8 +306,9 @@ class AirflowProcess:
                                    f"{self.tail()}")
             try:
                 status, health = self._get(self.health_path)
+                # Airflow 2 reports a standalone DAG processor it does not run as None
                 parts = {k: v.get("status") for k, v in health.items() if isinstance(v, dict)
-                         and v.get("status") is not None}
+                         and (self.major == 3 or v.get("status") is not None)}
                 if status == 200 and parts and all(s == "healthy" for s in parts.values()):
                     if self.major == 2:
                         self._read_admin_password()
