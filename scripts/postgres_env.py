@@ -116,6 +116,17 @@ class PostgresProcess:
             time.sleep(0.2)
         raise RuntimeError(f"postgres not ready after {timeout:.0f} s:\n{self.tail()}")
 
+    def create_database(self, name: str) -> str:
+        """A new, empty database in this cluster (one cluster serves both Airflow majors of
+        the e2e tier); its SQLAlchemy URL."""
+        done = subprocess.run(
+            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", ROLE,
+             name], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"createdb {name} failed ({done.returncode}): "
+                               f"{done.stderr[-2000:]}")
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
     def tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import DAG, get_current_context, task
+try:
+    from airflow.sdk import DAG, get_current_context, task
+except ImportError:  # Airflow 2
+    from airflow import DAG  # type: ignore[no-redef]
+    from airflow.decorators import task  # type: ignore[no-redef]
+    from airflow.operators.python import get_current_context  # type: ignore[no-redef]
 
 COMMON = {"schedule": None, "start_date": datetime(2025, 1, 1, tzinfo=UTC), "catchup": False,
           "is_paused_upon_creation": False, "tags": ["reconciler-eager-cases"]}

@@ -25,7 +25,7 @@ What it owns
 
 Runs are returned as the API's own JSON dicts (they carry `dag_id`); `reconciler.core.state`
 parses them (`DagRun.from_api`). Facts this relies on, checked on Airflow 3.3.2, are in
-docs/airflow.md. Airflow 2 (API v1, basic auth) is not supported by this client.
+docs/airflow.md. Airflow 2 (API v1, basic auth) is its subclass in airflow_v1.py.
 
 Retrying POSTs is safe here: a trigger carries a deterministic run id (a repeat answers 409
 and is adopted) and a repeated clear of a run only queues it again.

@@ -80,7 +80,7 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 airflow_ca: str | None, airflow_proxy: str | None,
                 airflow_proxy_from_env: bool, airflow_token_file: str | None,
                 airflow_page_size: int, airflow_max_answer_bytes: int,
-                airflow_max_pages: int, airflow_listing_timeout: float,
+                airflow_max_pages: int, airflow_listing_timeout: float, airflow_api: str,
                 **kwargs: Any) -> Any:
         password = (_read_secret_file(airflow_password_file, "--airflow-password-file")
                     or os.environ.get("RECONCILER_AIRFLOW_PASSWORD") or None)
@@ -96,7 +96,7 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 proxy=airflow_proxy or None, proxy_from_env=airflow_proxy_from_env,
                 token_file=airflow_token_file or None, page_size=airflow_page_size,
                 max_answer_bytes=airflow_max_answer_bytes, max_pages=airflow_max_pages,
-                listing_timeout=airflow_listing_timeout)
+                listing_timeout=airflow_listing_timeout, api=airflow_api)
         except ValueError as exc:
             fail(str(exc))
         return func(*args, **kwargs)
@@ -149,6 +149,11 @@ def airflow_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      default="120", callback=_seconds, show_default=True,
                      help="Seconds one listing (all its pages) may take "
                      "[RECONCILER_AIRFLOW_LISTING_TIMEOUT]."),
+        click.option("--airflow-api", envvar="RECONCILER_AIRFLOW_API",
+                     type=click.Choice(["auto", "v1", "v2"]), default="auto",
+                     show_default=True,
+                     help="REST API: v2 (Airflow 3), v1 (Airflow 2, basic auth), or auto: "
+                     "asked of the server once at start [RECONCILER_AIRFLOW_API]."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -227,11 +232,43 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _open(etcd: EtcdSettings, airflow: AirflowSettings, *,
-          deadline: float | None = None) -> tuple[Any, Any]:
-    from reconciler.adapters.airflow import DEFAULT_DEADLINE, AirflowClient
+          deadline: float | None = None, wait: threading.Event | None = None
+          ) -> tuple[Any, Any]:
+    from reconciler.adapters.airflow import DEFAULT_DEADLINE
     from reconciler.adapters.store import EtcdStore
 
-    return EtcdStore(etcd), AirflowClient(airflow, deadline=deadline or DEFAULT_DEADLINE)
+    api = _airflow_client(airflow, deadline=deadline or DEFAULT_DEADLINE, wait=wait)
+    return EtcdStore(etcd), api
+
+
+def _airflow_client(airflow: AirflowSettings, *, deadline: float,
+                    wait: threading.Event | None = None) -> Any:
+    """The client of the REST API the settings choose or the server speaks (asked once,
+    logged). A wrong explicit choice is one line and exit 2. Airflow unreachable: a
+    one-shot command exits 2; with `wait` (the loop) it is asked again every few seconds
+    until it answers or `wait` is set (a stop signal: exit 0)."""
+    from reconciler.adapters.airflow import AirflowUnavailable
+    from reconciler.adapters.airflow_detect import client_for, detect
+    from reconciler.service.observability import event
+
+    told = False
+    while True:
+        try:
+            found = detect(airflow, deadline=min(deadline, ONE_SHOT_DEADLINE))
+            break
+        except AirflowUnavailable as exc:
+            if wait is None:
+                fail(str(exc))
+            if not told:
+                event("waiting for Airflow to tell its API", logging.WARNING, error=str(exc))
+                told = True
+            if wait.wait(5.0):
+                raise SystemExit(0) from None
+        except ReconcilerError as exc:
+            fail(str(exc))
+    event("airflow api", api=found.generation, version=found.version or "not said",
+          chosen=found.chosen)
+    return client_for(found, airflow, deadline=deadline)
 
 
 def _require_credentials(airflow: AirflowSettings) -> None:
@@ -379,18 +416,8 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
     setup_logging(loop.log_format)
     if signals:
         event("stopping", signal=signals[0])
-    # Reads (the informer) get the client's own deadline; each action's calls run under
-    # the executor's, shorter than the lease left (deadline_of).
-    store, api = _open(etcd, airflow)
     metrics = Metrics()
-    reconciler = Reconciler(store, api, loop, metrics=metrics)
     health = Health(stall_after=loop.liveness_timeout)
-    git = GitSettings(username=git_username or None, token_file=git_token_file,
-                      token=os.environ.get("RECONCILER_GIT_TOKEN") or None)
-    puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
-                     workdir=workdir, git=git) if repo else None)
-    runner = Runner(reconciler, health, puller=puller)
-    runners.append(runner)
     server = None
     if loop.http_port:
         try:
@@ -398,6 +425,25 @@ def run(etcd: EtcdSettings, airflow: AirflowSettings, loop: LoopSettings, repo: 
         except OSError as exc:
             fail(f"cannot serve /metrics on {loop.http_host}:{loop.http_port}: "
                  f"{exc.strerror or exc}")
+    # Which API Airflow speaks is asked once, here: while it does not answer, the health
+    # port is up (alive, not ready) and a stop signal ends the wait.
+    health.unready("airflow", f"asking {redact_url(airflow.url)} which REST API it speaks")
+    try:
+        # Reads (the informer) get the client's own deadline; each action's calls run
+        # under the executor's, shorter than the lease left (deadline_of).
+        store, api = _open(etcd, airflow, wait=stop)
+    except BaseException:
+        if server is not None:
+            server.shutdown()
+        raise
+    health.ready("airflow")
+    reconciler = Reconciler(store, api, loop, metrics=metrics)
+    git = GitSettings(username=git_username or None, token_file=git_token_file,
+                      token=os.environ.get("RECONCILER_GIT_TOKEN") or None)
+    puller = (Puller(repo, branch, subdir, store, reconciler.clock, interval=pull_interval,
+                     workdir=workdir, git=git) if repo else None)
+    runner = Runner(reconciler, health, puller=puller)
+    runners.append(runner)
     event("reconciler started", holder=reconciler.holder, airflow=redact_url(airflow.url),
           etcd=",".join(etcd.endpoints), namespace=etcd.root, interval=loop.interval,
           window=str(loop.window), lease_ttl=loop.lease_ttl,

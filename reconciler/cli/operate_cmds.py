@@ -28,6 +28,7 @@ import click
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
 from reconciler.cli.loop_cmds import (
     ONE_SHOT_DEADLINE,
+    _airflow_client,
     _duration,
     _open,
     _require_credentials,
@@ -132,13 +133,12 @@ def fail_if_quarantined(observer: Any) -> None:
 
 def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
           window: timedelta, unreadable: list[Any]) -> list[dict[str, Any]]:
-    from reconciler.adapters.airflow import AirflowClient
     from reconciler.adapters.clock import SystemClock
     from reconciler.adapters.store import Unreadable
     from reconciler.core.plan import plan
     from reconciler.service.observer import Observer
 
-    api = AirflowClient(airflow, deadline=ONE_SHOT_DEADLINE)
+    api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
     observer = Observer(store, api, LoopSettings(window=window), SystemClock())
     observer.log_quarantine = False  # each key is named in one line, by warn_unreadable
     seen = observer.observe(with_ledger=False)
@@ -513,6 +513,7 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
     schedule of their own (they would run twice); roots that never ran in the window;
     this machine's clock off Airflow's; every value in etcd this version cannot read, its
     key named. Exit 1 when there is a finding."""
+    from reconciler.adapters.airflow import AirflowAuthError
     from reconciler.adapters.store import StoreCorrupt, StoreError
     from reconciler.service.sync import read_synced_graph
 
@@ -542,6 +543,10 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
             clock = clock_finding(skew, max_clock_skew)
             if clock is not None:
                 findings.append(clock)
+    except AirflowAuthError as exc:
+        # Airflow 2 answers 403 for three causes: its client tells which (the UI login)
+        explain = getattr(api, "explain_refusal", None)
+        fail(explain() if explain is not None else str(exc))
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:

@@ -67,6 +67,9 @@ class AirflowSettings:
     AIRFLOW__API__MAXIMUM_PAGE_LIMIT to at least this, or each request brings only 100 (the
     listing stays complete, just slower: a relist of 150,000 runs is 1,500 requests at 100,
     150 at 1000)."""
+    api: str = "auto"
+    """Which REST API to speak: "v2" (Airflow 3), "v1" (Airflow 2, basic auth), or "auto":
+    asked of the server once at start (`/api/v2/version`, then `/api/v1/version`)."""
 
     max_answer_bytes: int = 64 * 1024 * 1024
     """The largest answer (one page of a listing) read from Airflow; a bigger one is
@@ -88,6 +91,9 @@ class AirflowSettings:
         if not self.listing_timeout > 0:
             raise ValueError("RECONCILER_AIRFLOW_LISTING_TIMEOUT must be above 0, got "
                              f"{self.listing_timeout:g}")
+
+        if self.api not in ("auto", "v1", "v2"):
+            raise ValueError(f"--airflow-api must be auto, v1 or v2, got {self.api!r}")
 
 
 @dataclass(frozen=True)

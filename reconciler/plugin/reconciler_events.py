@@ -642,11 +642,14 @@ def sender() -> Sender | None:
     return _sender
 
 
-def _emit(make: Callable[[], dict[str, Any]], *, task: bool = False) -> None:
+def _emit(make: Callable[[], dict[str, Any]], *, task: bool = False,
+          flush: bool = False) -> None:
     try:
         s = sender()
         if s is not None and (s.config.tasks or not task):
             s.submit(make())
+            if flush:
+                s.flush()
     except Exception as exc:  # a wake-up is an optimisation: never fail Airflow
         log.warning("reconciler events: event not queued: %s", exc)
 
@@ -655,15 +658,32 @@ def _hookimpl(fn: Callable[..., None]) -> Callable[..., None]:
     return fn
 
 
+# Airflow 2 and 3 alike: `hookimpl` from airflow.listeners (2.x has no airflow.sdk; nothing
+# here imports it). Airflow passes hook arguments by name and each hook below takes only
+# the ones every version has (pluggy refuses an argument the running version's spec
+# lacks, e.g. `error` of on_task_instance_failed before 2.10), so one file serves 2.5+
+# and 3.x (2.3 and 2.4: task hooks only).
 try:
+    from airflow import __version__ as _airflow_version
     from airflow.listeners import hookimpl as _airflow_hookimpl
     from airflow.plugins_manager import AirflowPlugin as _AirflowPlugin
 except ImportError:  # outside Airflow: the sender alone (tests, tools)
-    _airflow_hookimpl, _AirflowPlugin = _hookimpl, None
+    _airflow_hookimpl, _AirflowPlugin, _airflow_version = _hookimpl, None, ""
+
+FLUSH_IN_TASK_HOOKS = str(_airflow_version).startswith("2.")
+"""Airflow 2 runs a task in a forked process that ends with os._exit(): atexit (where the
+queue is flushed on Airflow 3) never runs there, so a task hook waits for its own event to
+be sent, at most RECONCILER_EVENTS_FLUSH_TIMEOUT seconds (milliseconds with etcd up)."""
 
 
 class Listener:
-    """The hooks. Each only queues an event: never blocks, never raises."""
+    """The hooks. Each only queues an event: never blocks (on Airflow 2 a task hook waits
+    a bounded time for its event to be sent: FLUSH_IN_TASK_HOOKS), never raises.
+
+    Airflow 2: the task hooks exist from 2.3, the dag-run hooks from 2.5 (before that
+    only task events are written); `on_task_instance_skipped` is Airflow 3's (an unknown
+    hook is never called). An EmptyOperator task fires no task hook on 2.x: the scheduler
+    marks it done without running it."""
 
     @_airflow_hookimpl
     def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
@@ -675,12 +695,15 @@ class Listener:
 
     @_airflow_hookimpl
     def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
-        _emit(lambda: task_event(task_instance, "success"), task=True)
+        _emit(lambda: task_event(task_instance, "success"), task=True,
+              flush=FLUSH_IN_TASK_HOOKS)
 
     @_airflow_hookimpl
     def on_task_instance_failed(self, previous_state: Any, task_instance: Any,
-                                error: Any) -> None:
-        _emit(lambda: task_event(task_instance, "failed"), task=True)
+                                error: Any = None) -> None:
+        # `error` has a default, so pluggy neither checks nor passes it: 2.3-2.9 lack it.
+        _emit(lambda: task_event(task_instance, "failed"), task=True,
+              flush=FLUSH_IN_TASK_HOOKS)
 
     @_airflow_hookimpl
     def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:

@@ -86,7 +86,8 @@ class Store(Protocol):
 
 
 class AirflowApi(Protocol):
-    """The Airflow client as the loop uses it (reconciler.adapters.airflow.AirflowClient)."""
+    """The Airflow client as the loop uses it: reconciler.adapters.airflow.AirflowClient
+    (Airflow 3, API v2) or its subclass airflow_v1.AirflowV1Client (Airflow 2, API v1)."""
 
     request_count: int
     last_contact: float | None

@@ -1,5 +1,9 @@
 """Helpers of the end-to-end tier: the reconciler as a real process (`reconciler run`)
-against the real etcd and the real `airflow standalone` of tests/fixtures/."""
+against the real etcd and the real `airflow standalone` of tests/fixtures/.
+
+`bench` runs each test on both Airflow majors: `airflow3` (API v2) and `airflow2` (2.11,
+API v1 with basic auth; the reconciler finds out which by itself: RECONCILER_AIRFLOW_API is
+auto). Each major's standalone is started once per session, when first needed."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient, AirflowUnavailable
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import AirflowSettings, EtcdSettings
 from reconciler.core.state import DagRun, iso
@@ -48,6 +53,13 @@ def eventually(check: Callable[[], T | None], timeout: float = 120.0, what: str 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last})")
 
 
+def client_of(airflow: Any) -> AirflowClient:
+    """A client of that bench Airflow, of its API generation (v1 on Airflow 2)."""
+    cls = AirflowV1Client if getattr(airflow, "major", 3) == 2 else AirflowClient
+    return cls(AirflowSettings(url=airflow.url, username=airflow.username,
+                               password=airflow.password, timeout=10))
+
+
 class Bench:
     """One test's world: a namespace in etcd, the graph synced into it, an Airflow client."""
 
@@ -56,8 +68,7 @@ class Bench:
         self.etcd = etcd
         self.repo = repo
         self.log_dir = log_dir
-        self.api = AirflowClient(AirflowSettings(url=airflow.url, username=airflow.username,
-                                                 password=airflow.password, timeout=10))
+        self.api = client_of(airflow)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -120,8 +131,11 @@ class Bench:
         run = self.run(dag_id, cycle)
         return run if run is not None and run.state in ("success", "failed") else None
 
-    def wait_done(self, dag_id: str, cycle: datetime, timeout: float = 180.0,
+    def wait_done(self, dag_id: str, cycle: datetime, timeout: float | None = None,
                   after: datetime | None = None) -> DagRun:
+        # Airflow 2 starts every task as a new `airflow tasks run` process: far slower
+        # on a busy machine than Airflow 3's task runner
+        timeout = timeout or (480.0 if getattr(self.airflow, "major", 3) == 2 else 180.0)
         def check() -> DagRun | None:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"the reconciler exited ({self.process.returncode})\n"
@@ -141,29 +155,39 @@ class Bench:
 def airflow_still_whole(request: pytest.FixtureRequest) -> None:
     """Fail at once, saying why, when a component of the shared Airflow died in an earlier
     test (standalone keeps its API up without a scheduler: every run would stay queued)."""
-    if "airflow_server" not in request.fixturenames:
-        return
-    airflow = request.getfixturevalue("airflow_server")
-    if stopped := airflow.stopped_components():
-        pytest.fail(f"Airflow's {', '.join(stopped)} stopped earlier in the session\n"
-                    f"{airflow.diagnosis()}", pytrace=False)
+    for name in ("airflow_server", "airflow2_server"):
+        if name not in request.fixturenames:
+            continue
+        airflow = request.getfixturevalue(name)
+        if stopped := airflow.stopped_components():
+            pytest.fail(f"Airflow's {', '.join(stopped)} stopped earlier in the session\n"
+                        f"{airflow.diagnosis()}", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """A failed e2e test also shows the shared Airflow's health and its log's end."""
     report = yield
-    airflow = getattr(item, "funcargs", {}).get("airflow_server")
-    if report.failed and call.when == "call" and airflow is not None:
-        report.sections.append(("airflow standalone", airflow.diagnosis()))
+    for name in ("airflow_server", "airflow2_server"):
+        airflow = getattr(item, "funcargs", {}).get(name)
+        if report.failed and call.when == "call" and airflow is not None:
+            report.sections.append((f"airflow standalone ({name})", airflow.diagnosis()))
     return report
 
 
-@pytest.fixture
-def bench(airflow_server: Any, etcd_server: Any, tmp_path: Path) -> Iterator[Bench]:
+@pytest.fixture(params=["airflow3", "airflow2"])
+def bench(request: pytest.FixtureRequest, etcd_server: Any, tmp_path: Path) -> Iterator[Bench]:
+    """One test's world on Airflow 3, then on Airflow 2."""
+    name = "airflow2_server" if request.param == "airflow2" else "airflow_server"
+    yield from make_bench(request.getfixturevalue(name), etcd_server, tmp_path)
+
+
+def make_bench(airflow_server: Any, etcd_server: Any, tmp_path: Path,
+               namespace: str | None = None) -> Iterator[Bench]:
+    """A Bench on that Airflow, its graph synced into `namespace` (default: a fresh one)."""
     repo = example_repo(tmp_path / "repo")
     etcd = EtcdSettings(endpoints=(etcd_server.endpoint,), prefix="e2e",
-                        namespace=f"n{uuid.uuid4().hex[:10]}")
+                        namespace=namespace or f"n{uuid.uuid4().hex[:10]}")
     with EtcdStore(etcd) as store:
         # synced "a day ago", so that every cycle of the test is newer than the graph
         result = sync(repo, "HEAD", "pipelines", store, source="e2e",

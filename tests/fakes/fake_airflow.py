@@ -24,7 +24,8 @@ name and detail below was checked against a real `airflow standalone` (docs/airf
 - clear `POST .../dagRuns/{run_id}/clear`: `dry_run` defaults to true (answers the task
   instances, changes nothing); with false the run answers `queued` with `start_date`,
   `end_date` null and a new `queued_at` (a `running` run stays `running`).
-- `GET /monitor/health` without auth; `PATCH /dags/{id}` `{"is_paused"}`.
+- `GET /monitor/health` and `GET /version` without auth (and `/api/v1/...`: 404, removed
+  in Airflow 3); `PATCH /dags/{id}` `{"is_paused"}`.
 
 `updated_at` is kept on every change; times come from `now` (the real clock unless one is
 injected: the fault simulation, tests/sim, runs the fake on a simulated clock and calls
@@ -511,6 +512,14 @@ class FakeAirflow:
             healthy = {"status": "healthy"}
             return self._reply(h, 200, {"metadatabase": healthy, "scheduler": healthy,
                                         "triggerer": healthy, "dag_processor": healthy})
+        # Both without auth, as on 3.3.2: the version (how a client tells 3 from 2), and
+        # 404 for the API v1 that Airflow 3 removed.
+        if parts == ["api", "v2", "version"] and method == "GET":
+            return self._reply(h, 200, {"version": "3.3.2", "git_version": None})
+        if parts[:2] == ["api", "v1"]:
+            return self._reply(h, 404, {"error": "/api/v1 has been removed in Airflow 3, "
+                                                 "please use its upgraded version /api/v2 "
+                                                 "instead."})
         user = self._authenticate(h)
         if isinstance(user, tuple):
             return self._reply(h, *user)

@@ -1,7 +1,8 @@
 """The eager path against a real etcd and the fake Airflow: a task-level event in etcd
 (as the listener plugin writes it) makes the loop ask for the run's task instances, and
 a downstream starts once every task of its upstream is done, before Airflow closes the
-run; the same run closing later re-runs nothing."""
+run; the same run closing later re-runs nothing. On both API generations (v2, and the fake's
+v1 layer with the v1 client)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import run_id_for
@@ -23,6 +25,7 @@ from reconciler.service.observability import Health
 from reconciler.service.runner import Runner
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1, api_of
 from tests.helpers import EXAMPLE_DAGS, example_repo
 
 CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -51,6 +54,10 @@ class TaskFake(FakeAirflow):
         return super()._dags(h, method, rest, query, body, user)
 
 
+class TaskFakeV1(TaskFake, FakeAirflowV1):
+    """The same, as Airflow 2 answers (v1 paths, basic auth)."""
+
+
 def ti(task_id: str, state: str | None, map_index: int = -1) -> dict[str, Any]:
     end = datetime.now(UTC).isoformat() if state in ("success", "skipped", "failed") else None
     return {"task_id": task_id, "map_index": map_index, "state": state, "end_date": end}
@@ -65,9 +72,9 @@ def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
     s.close()
 
 
-@pytest.fixture
-def fake() -> Iterator[TaskFake]:
-    with TaskFake(EXAMPLE_DAGS) as f:
+@pytest.fixture(params=["v2", "v1"])
+def fake(request: pytest.FixtureRequest) -> Iterator[TaskFake]:
+    with (TaskFakeV1 if request.param == "v1" else TaskFake)(EXAMPLE_DAGS) as f:
         f.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
                   run_type="scheduled")
         f.finish_all()
@@ -75,8 +82,9 @@ def fake() -> Iterator[TaskFake]:
 
 
 def reconciler(store: EtcdStore, fake: FakeAirflow, **loop: Any) -> Reconciler:
-    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
-                                        timeout=2, retries=2), backoff_initial=0.01)
+    cls = AirflowV1Client if isinstance(fake, FakeAirflowV1) else AirflowClient
+    api = cls(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                              timeout=2, retries=2), backoff_initial=0.01)
     return Reconciler(store, api, LoopSettings(**{"interval": 0.05, "lease_ttl": 6, **loop}),
                       holder="r1")
 
@@ -133,7 +141,7 @@ def test_a_task_event_with_every_task_done_triggers_the_downstream_before_the_ru
         assert [(a.kind.value, a.dag_id) for a in report.actions] == [("adopt", "06_pipeline")]
         assert r.run_pass().actions == []
         assert len(fake.runs("06_pipeline")) == 1
-        assert fake.requests["POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"] == 0
+        assert fake.requests[f"POST {api_of(fake)}/dags/{{dag_id}}/dagRuns/{{run_id}}/clear"] == 0
     finally:
         runner._drop_watch()
 
@@ -188,7 +196,7 @@ def test_an_eager_trigger_whose_answer_is_lost_is_adopted_not_run_twice(
         fake.tis[("05_pipeline", RUN)] = [ti("extract", "success"), ti("load", "success")]
         task_event(store, "05_pipeline", RUN, "load")
         wait_until(lambda: r.observer._task_events)
-        trigger = "POST /api/v2/dags/{dag_id}/dagRuns"
+        trigger = f"POST {api_of(fake)}/dags/{{dag_id}}/dagRuns"
 
         def lose_the_answer(request: Any) -> None:
             if request.route == trigger and request.dag_id == "06_pipeline":
@@ -207,7 +215,7 @@ def test_an_eager_trigger_whose_answer_is_lost_is_adopted_not_run_twice(
         fake.advance("06_pipeline", RUN, "success")
         assert [(a.kind.value, a.dag_id) for a in r.run_pass().actions] == [
             ("trigger", "07_pipeline")]
-        assert fake.requests["POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"] == 0
+        assert fake.requests[f"POST {api_of(fake)}/dags/{{dag_id}}/dagRuns/{{run_id}}/clear"] == 0
         assert len(fake.runs("06_pipeline")) == 1
     finally:
         fake.before_reply = None
@@ -225,7 +233,7 @@ def test_every_page_of_a_wide_mapped_task_is_read_before_the_eager_trigger(
     mapped = [ti("mapped", "success", i) for i in range(250)]
     mapped[-1] = ti("mapped", "running", 249)
     fake.tis[("05_pipeline", RUN)] = mapped
-    path = "GET /api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    path = f"GET {api_of(fake)}/dags/{{dag_id}}/dagRuns/{{run_id}}/taskInstances"
     before = fake.requests[path]
     r.observer.on_event(store.event_key("05_pipeline", RUN),
                         json.dumps({"kind": "task"}).encode())

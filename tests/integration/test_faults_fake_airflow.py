@@ -1,9 +1,11 @@
 """The fake Airflow's scheduler and books (tests/fakes/fake_airflow.py), which the process
 fault tests stand on: runs move queued -> running -> success on their own, a scheduled root
-run appears on demand, and duplicate triggers and clears are counted."""
+run appears on demand, and duplicate triggers and clears are counted. Each test runs against
+both API generations: v2 (Airflow 3) and the fake's v1 layer (Airflow 2, basic auth)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -15,12 +17,13 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1, api_of
 from tests.helpers import EXAMPLE_DAGS
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeAirflow]:
-    with FakeAirflow(EXAMPLE_DAGS) as f:
+@pytest.fixture(params=["v2", "v1"])
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAirflow]:
+    with (FakeAirflowV1 if request.param == "v1" else FakeAirflow)(EXAMPLE_DAGS) as f:
         yield f
 
 
@@ -36,7 +39,7 @@ def call(fake: FakeAirflow, method: str, path: str, body: Any = None,
          token: str | None = None) -> tuple[int, Any, str]:
     headers = {"Content-Type": "application/json"}
     if token:
-        headers["Authorization"] = f"Bearer {token}"
+        headers["Authorization"] = token
     request = urllib.request.Request(fake.url + path, method=method, headers=headers,
                                      data=None if body is None else json.dumps(body).encode())
     try:
@@ -49,10 +52,13 @@ def call(fake: FakeAirflow, method: str, path: str, body: Any = None,
 
 
 def token(fake: FakeAirflow) -> str:
+    """The Authorization header: basic auth on v1, a bearer token from /auth/token on v2."""
+    if isinstance(fake, FakeAirflowV1):
+        return "Basic " + base64.b64encode(b"admin:secret-pw").decode()
     status, body, _ = call(fake, "POST", "/auth/token",
                            {"username": "admin", "password": "secret-pw"})
     assert status == 201
-    return str(body["access_token"])
+    return f"Bearer {body['access_token']}"
 
 
 def test_the_scheduler_runs_a_scheduled_root_and_triggered_runs(fake: FakeAirflow) -> None:
@@ -70,8 +76,8 @@ def test_the_scheduler_runs_a_scheduled_root_and_triggered_runs(fake: FakeAirflo
 
     t = token(fake)
     body = {"dag_run_id": "reconciler__x", "logical_date": root.to_api()["logical_date"]}
-    assert call(fake, "POST", "/api/v2/dags/02_pipeline/dagRuns", body, t)[0] == 200
-    assert call(fake, "POST", "/api/v2/dags/02_pipeline/dagRuns", body, t)[0] == 409
+    assert call(fake, "POST", f"{api_of(fake)}/dags/02_pipeline/dagRuns", body, t)[0] == 200
+    assert call(fake, "POST", f"{api_of(fake)}/dags/02_pipeline/dagRuns", body, t)[0] == 409
     run = fake.run("02_pipeline", "reconciler__x")
     assert run is not None
     poll(lambda: run.state == "success")
@@ -82,7 +88,7 @@ def test_the_scheduler_runs_a_scheduled_root_and_triggered_runs(fake: FakeAirflo
 
     # a clear of a finished run is fine; a second one before the re-run ended is a duplicate
     ended = run.end_date
-    clear = "/api/v2/dags/02_pipeline/dagRuns/reconciler__x/clear"
+    clear = f"{api_of(fake)}/dags/02_pipeline/dagRuns/reconciler__x/clear"
     assert call(fake, "POST", clear, {"dry_run": False}, t)[0] == 200
     assert fake.clears[("02_pipeline", "reconciler__x")][0].end_date_before == ended
     assert fake.duplicate_clears() == {}
@@ -114,23 +120,25 @@ def test_paused_dags_and_failing_outcomes(fake: FakeAirflow) -> None:
 
 def test_faults_for_one_route_html_and_the_request_log(fake: FakeAirflow) -> None:
     t = token(fake)
-    fake.fail_next(1, "html", route="GET /api/v2/dags")
-    fake.fail_next(1, "503", route="POST /api/v2/dags/{dag_id}/dagRuns")
-    status, body, kind = call(fake, "GET", "/api/v2/dags", token=t)
+    api = api_of(fake)
+    fake.fail_next(1, "html", route=f"GET {api}/dags")
+    fake.fail_next(1, "503", route=f"POST {api}/dags/{{dag_id}}/dagRuns")
+    status, body, kind = call(fake, "GET", f"{api}/dags", token=t)
     assert status == 200
     assert kind.startswith("text/html")
     assert body.startswith(b"<!DOCTYPE html>")
     started = time.monotonic()
     trigger = {"dag_run_id": "r", "logical_date": datetime.now(UTC).isoformat()}
-    assert call(fake, "GET", "/api/v2/dags/~/dagRuns", token=t)[0] == 200  # not that route
-    assert call(fake, "POST", "/api/v2/dags/05_pipeline/dagRuns", trigger, t)[0] == 503
-    assert call(fake, "POST", "/api/v2/dags/05_pipeline/dagRuns", trigger, t)[0] == 200
+    assert call(fake, "GET", f"{api}/dags/~/dagRuns", token=t)[0] == 200  # not that route
+    assert call(fake, "POST", f"{api}/dags/05_pipeline/dagRuns", trigger, t)[0] == 503
+    assert call(fake, "POST", f"{api}/dags/05_pipeline/dagRuns", trigger, t)[0] == 200
     # The fake logs a request after its answer is sent: give the handler thread a moment.
+    named = f"POST {api}/dags/{{"
     deadline = time.monotonic() + 5
-    while len([r for r in fake.log if r.route.startswith("POST /api/v2/dags/{")]) < 2:
+    while len([r for r in fake.log if r.route.startswith(named)]) < 2:
         assert time.monotonic() < deadline, fake.log
         time.sleep(0.01)
-    first = fake.first_request("POST /api/v2/dags/{dag_id}/dagRuns", after=started)
+    first = fake.first_request(f"POST {api}/dags/{{dag_id}}/dagRuns", after=started)
     assert first is not None
     assert (first.dag_id, first.run_id, first.status) == ("05_pipeline", None, 503)
-    assert [r.status for r in fake.log if r.route.startswith("POST /api/v2/dags/{")] == [503, 200]
+    assert [r.status for r in fake.log if r.route.startswith(named)] == [503, 200]

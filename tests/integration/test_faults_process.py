@@ -18,6 +18,7 @@ moments come from a seeded generator: the seed is in the failure message
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.fake_airflow import FakeAirflow, FakeRun, Request
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1, api_of
 from tests.fixtures.etcd import EtcdCluster, EtcdServer, etcd_binary
 from tests.fixtures.proxy import FaultProxy, is_clear, is_trigger
 from tests.fixtures.replicas import PASSWORD, Deployment, Replica, poll_until
@@ -172,7 +174,7 @@ def human_clear(fake: FakeAirflow, dag_id: str, run_id: str) -> None:
     def post(path: str, body: object, token: str | None = None) -> dict[str, object]:
         headers = {"Content-Type": "application/json"}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
+            headers["Authorization"] = token
         request = urllib.request.Request(fake.url + path, data=json.dumps(body).encode(),
                                          headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=10) as answer:
@@ -181,15 +183,21 @@ def human_clear(fake: FakeAirflow, dag_id: str, run_id: str) -> None:
 
     # a user of its own: a fault test may expire the reconciler's tokens meanwhile
     fake.add_user("human", "human-pw", "op")
-    token = str(post("/auth/token", {"username": "human", "password": "human-pw"})
-                ["access_token"])
+    if isinstance(fake, FakeAirflowV1):
+        token = "Basic " + base64.b64encode(b"human:human-pw").decode()
+    else:
+        token = "Bearer " + str(post("/auth/token", {"username": "human",
+                                                     "password": "human-pw"})["access_token"])
     quoted = urllib.request.quote(run_id, safe="")
-    post(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/clear", {"dry_run": False}, token)
+    post(f"{api_of(fake)}/dags/{dag_id}/dagRuns/{quoted}/clear", {"dry_run": False}, token)
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeAirflow]:
-    with FakeAirflow(EXAMPLE_DAGS, password=PASSWORD) as f:
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAirflow]:
+    """The fake Airflow 3 (API v2); `v1` (indirect parameter): the fake Airflow 2, which
+    the replicas find by themselves (RECONCILER_AIRFLOW_API is auto)."""
+    cls = FakeAirflowV1 if getattr(request, "param", "v2") == "v1" else FakeAirflow
+    with cls(EXAMPLE_DAGS, password=PASSWORD) as f:
         f.auto_schedule(run_seconds=0.3, queue_seconds=0.1)
         yield f
 
@@ -235,6 +243,7 @@ def test_kill_9_at_random_moments_neither_duplicates_nor_loses(scene: Scene) -> 
     scene.finish(cycle)
 
 
+@pytest.mark.parametrize("fake", ["v2", "v1"], indirect=True)
 def test_kill_9_after_each_airflow_call_took_effect_before_its_answer(scene: Scene) -> None:
     """The trigger of 06 and the clear of 07 reach Airflow, and the process dies before it
     hears the answer (so before it records the result)."""
@@ -249,14 +258,15 @@ def test_kill_9_after_each_airflow_call_took_effect_before_its_answer(scene: Sce
                 killed.append(request)
         return hook
 
-    scene.fake.before_reply = kill_on("POST /api/v2/dags/{dag_id}/dagRuns", "06_pipeline")
+    api = api_of(scene.fake)
+    scene.fake.before_reply = kill_on(f"POST {api}/dags/{{dag_id}}/dagRuns", "06_pipeline")
     cycle = scene.open_cycle()
     poll_until(lambda: killed, CYCLE_TIMEOUT, what="the trigger of 06")
     replica.restart()
     scene.wait_cycle(cycle)
 
     killed.clear()
-    scene.fake.before_reply = kill_on("POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear",
+    scene.fake.before_reply = kill_on(f"POST {api}/dags/{{dag_id}}/dagRuns/{{run_id}}/clear",
                                       "07_pipeline")
     before = scene.rerun(cycle)
     poll_until(lambda: killed, CYCLE_TIMEOUT, what="the clear of 07")
@@ -418,9 +428,11 @@ AIRFLOW_FAULTS: dict[str, AirflowFault] = {
 }
 
 
-@pytest.mark.parametrize(("fault", "replicas"), [
-    ("5xx", 1), ("lost_answers", 1), ("slow_answers", 1), ("slow_answers", 2), ("html", 1),
-    ("token_expiry", 1)])
+@pytest.mark.parametrize(("fault", "replicas", "fake"), [
+    ("5xx", 1, "v2"), ("lost_answers", 1, "v2"), ("slow_answers", 1, "v2"),
+    ("slow_answers", 2, "v2"), ("html", 1, "v2"), ("token_expiry", 1, "v2"),
+    # Airflow 2 (API v1, basic auth: no token to expire)
+    ("5xx", 1, "v1"), ("lost_answers", 1, "v1"), ("html", 1, "v1")], indirect=["fake"])
 def test_airflow_faults(fault: str, replicas: int, scene: Scene,
                         fault_proxy: Callable[[str], FaultProxy]) -> None:
     proxy = fault_proxy(scene.fake.url)

@@ -272,3 +272,21 @@ def test_doctor_names_a_root_that_never_ran_inside_the_window(
         result = cli(etcd_settings, "doctor", **airflow_env(idle))
     assert result.exit_code == 1
     assert "01_pipeline_init: a root without a run inside the window" in result.output
+
+
+def test_doctor_on_airflow_2_without_basic_auth_says_exactly_what_to_set(
+        store: EtcdStore, etcd_settings: EtcdSettings) -> None:
+    from tests.fakes.fake_airflow_v1 import FakeAirflowV1
+
+    with FakeAirflowV1(EXAMPLE_DAGS, basic_auth=False) as airflow2:
+        result = cli(etcd_settings, "doctor", **airflow_env(airflow2))
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith(
+        "error: Airflow 2 at http://127.0.0.1:")
+    assert result.output.rstrip().endswith(
+        "set AIRFLOW__API__AUTH_BACKENDS=airflow.api.auth.backend.basic_auth,"
+        "airflow.api.auth.backend.session and restart its webserver")
+    with FakeAirflowV1(EXAMPLE_DAGS) as airflow2:  # basic auth on: doctor runs as on 3
+        fine = cli(etcd_settings, "doctor", **airflow_env(airflow2))
+    assert "01_pipeline_init: a root without a run inside the window" in fine.output

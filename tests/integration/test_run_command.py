@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,3 +263,56 @@ def test_run_never_prints_credentials_of_its_urls(synced: EtcdSettings, fake: Fa
     with EtcdStore(synced) as store:
         for entry in store.read_history():
             assert "s3cret" not in entry.source
+
+
+@pytest.mark.parametrize(("generation", "wrong"), [("v2", "v1"), ("v1", "v2")])
+def test_run_with_the_wrong_airflow_api_exits_2_with_one_line(
+        synced: EtcdSettings, generation: str, wrong: str) -> None:
+    from tests.fakes.fake_airflow_v1 import FakeAirflowV1
+
+    with (FakeAirflowV1 if generation == "v1" else FakeAirflow)(DAGS) as airflow:
+        proc = cli("run", "--http-port", "0",
+                   environ={**env(synced, airflow.url), "RECONCILER_AIRFLOW_API": wrong})
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: RECONCILER_AIRFLOW_API={wrong}, but ")
+    assert proc.stderr.rstrip().endswith(f"set RECONCILER_AIRFLOW_API={generation} or auto")
+
+
+def test_run_waits_for_an_airflow_that_is_down_at_start_then_finds_its_api(
+        synced: EtcdSettings, fault_proxy: Any) -> None:
+    import threading
+
+    from tests.fakes.fake_airflow_v1 import FakeAirflowV1
+
+    with FakeAirflowV1(DAGS) as airflow2:
+        airflow2.add_run("01_pipeline_init", "scheduled__x", CYCLE, state="success",
+                         start_date=CYCLE, end_date=CYCLE + timedelta(seconds=5))
+        proxy = fault_proxy(airflow2.url)
+        proxy.refuse()
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "reconciler", "run", "--http-port",
+                                 str(port), "--log-format", "json"],
+                                env=env(synced, proxy.url), stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        assert proc.stderr is not None
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+        reader.start()
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: any("waiting for Airflow to tell its API" in x for x in lines), 30)
+            assert get(base + "/healthz")[0] == 200  # alive meanwhile, not ready
+            assert get(base + "/readyz")[0] == 503
+            assert airflow2.runs("02_pipeline") == []
+            proxy.pass_through()
+            wait_for(lambda: len(airflow2.runs("05_pipeline")) == 1, 30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            reader.join(10)
+    assert proc.returncode == 0, lines
+    messages = [json.loads(line) for line in lines if line.startswith("{")]
+    waiting = [m for m in messages if m["message"] == "waiting for Airflow to tell its API"]
+    assert len(waiting) == 1  # said once, not per attempt
+    (found,) = [m for m in messages if m["message"] == "airflow api"]
+    assert (found["api"], found["version"], found["chosen"]) == ("v1", "2.11.2", "auto")

@@ -1,4 +1,5 @@
-"""The shape shared by the seven dummy DAGs of the example graph (Airflow 3 style).
+"""The shape shared by the seven dummy DAGs of the example graph (Airflow 3 style; the
+same file runs on Airflow 2, which has no `airflow.sdk`).
 
 Each is two short tasks (about 1.5 s from queued to success on a laptop). The run's conf
 steers them, for tests and demos:
@@ -16,7 +17,12 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from airflow.sdk import DAG, get_current_context, task
+try:
+    from airflow.sdk import DAG, get_current_context, task
+except ImportError:  # Airflow 2
+    from airflow import DAG  # type: ignore[no-redef]
+    from airflow.decorators import task  # type: ignore[no-redef]
+    from airflow.operators.python import get_current_context  # type: ignore[no-redef]
 
 
 def example_dag(dag_id: str, schedule: str | None = None) -> DAG:
