@@ -22,6 +22,12 @@ What it sets up, and why:
   (role user: the least the reconciler needs) and `viewer` (role viewer: read-only).
 - A fixed JWT secret per start (`jwt_secret`), so tests can tell tokens apart.
 - A fast dag-processor and scheduler: this is a test bench, not a deployment.
+- No log servers: the scheduler and the triggerer would each start one (`airflow
+  serve-logs`, ports 8793 and 8794) on every interface, hard-coded in Airflow. standalone
+  starts its components as `airflow <name>` from PATH, so a small `airflow` in
+  $AIRFLOW_HOME/bin, first on PATH, adds `--skip-serve-logs` to those two and runs the
+  venv's own. On one machine with a local executor the API server reads the task log
+  files directly, so logs stay readable in the UI and the REST API.
 - Its own process group (`start_new_session`), stopped as a whole by `stop()`.
 
     python scripts/airflow_env.py [--port 8080] [--home .work/airflow]   # runs until Ctrl-C
@@ -34,6 +40,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -124,6 +131,10 @@ class AirflowProcess:
             "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "2",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # A task reports to the API server (Execution API) with a 5 s deadline by
+            # default; on a loaded machine with SQLite the first tasks after start missed
+            # it and failed (httpx.ReadTimeout). Airflow's own advice: raise it under load.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
             "AIRFLOW__CORE__PARALLELISM": "16",
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "16",
@@ -132,10 +143,31 @@ class AirflowProcess:
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         })
-        # standalone starts `airflow scheduler` etc. by name: its venv comes first on PATH.
-        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        # standalone starts `airflow scheduler` etc. by name: the shim (no log servers),
+        # then its venv, come first on PATH.
+        env["PATH"] = os.pathsep.join([str(self.shim.parent), str(self.venv / "bin"),
+                                       env.get("PATH", "")])
         env.update(self.extra_env)
         return env
+
+    @property
+    def shim(self) -> Path:
+        """The `airflow` that standalone runs for each component (see write_shim)."""
+        return self.home / "bin" / "airflow"
+
+    def write_shim(self) -> None:
+        """An `airflow` that adds --skip-serve-logs to `airflow scheduler` and `airflow
+        triggerer`: their log servers bind 0.0.0.0 and [::] whatever the settings say."""
+        real = shlex.quote(str(self.venv / "bin" / "airflow"))
+        self.shim.parent.mkdir(parents=True, exist_ok=True)
+        self.shim.write_text(
+            "#!/bin/sh\n"
+            "# Written by scripts/airflow_env.py: no log server on every interface.\n"
+            'case "$1" in\n'
+            f'  scheduler|triggerer) exec {real} "$@" --skip-serve-logs ;;\n'
+            "esac\n"
+            f'exec {real} "$@"\n')
+        self.shim.chmod(0o755)
 
     @property
     def passwords_file(self) -> Path:
@@ -151,6 +183,7 @@ class AirflowProcess:
             raise RuntimeError(f"no Airflow at {airflow}: run `make airflow-venv` (or set "
                                "AIRFLOW_VENV to the venv that has apache-airflow 3)")
         self.home.mkdir(parents=True, exist_ok=True)
+        self.write_shim()
         # Airflow keeps a password that is already in the file and generates only the
         # missing ones, so these stay the passwords of the users.
         self.passwords_file.write_text(json.dumps(self.users))

@@ -20,11 +20,12 @@ from typing import Any
 
 import click
 
-from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.app import fail, handle_errors, main, nothing_synced
 from reconciler.cli.options import etcd_options, output_option
 from reconciler.core.errors import ReconcilerError
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings, parse_duration
 from reconciler.core.state import Plan, iso
+from reconciler.core.words import counted
 
 ONE_SHOT_DEADLINE = 8.0
 """Seconds a one-shot command (plan, status) gives each Airflow call, retries included:
@@ -214,12 +215,13 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
     _require_credentials(airflow)
     store, api = _open(etcd, airflow, deadline=ONE_SHOT_DEADLINE)
     try:
+        if store.read_head()[0] is None:  # before observing: the loop's hints are not ours
+            nothing_synced(etcd)
         settings = LoopSettings(window=window)
         observer = Observer(store, api, settings, SystemClock())
         seen = observer.observe(with_ledger=False)
         if seen.desired is None:
-            fail("no graph has been synced to etcd yet: run `reconciler sync` first",
-                 EXIT_FAILED)
+            nothing_synced(etcd)
         ledger = observer.read_ledger()
         result = plan(seen.desired.graph, seen.runs.values(), ledger, seen.now,
                       window=window, since=seen.desired.since, commit=seen.desired.commit)
@@ -256,7 +258,8 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
              "run_id": a.run_id, "reason": a.reason} for a in result.actions]}, indent=2))
         return
     if not result.actions:
-        click.echo(f"nothing to do ({len(result.cycles)} open cycles, commit {commit[:12]})")
+        click.echo(f"nothing to do ({counted(len(result.cycles), 'open cycle')}, commit "
+                   f"{commit[:12]})")
     for a in result.actions:
         click.echo(f"{a.kind.value:8} {a.dag_id} cycle {iso(a.cycle)} run {a.run_id}: "
                    f"{a.reason}")
