@@ -161,7 +161,10 @@ def main() -> int:
         reconciler = subprocess.Popen(
             [str(BIN / "reconciler"), "run", "--http-port", str(metrics_port)], env=env,
             start_new_session=True)
-        set_paused(airflow, ROOT, False)
+        try:
+            set_paused(airflow, ROOT, False)
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"could not unpause {ROOT} ({exc}): unpause it in the UI", flush=True)
         reconciler.wait()
         return 0 if stopping else reconciler.returncode
     except KeyboardInterrupt:
