@@ -145,7 +145,7 @@ def main() -> int:
             "RECONCILER_ETCD_PREFIX": "reconciler",
             "RECONCILER_NAMESPACE": "default",
             "EXAMPLE_ROOT_PAUSED": "true",  # created paused; unpaused below
-        })
+        }, timeout=480)  # about 30 s; a busy machine can take minutes
         env.update(RECONCILER_AIRFLOW_URL=airflow.url,
                    RECONCILER_AIRFLOW_USERNAME=airflow.username,
                    RECONCILER_AIRFLOW_PASSWORD=airflow.password)
