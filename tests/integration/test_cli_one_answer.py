@@ -120,3 +120,17 @@ def test_resume_and_reconcile_answer_json(synced: EtcdSettings) -> None:
     with EtcdStore(synced) as store:
         stored = store.get(store.control_key("reconcile")).json()
     assert stored == {"by": answer["by"], "at": answer["at"]}
+
+
+@pytest.mark.parametrize("args", SYNCED_GRAPH_READERS, ids=" ".join)
+def test_an_unreachable_etcd_is_not_taken_for_an_empty_namespace(args: list[str]) -> None:
+    # a loopback port nothing listens on: the answer is the environment's (exit 2)
+    from tests.fixtures.etcd import free_port
+
+    gone = EtcdSettings(endpoints=(f"127.0.0.1:{free_port()}",), timeout=1.0)
+    result = CliRunner().invoke(main, [*args, "--etcd-timeout", "1"], env=env(gone),
+                                catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: ")
+    assert "nothing synced" not in result.stderr
