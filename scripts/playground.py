@@ -145,6 +145,8 @@ def main() -> int:
             "RECONCILER_ETCD_PREFIX": "reconciler",
             "RECONCILER_NAMESPACE": "default",
             "EXAMPLE_ROOT_PAUSED": "true",  # created paused; unpaused below
+            # task logs as a user expects them in the UI (the bench's default is WARNING)
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         }, timeout=480)  # about 30 s; a busy machine can take minutes
         env.update(RECONCILER_AIRFLOW_URL=airflow.url,
                    RECONCILER_AIRFLOW_USERNAME=airflow.username,
