@@ -23,6 +23,12 @@ What it sets up, and why:
   (role user: the least the reconciler needs) and `viewer` (role viewer: read-only).
 - A fixed JWT secret per start (`jwt_secret`), so tests can tell tokens apart.
 - A fast dag-processor and scheduler: this is a test bench, not a deployment.
+- No log servers: the scheduler and the triggerer would each start one (`airflow
+  serve-logs`, ports 8793 and 8794) on every interface, hard-coded in Airflow. standalone
+  starts its components as `airflow <name>` from PATH, so a small `airflow` in
+  $AIRFLOW_HOME/bin, first on PATH, adds `--skip-serve-logs` to those two and runs the
+  venv's own. On one machine with a local executor the API server reads the task log
+  files directly, so logs stay readable in the UI and the REST API.
 - Its own process group (`start_new_session`), stopped as a whole by `stop()`.
 
 Airflow 2 (`major=2`, its own venv: `make airflow2-venv`, default `.venv-airflow2` or
@@ -45,6 +51,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -154,6 +161,10 @@ class AirflowProcess:
             "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "2",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # A task reports to the API server (Execution API) with a 5 s deadline by
+            # default; on a loaded machine with SQLite the first tasks after start missed
+            # it and failed (httpx.ReadTimeout). Airflow's own advice: raise it under load.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
             "AIRFLOW__CORE__PARALLELISM": "16",
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "16",
@@ -162,8 +173,10 @@ class AirflowProcess:
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         })
-        # standalone starts `airflow scheduler` etc. by name: its venv comes first on PATH.
-        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        # standalone starts `airflow scheduler` etc. by name: the shim (no log servers),
+        # then its venv, come first on PATH.
+        env["PATH"] = os.pathsep.join([str(self.shim.parent), str(self.venv / "bin"),
+                                       env.get("PATH", "")])
         env.update(self.extra_env)
         return env
 
@@ -204,26 +217,29 @@ class AirflowProcess:
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         })
-        env["PATH"] = (f"{self.shim}{os.pathsep}{self.venv / 'bin'}{os.pathsep}"
+        env["PATH"] = (f"{self.shim.parent}{os.pathsep}{self.venv / 'bin'}{os.pathsep}"
                        f"{env.get('PATH', '')}")
         env.update(self.extra_env)
         return env
 
     @property
     def shim(self) -> Path:
-        """Airflow 2: the folder of the `airflow` shim that adds --skip-serve-logs."""
-        return self.home / "shim"
+        """The `airflow` that standalone runs for each component (see write_shim)."""
+        return self.home / "bin" / "airflow"
 
-    def _write_shim(self) -> None:
-        self.shim.mkdir(parents=True, exist_ok=True)
-        script = self.shim / "airflow"
-        real = self.venv / "bin" / "airflow"
-        script.write_text(
+    def write_shim(self) -> None:
+        """An `airflow` that adds --skip-serve-logs to `airflow scheduler` and `airflow
+        triggerer`: their log servers bind 0.0.0.0 and [::] whatever the settings say."""
+        real = shlex.quote(str(self.venv / "bin" / "airflow"))
+        self.shim.parent.mkdir(parents=True, exist_ok=True)
+        self.shim.write_text(
             "#!/bin/sh\n"
-            "# standalone starts these by name; their log servers would bind every interface\n"
-            f'case "$1" in scheduler|triggerer) exec "{real}" "$@" --skip-serve-logs;; esac\n'
-            f'exec "{real}" "$@"\n')
-        script.chmod(0o755)
+            "# Written by scripts/airflow_env.py: no log server on every interface.\n"
+            'case "$1" in\n'
+            f'  scheduler|triggerer) exec {real} "$@" --skip-serve-logs ;;\n'
+            "esac\n"
+            f'exec {real} "$@"\n')
+        self.shim.chmod(0o755)
 
     @property
     def passwords_file(self) -> Path:
@@ -242,8 +258,8 @@ class AirflowProcess:
                                f"{variable} to the venv that has apache-airflow "
                                f"{self.major})")
         self.home.mkdir(parents=True, exist_ok=True)
+        self.write_shim()
         if self.major == 2:
-            self._write_shim()
             self.users = {}  # standalone makes `admin`; its password is read once ready
         else:
             # Airflow keeps a password that is already in the file and generates only the

@@ -12,6 +12,7 @@ basic auth; its venv is `make airflow2-venv`); the reconciler finds out by itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -26,22 +27,39 @@ WORK = Path(os.environ.get("PLAYGROUND_DIR") or REPO / ".work" / "playground")
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from airflow_env import start_airflow  # noqa: E402
+from airflow_env import AirflowProcess, start_airflow  # noqa: E402
 
 
-def port_or_free(preferred: int) -> int:
+def port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now. Checked the way servers bind
+    (etcd, uvicorn and Python's HTTP server set SO_REUSEADDR): connections of a previous
+    run left in TIME_WAIT do not make a port taken, only a socket bound to it does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
+            s.bind(("127.0.0.1", port))
         except OSError:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+            return False
+        return True
+
+
+def port_or_free(preferred: int, what: str = "") -> int:
+    """`preferred` if it is free, else a free port, saying so: a user who exported the
+    usual address needs to know it changed."""
+    if port_free(preferred):
+        return preferred
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    if what:
+        print(f"port {preferred} for {what} is taken (another playground, or another "
+              f"program listens on it): using 127.0.0.1:{port} instead", flush=True)
+    return port
 
 
 def start_etcd(port: int) -> subprocess.Popen[bytes]:
     etcd = shutil.which("etcd") or str(BIN / "etcd")
-    peer = port_or_free(port + 1)
+    peer = port_or_free(port + 1, "etcd peer port")
     data = WORK / "etcd"
     url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
     log = open(WORK / "etcd.log", "ab")  # noqa: SIM115 (lives as long as the process)
@@ -77,6 +95,21 @@ def stop_group(proc: subprocess.Popen[bytes] | None, name: str) -> None:
         pass
 
 
+ROOT = "01_pipeline_init"
+
+
+def set_paused(airflow: AirflowProcess, dag_id: str, paused: bool) -> None:
+    """Pause or unpause a DAG through Airflow's REST API (as the UI's toggle does)."""
+    path = f"{airflow.api}/dags/{dag_id}"
+    if airflow.major == 2:  # basic auth on API v1
+        status, body = airflow.request("PATCH", path, {"is_paused": paused},
+                                       basic=(airflow.username, airflow.password))
+    else:
+        status, body = airflow.request("PATCH", path, {"is_paused": paused}, airflow.token())
+    if status != 200:
+        raise RuntimeError(f"PATCH {path} answered {status}: {body}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="etcd, airflow standalone and the "
                                      "reconciler on the example graph, on loopback")
@@ -84,9 +117,9 @@ def main() -> int:
                         help="the Airflow major to run (default 3)")
     major = parser.parse_args().airflow
     WORK.mkdir(parents=True, exist_ok=True)
-    etcd_port = port_or_free(2379)
-    airflow_port = port_or_free(8080)
-    metrics_port = port_or_free(9102)
+    etcd_port = port_or_free(2379, "etcd")
+    airflow_port = port_or_free(8080, "Airflow")
+    metrics_port = port_or_free(9102, "the reconciler's metrics")
     # The playground's Airflow keeps SQLite: one write to it at a time (README, "Airflow on
     # SQLite": concurrent POSTs stall its API server for the lock timeout).
     env = dict(os.environ, RECONCILER_ETCD_ENDPOINTS=f"127.0.0.1:{etcd_port}",
@@ -106,6 +139,16 @@ def main() -> int:
     try:
         print(f"starting etcd on 127.0.0.1:{etcd_port}", flush=True)
         etcd = start_etcd(etcd_port)
+        # The graph first, and the root paused until Airflow's API server answers: a cycle
+        # opened before the sync is sat out by every pipeline synced after it (backfill:
+        # false), and a task started before the API server listens fails. So the first
+        # root run a newcomer sees fans out.
+        print("syncing pipelines/ of git HEAD into etcd", flush=True)
+        synced = subprocess.run([str(BIN / "reconciler"), "sync", "--repo", str(REPO),
+                                 "--rev", "HEAD", "--source", "playground"], env=env)
+        if synced.returncode not in (0,):
+            print("sync refused; the reconciler keeps the graph etcd already holds",
+                  flush=True)
         print(f"starting airflow standalone on 127.0.0.1:{airflow_port} (about 30 s)",
               flush=True)
         airflow = start_airflow(WORK / ("airflow2" if major == 2 else "airflow"),
@@ -115,16 +158,13 @@ def main() -> int:
             "RECONCILER_ETCD_ENDPOINTS": f"127.0.0.1:{etcd_port}",
             "RECONCILER_ETCD_PREFIX": "reconciler",
             "RECONCILER_NAMESPACE": "default",
-        })
+            "EXAMPLE_ROOT_PAUSED": "true",  # created paused; unpaused below
+            # task logs as a user expects them in the UI (the bench's default is WARNING)
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        }, timeout=480)  # about 30 s; a busy machine can take minutes
         env.update(RECONCILER_AIRFLOW_URL=airflow.url,
                    RECONCILER_AIRFLOW_USERNAME=airflow.username,
                    RECONCILER_AIRFLOW_PASSWORD=airflow.password)
-        print("syncing pipelines/ of git HEAD into etcd", flush=True)
-        synced = subprocess.run([str(BIN / "reconciler"), "sync", "--repo", str(REPO),
-                                 "--rev", "HEAD", "--source", "playground"], env=env)
-        if synced.returncode not in (0,):
-            print("sync refused; the reconciler keeps the graph etcd already holds",
-                  flush=True)
         print(f"""
   Airflow UI   {airflow.url}   user {airflow.username}   password {airflow.password}
   etcd         127.0.0.1:{etcd_port}
@@ -137,6 +177,10 @@ def main() -> int:
         reconciler = subprocess.Popen(
             [str(BIN / "reconciler"), "run", "--http-port", str(metrics_port)], env=env,
             start_new_session=True)
+        try:
+            set_paused(airflow, ROOT, False)
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"could not unpause {ROOT} ({exc}): unpause it in the UI", flush=True)
         reconciler.wait()
         return 0 if stopping else reconciler.returncode
     except KeyboardInterrupt:
@@ -146,6 +190,9 @@ def main() -> int:
         stop_group(reconciler, "the reconciler")
         if airflow is not None:
             print("stopping airflow", flush=True)
+            # paused again, so that the next start also syncs before the root runs
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                set_paused(airflow, ROOT, True)
             airflow.stop()
         stop_group(etcd, "etcd")
 

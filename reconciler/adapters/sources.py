@@ -566,6 +566,9 @@ def read_index(directory: str | Path, *, max_file_bytes: int = MAX_FILE_BYTES
             unmerged.add(rel)
             continue
         rows.append((mode, rel, object_id.decode()))
+    if not rows and not unmerged and not os.path.isdir(directory):
+        # a typo: nothing staged under it and no such folder (an empty folder is valid)
+        raise PathNotFound(f"{shown}: no such directory, in the index or the working tree")
     sizes: dict[str, int] = {}
     blobs = [sha for mode, _, sha in rows if mode.startswith(b"100")]
     if blobs:

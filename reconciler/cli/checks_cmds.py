@@ -190,13 +190,19 @@ def diff(base: str, head: str, repo: str, subdir: str, output: str, exit_code: b
         tip, head_commit = resolve_commit(git_repo, base), resolve_commit(git_repo, head)
         base_commit = merge_base(git_repo, tip, head_commit)
         graphs = []
+        missing = 0
         for rev, commit in ((base, base_commit), (head, head_commit)):
             try:
                 files = read_tree(git_repo, commit, subdir, max_file_bytes=max_file_bytes)
             except PathNotFound:
-                files = []
+                files, missing = [], missing + 1
             graphs.append(_graph_or_exit(_check(files, max_file_bytes, max_graph_bytes),
                                          f"{rev}:{subdir}"))
+        if missing == 2:
+            # A typo, not a change: "no change" would pass a CI check that compared
+            # nothing. Exit 2 (as graph --rev, validate): 1 means "changed" here.
+            fail(f"{subdir} is in neither commit {base_commit.hexsha[:12]} ({base}) nor "
+                 f"{head_commit.hexsha[:12]} ({head}): check --path")
     except SourceError as exc:
         fail(str(exc))
     base_graph, head_graph = graphs

@@ -13,11 +13,19 @@ import socket
 
 import click
 
-from reconciler.cli.app import EXIT_ENVIRONMENT, EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.app import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    fail,
+    handle_errors,
+    main,
+    nothing_synced,
+)
 from reconciler.cli.checks_cmds import path_option, repo_option
 from reconciler.cli.options import etcd_options, json_answer, output_option
 from reconciler.core.heap import gc_paused
 from reconciler.core.settings import EtcdSettings
+from reconciler.core.words import counted
 
 
 def default_source(environ: dict[str, str] | None = None) -> str:
@@ -82,7 +90,8 @@ def sync(repo: str, rev: str, subdir: str, force: bool, allow_empty: bool,
         for problem in result.problems:
             click.echo(str(problem))
     elif result.ok:
-        size = f"{result.pipelines} pipelines, {result.blob_bytes} bytes compressed"
+        size = (f"{counted(result.pipelines, 'pipeline')}, "
+                f"{counted(result.blob_bytes, 'byte')} compressed")
         click.echo(f"{result.message} ({size}) in {result.namespace}"
                    if result.status is Status.SYNCED else f"{result.message} ({result.namespace})")
     if not result.ok:
@@ -108,14 +117,13 @@ def history(limit: int, output: str, etcd: EtcdSettings) -> None:
     unreadable = [e for e in read if not isinstance(e, HeadRecord)]
     for bad in unreadable:  # skipped, each named in one line
         click.echo(f"warning: unreadable value at {bad.key}: {bad.why} (skipped)", err=True)
+    if not entries and not unreadable:
+        nothing_synced(etcd)
     if output == "json":
         click.echo(json_answer("History", namespace=etcd.root,
                                items=[e.to_dict() for e in entries],
                                unreadable=[{"key": u.key, "why": u.why} for u in unreadable]),
                    nl=False)
-        return
-    if not entries:
-        click.echo(f"nothing has been synced to {etcd.root} yet")
         return
     for n, e in enumerate(entries):
         mark = "head" if n == 0 else ""

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.app import fail, handle_errors, main, nothing_synced
 from reconciler.cli.options import etcd_options, output_option
 from reconciler.core.errors import ReconcilerError
 from reconciler.core.safe_text import printable
@@ -33,6 +33,7 @@ from reconciler.core.settings import (
     parse_duration,
 )
 from reconciler.core.state import Plan, iso
+from reconciler.core.words import counted
 
 STOP_GRACE = 8.0
 """Seconds `run` waits, after SIGTERM, for the pass under way to end before it exits
@@ -291,8 +292,15 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
     from reconciler.service.observer import Observer
 
     _require_credentials(airflow)
-    store, api = _open(etcd, airflow, deadline=ONE_SHOT_DEADLINE)
+    from reconciler.adapters.store import EtcdStore
+
+    store = EtcdStore(etcd)
     try:
+        # Before Airflow is asked anything: an empty namespace is one line, like every
+        # command's (and the loop's hints are not ours).
+        if store.read_head()[0] is None:
+            nothing_synced(etcd)
+        api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
         settings = LoopSettings(window=window)
         observer = Observer(store, api, settings, SystemClock())
         observer.log_quarantine = False  # each key is named below, in one line
@@ -300,8 +308,7 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
         if seen.desired is None:
             for key, why in observer.quarantined.items():  # the head or graph: name it
                 fail(f"unreadable value at {key}: {why}")
-            fail("no graph has been synced to etcd yet: run `reconciler sync` first",
-                 EXIT_FAILED)
+            nothing_synced(etcd)
         ledger = observer.read_ledger()
         for key, why in observer.quarantined.items():  # skipped, each named in one line
             click.echo(f"warning: unreadable value at {key}: {why} (skipped)", err=True)
@@ -340,7 +347,8 @@ def plan_command(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
              "run_id": a.run_id, "reason": a.reason} for a in result.actions]}, indent=2))
         return
     if not result.actions:
-        click.echo(f"nothing to do ({len(result.cycles)} open cycles, commit {commit[:12]})")
+        click.echo(f"nothing to do ({counted(len(result.cycles), 'open cycle')}, commit "
+                   f"{commit[:12]})")
     for a in result.actions:
         click.echo(f"{a.kind.value:8} {printable(a.dag_id)} cycle {iso(a.cycle)} run "
                    f"{printable(a.run_id)}: {printable(a.reason)}")

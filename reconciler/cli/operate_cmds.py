@@ -25,12 +25,11 @@ from typing import Any
 
 import click
 
-from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
+from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main, nothing_synced
 from reconciler.cli.loop_cmds import (
     ONE_SHOT_DEADLINE,
     _airflow_client,
     _duration,
-    _open,
     _require_credentials,
     _seconds,
     airflow_options,
@@ -40,6 +39,7 @@ from reconciler.core.errors import ReconcilerError
 from reconciler.core.safe_text import printable
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import State, iso, parse_time
+from reconciler.core.words import counted
 
 STATES = [s.value for s in State]
 COLOURS = {"done": "green", "failed": "red", "blocked": "red", "running": "cyan",
@@ -144,7 +144,7 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
     seen = observer.observe(with_ledger=False)
     if seen.desired is None:
         fail_if_quarantined(observer)
-        fail("no graph has been synced to etcd yet: run `reconciler sync` first", EXIT_FAILED)
+        nothing_synced(etcd)
     result = plan(seen.desired.graph, seen.runs.values(), observer.read_ledger(), seen.now,
                   window=window, since=seen.desired.since, commit=seen.desired.commit,
                   suspended=seen.suspended)
@@ -206,8 +206,7 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
     try:
         header = _header(store, unreadable, need_head=live)
         if header["commit"] is None and store.head_key() not in {u.key for u in unreadable}:
-            fail("no graph has been synced to etcd yet: run `reconciler sync` first",
-                 EXIT_FAILED)
+            nothing_synced(etcd)
         rows = (_live(store, etcd, airflow, window, unreadable) if live
                 else _from_mirror(store, unreadable))
     except (StoreError, ReconcilerError) as exc:
@@ -312,8 +311,9 @@ def suspend(etcd: EtcdSettings, dag: str | None, everything: bool, reason: str,
 @etcd_options
 @click.argument("dag", required=False)
 @click.option("--all", "everything", is_flag=True, help="Resume the whole namespace.")
+@output_option(["text", "json"], "text")
 @handle_errors
-def resume(etcd: EtcdSettings, dag: str | None, everything: bool) -> None:
+def resume(etcd: EtcdSettings, dag: str | None, everything: bool, output: str) -> None:
     """Undo `suspend` for DAG (or --all). Exit 1 when it was not suspended."""
     from reconciler.adapters.store import StoreError
 
@@ -329,26 +329,33 @@ def resume(etcd: EtcdSettings, dag: str | None, everything: bool) -> None:
         store.close()
     if not removed:
         fail(f"{'the namespace' if target == '*' else target} was not suspended", EXIT_FAILED)
-    click.echo(f"resumed {'the namespace' if target == '*' else target}")
+    if output == "json":
+        click.echo(json_answer("Resumption", target=target, by=_operator(),
+                               at=iso(datetime.now(UTC))), nl=False)
+    else:
+        click.echo(f"resumed {'the namespace' if target == '*' else target}")
 
 
 @main.command()
 @etcd_options
+@output_option(["text", "json"], "text")
 @handle_errors
-def reconcile(etcd: EtcdSettings) -> None:
+def reconcile(etcd: EtcdSettings, output: str) -> None:
     """Wake the loop now: the leader runs a pass with a full relist of the runs."""
     from reconciler.adapters.store import StoreError
 
+    request = {"by": _operator(), "at": iso(datetime.now(UTC))}
     store = _store(etcd)
     try:
-        store.put_json(store.control_key("reconcile"),
-                       {"by": _operator(), "at": iso(datetime.now(UTC))})
+        store.put_json(store.control_key("reconcile"), request)
         leader = store.leader()
     except StoreError as exc:
         fail(str(exc))
     finally:
         store.close()
-    if leader is None:
+    if output == "json":
+        click.echo(json_answer("ReconcileRequest", request, leader=leader), nl=False)
+    elif leader is None:
         click.echo("asked; but no replica holds the lease now: the request waits for one")
     else:
         click.echo(f"asked {leader} to reconcile now")
@@ -400,21 +407,50 @@ TERMINAL = {"done", "failed", "blocked"}
               help="Give up after this long (exit 1).")
 @click.option("--every", default="1", callback=_seconds, show_default=True,
               help="How often to look.")
+@output_option(["text", "json"], "text")
 @handle_errors
 def wait(etcd: EtcdSettings, dags: tuple[str, ...], cycle: str | None, wanted: str,
-         timeout: float, every: float) -> None:
+         timeout: float, every: float, output: str) -> None:
     """Until the pipelines of a cycle reach --state in the leader's mirror, or --timeout.
 
     Exit 0 when they did, 1 on timeout or when one of them settled in another final
-    state (done, failed, blocked) first: handy for smoke tests after a deploy.
+    state (done, failed, blocked) first: handy for smoke tests after a deploy. Exit 1 at
+    once when nothing is synced or a --dag is not in the synced graph.
     """
     from reconciler.adapters.store import StoreError
+    from reconciler.service.sync import read_synced_graph
 
-    target = parse_time(cycle) if cycle else None
+    target = None
+    if cycle is not None:
+        try:
+            target = parse_time(cycle)
+        except ValueError:
+            fail(f"--cycle {cycle!r} is not an ISO 8601 date")
     deadline = time.monotonic() + timeout
     store = _store(etcd)
     last: dict[str, str] = {}
+    chosen = target
+
+    def answer(ok: bool, message: str) -> None:
+        if output == "json":
+            click.echo(json_answer("WaitResult", ok=ok, cycle=iso(chosen) if chosen else None,
+                                   state=wanted, pipelines=dict(sorted(last.items())),
+                                   message=message), nl=False)
+        elif ok:
+            click.echo(message)
+        if not ok:
+            fail(message, EXIT_FAILED)
+
     try:
+        # Fail fast on what no waiting can change: nothing synced, a pipeline not in it.
+        head, _ = store.read_head()
+        if head is None:
+            nothing_synced(etcd)
+        _, graph = read_synced_graph(store, head.commit)
+        unknown = sorted(set(dags) - set(graph.pipelines))
+        if unknown:
+            fail(f"{', '.join(unknown)}: not a pipeline of the synced graph "
+                 f"({head.commit[:12]})", EXIT_FAILED)
         while True:
             rows = _from_mirror(store)
             cycles = sorted(t for t in {parse_time(r.get("cycle")) for r in rows}
@@ -425,15 +461,19 @@ def wait(etcd: EtcdSettings, dags: tuple[str, ...], cycle: str | None, wanted: s
             last = {r["dag_id"]: r["state"] for r in mine}
             missing = set(dags) - set(last)
             if mine and not missing and all(s == wanted for s in last.values()):
-                click.echo(f"{', '.join(sorted(last))}: {wanted} (cycle {iso(chosen)})"
-                           if chosen else wanted)
-                return
+                return answer(True, f"{', '.join(sorted(last))}: {wanted} (cycle {iso(chosen)})"
+                              if chosen else wanted)
             settled = {d: s for d, s in last.items() if s in TERMINAL and s != wanted}
             if settled and wanted in TERMINAL:
-                fail(_describe("settled otherwise", settled), EXIT_FAILED)
+                return answer(False, _describe("settled otherwise", settled))
             if time.monotonic() >= deadline:
-                fail(_describe(f"timed out after {timeout:g} s waiting for {wanted}",
-                               last or dict.fromkeys(dags, "no status yet")), EXIT_FAILED)
+                what = f"timed out after {timeout:g} s waiting for {wanted}"
+                if not last:
+                    where = f"cycle {iso(chosen)}" if chosen else "any cycle"
+                    return answer(False, f"{what}: no status in etcd's mirror for {where} "
+                                  "(the leader of `reconciler run` writes it on each pass)")
+                return answer(False, _describe(what, {**dict.fromkeys(dags, "no status yet"),
+                                                      **last}))
             time.sleep(max(0.05, min(every, deadline - time.monotonic())))
     except StoreError as exc:
         fail(str(exc))
@@ -518,12 +558,17 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
     from reconciler.service.sync import read_synced_graph
 
     _require_credentials(airflow)
-    store, api = _open(etcd, airflow, deadline=ONE_SHOT_DEADLINE)
+    # Airflow is asked (which API it speaks, then the DAGs) only once there is a graph to
+    # check against: an empty namespace is the same one line as every command's.
+    store = _store(etcd)
+    api: Any = None
     commit: str | None = None
     try:
         # Every stored value this version cannot read, one finding each, key named.
         findings = [{"key": u.key, "problem": "corrupt", "message": f"unreadable ({u.why})"}
                     for u in store.corrupt_values()]
+        if not findings and store.read_head()[0] is None:
+            nothing_synced(etcd)
         try:
             commit, graph = read_synced_graph(store)
         except StoreCorrupt:
@@ -531,6 +576,7 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
                 raise
             graph = None  # already a finding: Airflow cannot be checked against no graph
         if graph is not None:
+            api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
             dags = api.list_dags()
             # The window on Airflow's clock (its Date header), like the loop's.
             local = datetime.now(UTC)
@@ -545,7 +591,7 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
                 findings.append(clock)
     except AirflowAuthError as exc:
         # Airflow 2 answers 403 for three causes: its client tells which (the UI login)
-        explain = getattr(api, "explain_refusal", None)
+        explain = getattr(api, "explain_refusal", None) if api is not None else None
         fail(explain() if explain is not None else str(exc))
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
@@ -558,7 +604,7 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
             name = f.get("dag_id") or f.get("key") or "clock"
             click.echo(f"{printable(name)}: {printable(f['message'])}")
         if not findings and graph is not None and commit is not None:
-            click.echo(f"no finding: the {len(graph)} pipelines of {commit[:12]} are in "
-                       "Airflow, unpaused, and scheduled the way the graph expects")
+            click.echo(f"no finding: {counted(len(graph), 'pipeline')} of {commit[:12]}, each "
+                       "in Airflow, unpaused, and scheduled the way the graph expects")
     if findings:
         raise SystemExit(EXIT_FAILED)

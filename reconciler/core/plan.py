@@ -75,8 +75,13 @@ Other rules and their edge cases
   for the cycle it is `not_in_cycle` (reason NotScheduled) instead: that cycle belongs
   to other roots.
 - Suspended (`reconciler suspend`, key `suspended/<dag_id>` or `suspended/*`): like
-  `enabled: false` for a non-root until resumed (status Suspended, downstreams wait);
-  roots keep opening cycles, so resuming catches up every open cycle.
+  `enabled: false` for a non-root until resumed: never triggered, cleared or adopted,
+  and what is below it is held (nothing triggered or re-run on it). A suspension holds
+  back only what has not run yet; it never changes the state of what has run: a
+  suspended pipeline, or one held below it, that has a run in the cycle shows that run's
+  own state (done, failed, running), its message saying what holds it; one without a run
+  shows Suspended, or WaitingFor ... (suspended). Roots keep opening cycles, so resuming
+  catches up every open cycle.
 - `enabled: false`: never triggered, cleared or adopted; its downstreams wait for it
   (status Disabled; downstreams WaitingFor ... (disabled)), even if someone ran it by
   hand: git took it out of the chain, re-enabling it puts it back (its run is then
@@ -140,8 +145,9 @@ from reconciler.core.state import (
 
 __all__ = ["plan"]
 
-# Outcome kinds of a pipeline in a cycle, as seen by its downstreams.
-_OK, _FAILED, _PENDING, _BLOCKED, _ABSENT = range(5)
+# Outcome kinds of a pipeline in a cycle, as seen by its downstreams. Held is pending
+# because of a suspension only: what has already run below it keeps its own state.
+_OK, _FAILED, _PENDING, _BLOCKED, _ABSENT, _HELD = range(6)
 
 
 class _Outcome(NamedTuple):
@@ -150,7 +156,7 @@ class _Outcome(NamedTuple):
     note: str = ""
     """Pending/absent: why, for the downstream's message ("running", "disabled", ...)."""
     causes: tuple[str, ...] = ()
-    """Blocked: the failed pipelines at the origin."""
+    """Blocked: the failed pipelines at the origin. Held: the suspended ones."""
     item: FingerprintItem | None = None
     """Ok/failed: the run's fingerprint item, computed once per cycle, not per downstream."""
 
@@ -159,7 +165,6 @@ _NO_RUN = _Outcome(_ABSENT, None, "no run in this cycle")
 _UPSTREAMS_ABSENT = _Outcome(_ABSENT, None, "nothing upstream in this cycle")
 _NOT_SCHEDULED = _Outcome(_ABSENT, None, "not scheduled in this cycle")
 _DISABLED = _Outcome(_PENDING, None, "disabled")
-_SUSPENDED = _Outcome(_PENDING, None, "suspended")
 _WAITING = _Outcome(_PENDING, None, "waiting for its upstreams")
 _TRIGGER_PLANNED = _Outcome(_PENDING, None, "trigger planned")
 _RERUN_PLANNED = _Outcome(_PENDING, None, "re-run planned")
@@ -328,12 +333,14 @@ def _plan_cycle(
 
         why = suspended.get(dag_id, everything)
         if why is not None:
-            extra = f"; run {run.run_id} is {run.state}" if run else ""
             who = "suspended" if dag_id in suspended else "the namespace is suspended"
-            status(dag_id, State.SUSPENDED, Reason.SUSPENDED,
-                   f"{who} by an operator ({why}): not triggered until `reconciler "
-                   f"resume`{extra}", run)
-            outcome[dag_id] = _SUSPENDED
+            held = (f"{who} by an operator ({why}): not triggered or re-run until "
+                    "`reconciler resume`")
+            if run is None:
+                status(dag_id, State.SUSPENDED, Reason.SUSPENDED, held)
+            else:  # it has run: that stays the truth, the suspension holds what is next
+                _own_run_status(dag_id, run, status, f"; {held}")
+            outcome[dag_id] = _Outcome(_HELD, run, "suspended", (dag_id,))
             continue
 
         entry = ledger.get((cycle, dag_id))
@@ -379,7 +386,8 @@ def _unsatisfied(dag_id: str, run: DagRun | None, ups: tuple[str, ...], all_done
     blocked: list[str] = []
     blocked_notes: list[str] = []
     causes: set[str] = set()
-    absent = 0
+    suspensions: set[str] = set()
+    absent = held = 0
     for up in ups:
         o = outcome.get(up, _NOT_IN_GRAPH)
         kind = o.kind
@@ -397,6 +405,9 @@ def _unsatisfied(dag_id: str, run: DagRun | None, ups: tuple[str, ...], all_done
             waiting.append(up)
             notes.append(f"{up} ({o.note})")
             absent += kind == _ABSENT
+            if kind == _HELD:
+                held += 1
+                suspensions.update(o.causes)
 
     if blocked:
         turned = [i.upstream for i in (entry.fingerprint if entry else ())
@@ -408,6 +419,18 @@ def _unsatisfied(dag_id: str, run: DagRun | None, ups: tuple[str, ...], all_done
                   "whose run then ended failed" if turned else ""),
                run, waiting_for=tuple(waiting), blocked_by=tuple(blocked))
         return _Outcome(_BLOCKED, None, "blocked", tuple(sorted(causes)))
+    if held and held == len(waiting):
+        # Held by a suspension above, and by nothing else: its own run (if any) is shown
+        # as it is; nothing is triggered or re-run until `reconciler resume`.
+        names = ", ".join(sorted(suspensions))
+        if run is None:
+            status(dag_id, State.WAITING, Reason.WAITING_FOR,
+                   "waiting for " + ", ".join(notes), waiting_for=tuple(waiting))
+        else:
+            _own_run_status(dag_id, run, status, f"; held while {names} "
+                            f"{'is' if len(suspensions) == 1 else 'are'} suspended: not "
+                            "re-run until `reconciler resume`")
+        return _Outcome(_HELD, run, f"held: {names} suspended", tuple(sorted(suspensions)))
     if absent == len(ups):
         status(dag_id, State.NOT_IN_CYCLE, Reason.NOT_SCHEDULED,
                "no upstream has a run in this cycle: " + ", ".join(notes), run,

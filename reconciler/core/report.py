@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from reconciler.core.checks import CheckResult
+from reconciler.core.words import counted
 
 
 def _github_escape(text: str, *, prop: bool = False) -> str:
@@ -20,8 +21,9 @@ def to_text(result: CheckResult) -> str:
     if result.ok:
         graph = result.graph
         assert graph is not None
-        lines.append(f"ok: {result.files} files, {len(graph)} pipelines, "
-                     f"{graph.edge_count()} dependencies, {len(graph.roots())} roots")
+        lines.append(f"ok: {counted(result.files, 'file')}, {counted(len(graph), 'pipeline')}, "
+                     f"{counted(graph.edge_count(), 'dependency')}, "
+                     f"{counted(len(graph.roots()), 'root')}")
     else:
         files = len({p.path for p in result.problems})
         lines.append(f"{len(result.problems)} problem(s) in {files} file(s)")

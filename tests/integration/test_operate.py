@@ -157,6 +157,30 @@ def test_suspend_is_honoured_by_the_loop_and_resume_catches_up(
     assert "was not suspended" in again.output
 
 
+def test_suspend_after_a_finished_cycle_leaves_what_ran_as_it_is_in_etcd(
+        store: EtcdStore, etcd_settings: EtcdSettings, fake: FakeAirflow) -> None:
+    r = loop(store, fake)
+    for _ in range(6):  # 02-05, then 06, then 07: the cycle runs to the end
+        r.run_pass()
+        fake.finish_all()
+    r.run_pass()
+    cycle = CYCLE.isoformat()
+    assert cli(etcd_settings, "wait", "--cycle", cycle, "--timeout", "5").exit_code == 0
+    assert cli(etcd_settings, "suspend", "03_pipeline", "-m", "INC-42").exit_code == 0
+    r.observer.suspended_dirty.set()  # what the runner's watch does
+    assert r.run_pass().actions == []
+    # the mirror in etcd, which status and wait read, still says what Airflow says
+    mirrored = {v["dag_id"]: v for v in store.read_observed().values()}
+    assert {d: v["state"] for d, v in mirrored.items()} == dict.fromkeys(EXAMPLE_DAGS, "done")
+    assert "held while 03_pipeline is suspended" in mirrored["06_pipeline"]["message"]
+    waited = cli(etcd_settings, "wait", "--dag", "06_pipeline", "--cycle", cycle,
+                 "--timeout", "5")
+    assert waited.exit_code == 0, waited.output
+    shown = cli(etcd_settings, "status", "--dag", "03_pipeline", "--dag", "06_pipeline")
+    assert "waiting" not in shown.output
+    assert "suspended: 03_pipeline by" in shown.output  # the header still says it
+
+
 def test_suspending_the_namespace_stops_every_trigger(store: EtcdStore,
                                                      etcd_settings: EtcdSettings,
                                                      fake: FakeAirflow) -> None:

@@ -66,7 +66,7 @@ def test_sync_noop_refusal_rollback_and_history(cli: Cli) -> None:
     c1 = cli.repo.commit(pipelines(("a",)))
     first = cli.sync()
     assert first.exit_code == 0, first.output
-    assert first.stdout.startswith(f"first sync: {c1[:12]} (1 pipelines,")
+    assert first.stdout.startswith(f"first sync: {c1[:12]} (1 pipeline,")
     c2 = cli.repo.commit(pipelines(("b", "a")))
     ff = cli.sync("--rev", c2)
     assert ff.exit_code == 0
@@ -186,7 +186,10 @@ def test_an_empty_graph_or_a_missing_path_is_refused_and_nothing_written(cli: Cl
 def test_durations_and_environment_variables_of_the_options(cli: Cli) -> None:
     c1 = cli.repo.commit(pipelines(("a",)))
     for timeout in ("5", "5s", "0.5m", "2.5"):
-        assert cli("history", "--etcd-timeout", timeout).exit_code == 0, timeout
+        # parsed, and etcd answered: nothing is synced yet (exit 1, not a usage error)
+        answer = cli("history", "--etcd-timeout", timeout)
+        assert answer.exit_code == 1, timeout
+        assert "nothing synced yet" in answer.stderr
     bad = cli("history", "--etcd-timeout", "soon")
     assert bad.exit_code == 2
     assert "'soon' is not a duration" in bad.stderr

@@ -61,6 +61,8 @@ class World:
         self.runs: dict[tuple[str, str], DagRun] = {}
         self.ledger: dict[tuple[datetime, str], LedgerEntry] = {}
         self.executions: list[tuple[str, datetime]] = []
+        self.suspended: dict[str, str] = {}
+        """dag_id (or "*") -> why: an operator's `reconciler suspend`."""
 
     def tick(self) -> datetime:
         self.clock += timedelta(seconds=1)
@@ -107,7 +109,8 @@ class World:
 
     def plan(self, now: datetime | None = None) -> Plan:
         return plan(self.graph, list(self.runs.values()), self.ledger, now or self.clock,
-                    window=self.window, since=self.since, commit="abc123")
+                    window=self.window, since=self.since, commit="abc123",
+                    suspended=self.suspended)
 
     def apply(self, result: Plan) -> None:
         """What the loop does: Airflow call, then the ledger entry, confirmed."""
@@ -902,6 +905,60 @@ def test_suspending_the_namespace_triggers_nothing_but_keeps_cycles_open() -> No
     states = {s.dag_id: s.state for s in held.statuses}
     assert states["01_pipeline_init"] is State.DONE
     assert {states[d] for d in states if d != "01_pipeline_init"} == {State.SUSPENDED}
+
+
+def test_suspending_never_changes_the_state_of_what_has_run() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.settle()  # the cycle finished: every pipeline done
+    world.suspended = {"03_pipeline": "alice: INC-42"}
+    held = world.plan()
+    assert held.actions == ()
+    statuses = by_id(held)
+    assert {d: s.state for d, s in statuses.items()} == dict.fromkeys(statuses, State.DONE)
+    assert statuses["03_pipeline"].reason is Reason.DONE
+    assert "suspended by an operator (alice: INC-42)" in statuses["03_pipeline"].message
+    for dag_id in ("06_pipeline", "07_pipeline"):
+        assert statuses[dag_id].run_id == run_id_for(C)
+        assert statuses[dag_id].message == (f"run {run_id_for(C)} is success; held while "
+                                            "03_pipeline is suspended: not re-run until "
+                                            "`reconciler resume`")
+    assert statuses["02_pipeline"].message == f"run {run_id_for(C)} is success"
+    world.suspended = {"*": "bob: freeze"}
+    frozen = world.plan()
+    assert frozen.actions == ()
+    assert {s.state for s in frozen.statuses} == {State.DONE}
+
+
+def test_a_suspension_holds_back_what_has_not_run_yet() -> None:
+    world = World(example_graph())
+    world.root_run()
+    done_through(world, *MIDDLE)  # 02-05 triggered and done; 06 not triggered yet
+    world.suspended = {"03_pipeline": "alice"}
+    held = world.plan()
+    assert held.actions == ()
+    statuses = by_id(held)
+    assert statuses["03_pipeline"].state is State.DONE
+    assert statuses["06_pipeline"].state is State.WAITING
+    assert statuses["06_pipeline"].message == "waiting for 03_pipeline (suspended)"
+    assert statuses["07_pipeline"].state is State.WAITING
+    assert "06_pipeline (held: 03_pipeline suspended)" in statuses["07_pipeline"].message
+    world.suspended = {}
+    assert kinds(world.plan()) == [("trigger", "06_pipeline")]
+
+
+def test_a_rerun_above_a_suspension_waits_for_resume_and_shows_what_ran() -> None:
+    world = World(example_graph())
+    world.root_run()
+    world.settle()
+    world.suspended = {"03_pipeline": "alice"}
+    world.user_clear("02_pipeline")  # someone re-runs 02 while 03 is suspended
+    world.finish("02_pipeline")
+    held = world.plan()
+    assert held.actions == ()  # 06 is not re-run while 03 is suspended
+    assert by_id(held)["06_pipeline"].state is State.DONE
+    world.suspended = {}
+    assert kinds(world.plan()) == [("clear", "06_pipeline")]
 
 
 # --- the eager path (DESIGN section 5) ----------------------------------------------------

@@ -272,7 +272,7 @@ def test_a_directory_argument_that_is_a_link_is_followed(world: Path) -> None:
     (real / "a.yaml").write_bytes(pipeline("a"))
     (world / "link").symlink_to(real)
     code, out, _ = validate(str(world / "link"))
-    assert (code, out) == (0, "ok: 1 files, 1 pipelines, 0 dependencies, 1 roots\n")
+    assert (code, out) == (0, "ok: 1 file, 1 pipeline, 0 dependencies, 1 root\n")
 
 
 # --- hidden entries, names, sizes ----------------------------------------------------------

@@ -58,7 +58,7 @@ def test_valid_case_passes(case: str) -> None:
 def test_the_shipped_example_graph_is_valid() -> None:
     proc = run("validate", cwd=REPO)
     assert proc.returncode == 0, proc.stdout
-    assert proc.stdout == "ok: 7 files, 7 pipelines, 9 dependencies, 1 roots\n"
+    assert proc.stdout == "ok: 7 files, 7 pipelines, 9 dependencies, 1 root\n"
 
 
 def test_every_error_of_the_run_is_reported_not_just_the_first() -> None:

@@ -25,14 +25,15 @@ except ImportError:  # Airflow 2
     from airflow.operators.python import get_current_context  # type: ignore[no-redef]
 
 
-def example_dag(dag_id: str, schedule: str | None = None) -> DAG:
+def example_dag(dag_id: str, schedule: str | None = None, *, paused: bool = False) -> DAG:
+    """`paused`: created paused (the playground's root, unpaused once all is ready)."""
     with DAG(
         dag_id=dag_id,
         schedule=schedule,
         # In the past, with catchup off: a scheduled DAG runs for the latest interval now.
         start_date=datetime(2025, 1, 1, tzinfo=UTC),
         catchup=False,
-        is_paused_upon_creation=False,  # runs without a click in the UI
+        is_paused_upon_creation=paused,  # else runs without a click in the UI
         tags=["reconciler-example"],
         max_active_runs=4,
         doc_md=__doc__,
