@@ -114,6 +114,9 @@ def test_a_leader_whose_write_permission_is_revoked_gives_up_the_lease(
     server.etcdctl("user", "grant-role", "second", "writer")
     second, _ = replica(settings, "second", fake, "second")
     try:
+        # Probe the write permission at every keep-alive (the default waits PROBE_EVERY):
+        # set before the campaign, which schedules the first probe.
+        first.leadership.probe_every = 0.0
         first.leadership.tick()
         assert first.leadership.is_leader()
         # The writer role may now only read (the `second` user gets a role of its own).
@@ -125,7 +128,6 @@ def test_a_leader_whose_write_permission_is_revoked_gives_up_the_lease(
         server.etcdctl("role", "revoke-permission", "writer", "--prefix=true", settings.root)
         server.etcdctl("role", "grant-permission", "writer", "--prefix=true", "read",
                        settings.root)
-        first.leadership.probe_every = 0.0
         first.leadership.tick()  # keep-alive, then the write check: refused
         assert not first.leadership.is_leader()
         first_runner.turn()
