@@ -40,7 +40,8 @@ def test_scenario_1_normal_every_downstream_once_with_the_cycle_logical_date(
     # the pipeline's own conf beside the provenance, as Airflow holds it (the loop's run
     # cache keeps only the provenance of a conf)
     held = bench.api.get_run("06_pipeline", ends["06_pipeline"].run_id)
-    assert held is not None and held["conf"]["target"] == "mart"
+    assert held is not None
+    assert held["conf"]["target"] == "mart"
 
 
 def test_scenario_2_rerun_of_03_reruns_06_and_07_only(bench: Bench) -> None:
