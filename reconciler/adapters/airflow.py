@@ -670,10 +670,16 @@ class AirflowClient:
         """Re-run a finished run (same run id, all tasks cleared), at most once.
 
         `POST .../clear` is not idempotent: a second one re-runs the run again. So it is
-        never retried blindly. When an attempt's answer is lost (timeout, dropped
-        connection, 5xx: it may have taken effect), the run is read first; if it has
-        restarted (queued or running, or an end date other than `cleared_end`, the one
-        this clear was decided on) the clear took effect and is not sent again.
+        never retried blindly. When an attempt fails (5xx, dropped connection, timeout:
+        it may have taken effect), the run is read first; if it has restarted (queued or
+        running, or an end date other than `cleared_end`, the one this clear was decided
+        on) the clear took effect and is not sent again.
+
+        A POST that got no answer at all (a read timeout: the API server may still be
+        working on it and apply it later) is never sent again within this call, even
+        when the run reads as not restarted yet: the AirflowUnavailable (`no_answer`)
+        leaves the outcome unconfirmed. The caller keeps the intent with `cleared_end`,
+        and a later pass reads the run first and clears once only if it never restarted.
 
         Returns `(run, True)` when this call's POST answered, `(run, False)` when an
         earlier attempt (or a clear before this call: a retry after a crash) had
@@ -689,17 +695,27 @@ class AirflowClient:
             try:
                 return dict(self._json("POST", path, json={"dry_run": False}, retry=False,
                                        not_found=missing)), True
-            except AirflowUnavailable:
-                if attempt >= max(1, self.settings.retries) or \
-                        time.monotonic() - started >= deadline:
+            except AirflowUnavailable as exc:
+                unanswered = exc
+                if not exc.no_answer and (attempt >= max(1, self.settings.retries) or
+                                          time.monotonic() - started >= deadline):
                     raise
             # The answer is lost: look before sending it again.
-            with self.deadline_of(max(0.1, deadline - (time.monotonic() - started))):
+            left = deadline - (time.monotonic() - started)
+            if left <= 0:
+                raise unanswered
+            with self.deadline_of(max(0.1, left)):
                 run = self.get_run(dag_id, run_id)
             if run is None:
                 raise AirflowNotFound(missing)
             if restarted(run, cleared_end):
                 return run, False
+            if unanswered.no_answer:
+                # Still in flight, perhaps: a second POST could re-run the run twice.
+                raise AirflowUnavailable(
+                    f"{unanswered}; the clear of run {run_id!r} of DAG {dag_id!r} is "
+                    "unconfirmed (not sent again: it may still take effect)",
+                    no_answer=True) from None
             self.sleep(min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1)))
 
     def task_instances(self, dag_id: str, run_id: str,
