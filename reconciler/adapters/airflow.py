@@ -466,6 +466,16 @@ class AirflowClient:
             raise AirflowRejected(f"{method} {self.base}{path} answered {response.status_code} "
                                "with a body that is not JSON: is this the Airflow API?") from None
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """`_json` where the API answers one object: anything else (`null`, a list, a
+        string) is AirflowRejected, never a TypeError in the caller."""
+        data = self._json(method, path, **kwargs)
+        if not isinstance(data, dict):
+            raise AirflowRejected(f"{method} {self.base}{path} answered a "
+                                  f"{type(data).__name__}, not an object: is this the "
+                                  "Airflow API?")
+        return data
+
     def _detail(self, response: requests.Response) -> str:
         return self._redact(_detail_of(response))
 
@@ -473,7 +483,7 @@ class AirflowClient:
 
     def health(self) -> dict[str, Any]:
         """`GET /api/v2/monitor/health` (no auth): per component `{"status": "healthy"}`."""
-        return dict(self._json("GET", "/api/v2/monitor/health", auth=False))
+        return self._object("GET", "/api/v2/monitor/health", auth=False)
 
     def list_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,
@@ -614,8 +624,8 @@ class AirflowClient:
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
         """One run, or None when Airflow has no such run (or no such DAG: both are 404)."""
         try:
-            return dict(self._json("GET", f"/api/v2/dags/{_path(dag_id)}/dagRuns/"
-                                          f"{_path(run_id)}"))
+            return self._object("GET", f"/api/v2/dags/{_path(dag_id)}/dagRuns/"
+                                       f"{_path(run_id)}")
         except AirflowNotFound:
             return None
 
@@ -693,8 +703,8 @@ class AirflowClient:
         while True:
             attempt += 1
             try:
-                return dict(self._json("POST", path, json={"dry_run": False}, retry=False,
-                                       not_found=missing)), True
+                return self._object("POST", path, json={"dry_run": False}, retry=False,
+                                    not_found=missing), True
             except AirflowUnavailable as exc:
                 unanswered = exc
                 if not exc.no_answer and (attempt >= max(1, self.settings.retries) or
@@ -741,10 +751,10 @@ class AirflowClient:
 
     def unpause(self, dag_id: str) -> dict[str, Any]:
         """`PATCH /api/v2/dags/{dag_id}` `{"is_paused": false}`; answers the DAG."""
-        return dict(self._json(
+        return self._object(
             "PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False},
             not_found=f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG file "
-                      "deployed and parsed?"))
+                      "deployed and parsed?")
 
 
 def _identity(item: Any) -> tuple[Any, ...]:

@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from reconciler.adapters.store import StoreCorrupt, Unreadable
+from reconciler.core.errors import ReconcilerError
 from reconciler.core.graph import Graph
 from reconciler.core.settings import LoopSettings
 from reconciler.core.state import DagRun, LedgerEntry, parse_time
@@ -359,7 +360,12 @@ class Observer:
             # Before the first listing: one cheap call (no auth) to read Airflow's clock.
             health = getattr(self.api, "health", None)
             if health is not None:
-                health()
+                try:
+                    health()
+                except ReconcilerError as exc:
+                    # Only its Date header is wanted (read even from a bad answer); an
+                    # Airflow that cannot answer fails the listing that follows.
+                    event("clock probe failed", logging.DEBUG, error=str(exc))
             self._probed = True
             server = server_now()
         if server is None:
