@@ -466,6 +466,16 @@ class AirflowClient:
             raise AirflowRejected(f"{method} {self.base}{path} answered {response.status_code} "
                                "with a body that is not JSON: is this the Airflow API?") from None
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """`_json` where the API answers one object: anything else (`null`, a list, a
+        string) is AirflowRejected, never a TypeError in the caller."""
+        data = self._json(method, path, **kwargs)
+        if not isinstance(data, dict):
+            raise AirflowRejected(f"{method} {self.base}{path} answered a "
+                                  f"{type(data).__name__}, not an object: is this the "
+                                  "Airflow API?")
+        return data
+
     def _detail(self, response: requests.Response) -> str:
         return self._redact(_detail_of(response))
 
@@ -473,7 +483,7 @@ class AirflowClient:
 
     def health(self) -> dict[str, Any]:
         """`GET /api/v2/monitor/health` (no auth): per component `{"status": "healthy"}`."""
-        return dict(self._json("GET", "/api/v2/monitor/health", auth=False))
+        return self._object("GET", "/api/v2/monitor/health", auth=False)
 
     def list_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,
@@ -614,8 +624,8 @@ class AirflowClient:
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
         """One run, or None when Airflow has no such run (or no such DAG: both are 404)."""
         try:
-            return dict(self._json("GET", f"/api/v2/dags/{_path(dag_id)}/dagRuns/"
-                                          f"{_path(run_id)}"))
+            return self._object("GET", f"/api/v2/dags/{_path(dag_id)}/dagRuns/"
+                                       f"{_path(run_id)}")
         except AirflowNotFound:
             return None
 
@@ -670,10 +680,16 @@ class AirflowClient:
         """Re-run a finished run (same run id, all tasks cleared), at most once.
 
         `POST .../clear` is not idempotent: a second one re-runs the run again. So it is
-        never retried blindly. When an attempt's answer is lost (timeout, dropped
-        connection, 5xx: it may have taken effect), the run is read first; if it has
-        restarted (queued or running, or an end date other than `cleared_end`, the one
-        this clear was decided on) the clear took effect and is not sent again.
+        never retried blindly. When an attempt fails (5xx, dropped connection, timeout:
+        it may have taken effect), the run is read first; if it has restarted (queued or
+        running, or an end date other than `cleared_end`, the one this clear was decided
+        on) the clear took effect and is not sent again.
+
+        A POST that got no answer at all (a read timeout: the API server may still be
+        working on it and apply it later) is never sent again within this call, even
+        when the run reads as not restarted yet: the AirflowUnavailable (`no_answer`)
+        leaves the outcome unconfirmed. The caller keeps the intent with `cleared_end`,
+        and a later pass reads the run first and clears once only if it never restarted.
 
         Returns `(run, True)` when this call's POST answered, `(run, False)` when an
         earlier attempt (or a clear before this call: a retry after a crash) had
@@ -687,19 +703,29 @@ class AirflowClient:
         while True:
             attempt += 1
             try:
-                return dict(self._json("POST", path, json={"dry_run": False}, retry=False,
-                                       not_found=missing)), True
-            except AirflowUnavailable:
-                if attempt >= max(1, self.settings.retries) or \
-                        time.monotonic() - started >= deadline:
+                return self._object("POST", path, json={"dry_run": False}, retry=False,
+                                    not_found=missing), True
+            except AirflowUnavailable as exc:
+                unanswered = exc
+                if not exc.no_answer and (attempt >= max(1, self.settings.retries) or
+                                          time.monotonic() - started >= deadline):
                     raise
             # The answer is lost: look before sending it again.
-            with self.deadline_of(max(0.1, deadline - (time.monotonic() - started))):
+            left = deadline - (time.monotonic() - started)
+            if left <= 0:
+                raise unanswered
+            with self.deadline_of(max(0.1, left)):
                 run = self.get_run(dag_id, run_id)
             if run is None:
                 raise AirflowNotFound(missing)
             if restarted(run, cleared_end):
                 return run, False
+            if unanswered.no_answer:
+                # Still in flight, perhaps: a second POST could re-run the run twice.
+                raise AirflowUnavailable(
+                    f"{unanswered}; the clear of run {run_id!r} of DAG {dag_id!r} is "
+                    "unconfirmed (not sent again: it may still take effect)",
+                    no_answer=True) from None
             self.sleep(min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1)))
 
     def task_instances(self, dag_id: str, run_id: str,
@@ -725,10 +751,10 @@ class AirflowClient:
 
     def unpause(self, dag_id: str) -> dict[str, Any]:
         """`PATCH /api/v2/dags/{dag_id}` `{"is_paused": false}`; answers the DAG."""
-        return dict(self._json(
+        return self._object(
             "PATCH", f"/api/v2/dags/{_path(dag_id)}", json={"is_paused": False},
             not_found=f"DAG {dag_id!r} is not in Airflow at {self.base}: is the DAG file "
-                      "deployed and parsed?"))
+                      "deployed and parsed?")
 
 
 def _identity(item: Any) -> tuple[Any, ...]:

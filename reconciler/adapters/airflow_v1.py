@@ -206,7 +206,7 @@ class AirflowV1Client(AirflowClient):
 
     def health(self) -> dict[str, Any]:
         """`GET /api/v1/health` (no auth): per component `{"status": "healthy"}`."""
-        return dict(self._json("GET", f"{V1}/health", auth=False))
+        return self._object("GET", f"{V1}/health", auth=False)
 
     def iter_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,

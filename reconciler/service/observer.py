@@ -20,19 +20,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from reconciler.adapters.store import StoreCorrupt, Unreadable
+from reconciler.core.errors import ReconcilerError
 from reconciler.core.graph import Graph
 from reconciler.core.settings import LoopSettings
 from reconciler.core.state import DagRun, LedgerEntry, parse_time
 from reconciler.service.ledger import Ledger, read_ledger
 from reconciler.service.observability import event
 from reconciler.service.ports import AirflowApi, Clock, Store
+
+T = TypeVar("T")
 
 TASKS_DONE = frozenset({"success", "skipped"})
 """Task states that count as done on the eager path: what the scheduler needs to close
@@ -185,7 +188,7 @@ class Observer:
             return self.desired
         self.head_dirty.clear()
         try:
-            head, _ = self.store.read_head()
+            head, _ = self._read_or_stay_dirty(self.store.read_head, self.head_dirty)
             if head is None:
                 if self.desired is None:
                     event("no graph synced yet; run `reconciler sync` (or start with --repo)",
@@ -193,11 +196,13 @@ class Observer:
                 return self.desired
             if self.desired is not None and head.commit == self.desired.commit:
                 return self.desired
-            graph = self.store.read_graph(head.commit)
+            graph = self._read_or_stay_dirty(lambda: self.store.read_graph(head.commit),
+                                             self.head_dirty)
             if graph is None:
                 raise StoreCorrupt(f"desired/graphs/{head.commit}",
                                    "the head names a graph that is not stored")
-            since = self.store.read_since(head.commit)
+            since = self._read_or_stay_dirty(lambda: self.store.read_since(head.commit),
+                                             self.head_dirty)
         except StoreCorrupt as exc:
             self.quarantine(exc.key, exc.why)
             return self.desired  # the last good graph stays in force
@@ -206,6 +211,19 @@ class Observer:
         event("desired graph loaded", commit=head.commit[:12], pipelines=len(graph),
               edges=graph.edge_count())
         return self.desired
+
+    @staticmethod
+    def _read_or_stay_dirty(read: Callable[[], T], dirty: threading.Event) -> T:
+        """`read()`; when it fails (etcd paused, cut off) the watch's mark is set again,
+        so the next pass reads again: the change it announced is not lost until the
+        next one (a resume or a new graph ignored for hours)."""
+        try:
+            return read()
+        except StoreCorrupt:
+            raise  # quarantined by the caller: read again when it is rewritten
+        except BaseException:
+            dirty.set()
+            raise
 
     def quarantine(self, key: str, why: str) -> None:
         if self.quarantined.get(key) != why:
@@ -219,7 +237,8 @@ class Observer:
             return self.suspended
         self.suspended_dirty.clear()
         marks: dict[str, str] = {}
-        for target, mark in self.store.read_suspended().items():
+        stored = self._read_or_stay_dirty(self.store.read_suspended, self.suspended_dirty)
+        for target, mark in stored.items():
             if isinstance(mark, Unreadable):
                 self.quarantine(mark.key, mark.why)
                 marks[target] = "a mark that cannot be read"  # still suspends: the safe side
@@ -359,7 +378,12 @@ class Observer:
             # Before the first listing: one cheap call (no auth) to read Airflow's clock.
             health = getattr(self.api, "health", None)
             if health is not None:
-                health()
+                try:
+                    health()
+                except ReconcilerError as exc:
+                    # Only its Date header is wanted (read even from a bad answer); an
+                    # Airflow that cannot answer fails the listing that follows.
+                    event("clock probe failed", logging.DEBUG, error=str(exc))
             self._probed = True
             server = server_now()
         if server is None:

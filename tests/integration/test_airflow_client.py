@@ -5,12 +5,15 @@ real Airflow 3 in tests/e2e/test_airflow_real.py."""
 
 from __future__ import annotations
 
+import io
 import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+import requests
 
 from reconciler.adapters.airflow import (
     AirflowAuthError,
@@ -386,3 +389,36 @@ def test_no_error_message_contains_a_secret(fake: FakeAirflow) -> None:
         for text in (str(error), repr(error)):
             assert PASSWORD not in text
             assert token not in text
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b"\"ok\"", b"17"])
+def test_an_answer_that_is_not_an_object_is_rejected_not_a_type_error(
+        fake: FakeAirflow, body: bytes) -> None:
+    # Simulation seed 115: a health probe answered `null`, and dict(None) killed the pass
+    # with a TypeError outside the error hierarchy.
+    api = client(fake.url)
+    api.trigger("a", run_id_for(CYCLE), CYCLE, {})
+    session = requests.Session()
+    session.trust_env = False
+    real = session.request
+
+    def request(method: str, url: str, **kwargs: Any) -> requests.Response:
+        answer = real(method, url, **kwargs)
+        if "/auth/token" in url:
+            return answer
+        answer.close()
+        odd = requests.Response()
+        odd.status_code = 200
+        odd.headers["Content-Type"] = "application/json"
+        odd.raw = io.BytesIO(body)
+        odd.url = url
+        return odd
+
+    session.request = request  # type: ignore[method-assign]
+    api._shared_session = session
+    with pytest.raises(AirflowRejected, match="not an object"):
+        api.health()
+    with pytest.raises(AirflowRejected, match="not an object"):
+        api.get_run("a", run_id_for(CYCLE))
+    with pytest.raises(AirflowRejected, match="not an object"):
+        api.unpause("a")

@@ -282,6 +282,79 @@ def test_a_clear_whose_answer_is_lost_reruns_the_downstream_exactly_once(
     assert_once_per_cycle(fake, [CYCLE])
 
 
+def hold_first_clear(api: AirflowClient, held: list[tuple[str, str, dict[str, Any]]]
+                     ) -> requests.Session:
+    """The first clear POST gets no answer in time and is not applied yet (an API server
+    still working on it): the test delivers it later from `held`, or never."""
+    session = requests.Session()
+    session.trust_env = False
+    real = session.request
+
+    def request(method: str, url: str, **kwargs: Any) -> requests.Response:
+        if method == "POST" and url.endswith("/clear") and not held:
+            held.append((method, url, kwargs))
+            raise requests.ReadTimeout("no answer in time (the clear lands later)")
+        return real(method, url, **kwargs)
+
+    session.request = request  # type: ignore[method-assign]
+    api._shared_session = session
+    return session
+
+
+def clears_since(fake: FakeAirflow, before: dict[str, int]) -> int:
+    return sum(n - before.get(k, 0) for k, n in fake.requests.items()
+               if k.startswith("POST") and "clear" in k)
+
+
+def test_a_clear_unanswered_in_time_that_lands_later_reruns_the_downstream_once(
+        store: EtcdStore, fake: FakeAirflow) -> None:
+    # Simulation seeds 257, 339, 350 ...: the clear's POST timed out, the client read the
+    # run (not restarted yet) and sent it again; the first one landed later: two re-runs.
+    open_cycle(fake)
+    r = reconciler(store, fake)
+    converge(r, fake)
+    fake.advance("03_pipeline", run_id_for(CYCLE), "queued")
+    fake.advance("03_pipeline", run_id_for(CYCLE), "success")
+    held: list[tuple[str, str, dict[str, Any]]] = []
+    session = hold_first_clear(r.api, held)  # type: ignore[arg-type]
+    before = fake.requests.copy()
+    r.run_pass()
+    assert held, "the fault was not injected"
+    assert clears_since(fake, before) == 0  # not sent again within the same call
+    method, url, kwargs = held[0]
+    requests.Session.request(session, method, url, **kwargs)  # it lands now
+    for _ in range(3):
+        time.sleep(0.3)  # past the action's retry delay
+        r.run_pass()
+    assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 1
+    fake.finish_all()
+    converge(r, fake)
+    assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 1
+    assert_once_per_cycle(fake, [CYCLE])
+
+
+def test_a_clear_unanswered_that_never_lands_is_sent_once_by_a_later_pass(
+        store: EtcdStore, fake: FakeAirflow) -> None:
+    open_cycle(fake)
+    r = reconciler(store, fake)
+    converge(r, fake)
+    fake.advance("03_pipeline", run_id_for(CYCLE), "queued")
+    fake.advance("03_pipeline", run_id_for(CYCLE), "success")
+    held: list[tuple[str, str, dict[str, Any]]] = []
+    hold_first_clear(r.api, held)  # type: ignore[arg-type]
+    r.run_pass()
+    assert held, "the fault was not injected"
+    assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 0  # dropped for good
+    for _ in range(3):
+        time.sleep(0.3)
+        r.run_pass()
+    assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 1
+    fake.finish_all()
+    converge(r, fake)
+    assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 1
+    assert_once_per_cycle(fake, [CYCLE])
+
+
 def test_only_the_leader_acts_and_a_standby_takes_over(store: EtcdStore,
                                                        fake: FakeAirflow) -> None:
     open_cycle(fake)

@@ -181,6 +181,60 @@ def test_suspend_after_a_finished_cycle_leaves_what_ran_as_it_is_in_etcd(
     assert "suspended: 03_pipeline by" in shown.output  # the header still says it
 
 
+def test_a_resume_whose_read_meets_an_etcd_fault_is_read_again_next_pass(
+        store: EtcdStore, etcd_settings: EtcdSettings, fake: FakeAirflow,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulation (never-triggered): the watch said "marks changed", the pass that read
+    # them met an etcd timeout, and the mark was forgotten: the resume was never seen.
+    from reconciler.adapters.store import StoreUnavailable
+
+    assert cli(etcd_settings, "suspend", "03_pipeline", "-m", "incident 8").exit_code == 0
+    r = loop(store, fake)
+    r.run_pass()
+    fake.finish_all()
+    assert cli(etcd_settings, "resume", "03_pipeline").exit_code == 0
+    r.observer.suspended_dirty.set()  # what the runner's watch does
+    real = EtcdStore.read_suspended
+
+    def timed_out(self: EtcdStore) -> Any:
+        raise StoreUnavailable("injected: etcd did not answer in time")
+
+    monkeypatch.setattr(EtcdStore, "read_suspended", timed_out)
+    with pytest.raises(StoreUnavailable):
+        r.run_pass()  # this pass fails to read the marks
+    monkeypatch.setattr(EtcdStore, "read_suspended", real)
+    assert [a.dag_id for a in r.run_pass().actions] == ["03_pipeline"]
+
+
+def test_a_new_graph_whose_read_meets_an_etcd_fault_is_read_again_next_pass(
+        store: EtcdStore, fake: FakeAirflow, repo: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.adapters.store import StoreUnavailable
+
+    r = loop(store, fake)
+    r.run_pass()
+    first = r.observer.desired
+    assert first is not None
+    (repo / "pipelines" / "07_pipeline.yaml").unlink()
+    git(repo, "commit", "-qam", "remove 07")
+    assert sync(repo, "HEAD", "pipelines", store, source="test",
+                now=datetime.now(UTC) - timedelta(days=59)).ok
+    r.observer.head_dirty.set()  # the watch on desired/head
+    real = EtcdStore.read_head
+
+    def timed_out(self: EtcdStore) -> Any:
+        raise StoreUnavailable("injected: etcd did not answer in time")
+
+    monkeypatch.setattr(EtcdStore, "read_head", timed_out)
+    with pytest.raises(StoreUnavailable):
+        r.run_pass()
+    monkeypatch.setattr(EtcdStore, "read_head", real)
+    r.run_pass()
+    assert r.observer.desired is not None
+    assert r.observer.desired.commit != first.commit
+    assert "07_pipeline" not in r.observer.desired.graph.pipelines
+
+
 def test_suspending_the_namespace_stops_every_trigger(store: EtcdStore,
                                                      etcd_settings: EtcdSettings,
                                                      fake: FakeAirflow) -> None:

@@ -118,3 +118,48 @@ def test_a_pipeline_never_triggered_is_reported(sim_env: SimEnv,
     assert victim
     assert kinds(result) == {"never-triggered"}, result.report()
     assert all(victim[0] in detail for _, detail in result.violations), result.report()
+
+
+
+def test_the_oracle_takes_etcds_word_for_writes_that_timed_out(
+        sim_env: SimEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle's own view of etcd: a sync or a suspend whose write timed out may be
+    applied all the same (etcd paused, then resumed, commits it). The reconciler plans
+    with what etcd holds, so the workload must too: else it reports the pipeline it
+    suspended as never triggered, or judges the loop against a graph older than etcd's."""
+    import random
+
+    from reconciler.adapters.store import StoreUnavailable
+    from reconciler.core.settings import EtcdSettings, LoopSettings
+    from tests.sim.workload import Workload
+    from tests.sim.world import World
+
+    etcd = EtcdSettings(**{**sim_env.etcd.__dict__,
+                           "namespace": f"oracle-{random.getrandbits(32):08x}"})
+    store, probe = EtcdStore(etcd), EtcdStore(etcd)
+    world = World(7, store, probe, Workload.universe(7), LoopSettings(interval=5.0))
+    workload = Workload.draw(world, random.Random(7))
+    assert workload.sync()
+    for name in ("write_sync", "put_suspend"):
+        real = getattr(EtcdStore, name)
+
+        def applied_then_timed_out(self: EtcdStore, *args: Any, _real: Any = real,
+                                   _name: str = name, **kwargs: Any) -> Any:
+            _real(self, *args, **kwargs)
+            raise StoreUnavailable(f"injected: {_name} timed out after it was applied")
+
+        monkeypatch.setattr(EtcdStore, name, applied_then_timed_out)
+    workload.change_graph()
+    workload.change_graph()
+    workload.suspend_or_resume()
+    monkeypatch.undo()
+    world.step += 1
+    workload.settle()
+    head, _ = store.read_head()
+    assert head is not None
+    assert workload.versions[-1].commit == head.commit
+    assert workload.versions[-1].graph.digest() == head.graph_digest
+    assert workload.suspended == set(store.read_suspended())
+    assert workload.suspended  # the mark etcd kept is the oracle's too
+    store.close()
+    probe.close()

@@ -34,6 +34,9 @@ from reconciler.core.state import run_id_for
 from tests.sim.workload import Version, Workload
 from tests.sim.world import Event, World
 
+GRAPH_LAG_STEPS = 2
+"""Steps after a sync during which a replica may still plan with the graph before it."""
+
 
 @dataclass
 class _Run:
@@ -46,6 +49,8 @@ class _Run:
     end: datetime | None = None
     tasks_done: datetime | None = None
     """Every task of the current execution succeeded (the eager path), at that time."""
+    queued: datetime | None = None
+    """When its current execution was asked for (created, or cleared)."""
     by_user: bool = False
     """The current execution was started by a user's clear, not by the reconciler."""
     ended_once: bool = False
@@ -68,7 +73,13 @@ class Checker:
     # --- the graph at a step ------------------------------------------------------------
 
     def _versions(self, step: int) -> list[Version]:
+        """The graph synced at `step`, and the one before while a replica may still act
+        on it (the pass of the sync's step and the next: a watch read that failed is
+        read again on the next pass). Not the one before for ever: an upstream added
+        long before a cycle opened counts for it."""
         versions = [v for v in self.workload.versions if v.step <= step]
+        if len(versions) >= 2 and step > versions[-1].step + GRAPH_LAG_STEPS:
+            return versions[-1:]
         return versions[-2:] if versions else []
 
     def _ups_both(self, dag_id: str, step: int) -> set[str]:
@@ -93,7 +104,8 @@ class Checker:
                 if event.kind == "create" and not event.duplicate:
                     self._judge(event, "trigger")
                 if key not in self.runs:
-                    self.runs[key] = _Run(event.dag_id, event.run_id, event.logical_date)
+                    self.runs[key] = _Run(event.dag_id, event.run_id, event.logical_date,
+                                          queued=event.at)
                     if event.logical_date is not None:
                         self.by_cycle[(event.dag_id, event.logical_date)] = event.run_id
             elif event.kind == "start":
@@ -111,6 +123,7 @@ class Checker:
                 cleared = self.runs.get(key)
                 if cleared is not None:
                     cleared.by_user = event.kind == "user-clear"
+                    cleared.queued = event.at
                     if cleared.state != "running":
                         cleared.state, cleared.start = "queued", None
                     cleared.end = cleared.tasks_done = None
@@ -139,8 +152,12 @@ class Checker:
             # A user's re-run that started while an upstream's tasks were done but its
             # run not closed yet is a race the loop cannot see through: it is judged by
             # the closing end. The loop's own (eager) start, by the last task's end.
+            # So is a run queued before the upstream's tasks were done (the loop asked
+            # for it on the upstream's previous execution): when the scheduler starts it
+            # while the upstream closes, only the closing end tells the loop the order.
             user = own is not None and own.by_user
-            ends = [self._end_of(u, cycle, closed=user)
+            ends = [self._end_of(u, cycle, closed=user or self._queued_before_done(
+                        own, u, cycle))
                     for u in self._ups_both(event.dag_id, event.step)]
             if own is not None and own.start is not None and ends and all(
                     e is not None and e < own.start for e in ends):
@@ -153,6 +170,12 @@ class Checker:
             # re-run an open cycle (core/plan.py), so it is not held against it.
             self.started_on[(event.dag_id, cycle)] = {
                 u: self._end_of(u, cycle) for u in self._ups_both(event.dag_id, event.step)}
+
+    def _queued_before_done(self, own: _Run | None, up: str,
+                            cycle: datetime | None) -> bool:
+        run = self._upstream_run(up, cycle)
+        return (own is not None and own.queued is not None and run is not None
+                and run.tasks_done is not None and own.queued < run.tasks_done)
 
     def _end_of(self, up: str, cycle: datetime | None, *,
                 closed: bool = False) -> datetime | None:

@@ -150,8 +150,7 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
                     quiet_since = step
                     plan.active = False
                     injector.heal_due(everything=True)
-                if workload.unsynced:
-                    workload.sync()
+                workload.settle()
                 workload.schedule(finish=True)
             actions_before = sum(world.actions.values())
             order = [r for r in world.replicas if not r.dead]
@@ -167,7 +166,8 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
             if quiet_since is not None:
                 busy = any(r.state in ("queued", "running") for r in world.fake.runs())
                 acted = sum(world.actions.values()) != actions_before
-                idle = not (busy or acted or world.later or workload.unsynced)
+                idle = not (busy or acted or world.later or workload.unsynced
+                            or workload.suspend_unsure)
                 calm_steps = calm_steps + 1 if idle else 0
                 if step - quiet_since >= min_quiet and calm_steps >= CALM_STEPS:
                     break

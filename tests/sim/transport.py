@@ -269,7 +269,7 @@ class SimSession(requests.Session):
         response.status_code = handler.status
         response.headers = CaseInsensitiveDict(handler.reply_headers)
         response.headers["Date"] = format_datetime(world.time.airflow(), usegmt=True)
-        response._content = data
+        _stream(response, data)
         response.url = url
         response.encoding = "utf-8"
         return response
@@ -282,10 +282,18 @@ class SimSession(requests.Session):
         response.headers = CaseInsensitiveDict({
             "Content-Type": content_type, "Content-Length": str(len(data)),
             "Date": format_datetime(self.world.time.airflow(), usegmt=True)})
-        response._content = data
+        _stream(response, data)
         response.url = url
         response.encoding = "utf-8"
         return response
+
+
+def _stream(response: requests.Response, data: bytes) -> None:
+    """The body as requests gets it from urllib3 with `stream=True`: not read yet, a raw
+    stream the client reads (and closes) itself, within its deadline and size bound."""
+    response.raw = io.BytesIO(data)
+    response._content = False
+    response._content_consumed = False  # type: ignore[attr-defined]
 
 
 def _json_of(response: requests.Response) -> Any:

@@ -51,6 +51,11 @@ class Workload:
     fail_rate: dict[str, float] = field(default_factory=dict)
     unsynced: bool = False
     """A change waits to be synced (the last attempt met an etcd fault)."""
+    pending: Version | None = None
+    """The sync whose write met an etcd fault: a timed-out write may still be applied
+    (etcd resumes and commits it), so the next attempt looks before writing again."""
+    suspend_unsure: bool = False
+    """A suspend or resume write met an etcd fault: applied or not, etcd will tell."""
 
     @classmethod
     def draw(cls, world: World, rng: random.Random) -> Workload:
@@ -78,12 +83,22 @@ class Workload:
         world = self.world
         graph = Graph(self.pipelines.values())
         now = at or world.time.true_now()
-        commit = hashlib.sha1(f"{world.seed}:{len(self.versions)}:{graph.digest()}".encode()
-                              ).hexdigest()
         try:
             head, mod_revision = world.store.read_head()
+            pending, self.pending = self.pending, None
+            if pending is not None and head is not None and head.commit == pending.commit:
+                # The write that "failed" was applied: the reconciler has been planning
+                # with that graph since, so the oracle must judge with it too.
+                self.versions.append(pending)
+                if pending.graph.digest() == graph.digest():
+                    self.unsynced = False
+                    world.notify_watches(head=True)
+                    return True
+            commit = hashlib.sha1(f"{world.seed}:{len(self.versions)}:{graph.digest()}"
+                                  .encode()).hexdigest()
             previous = self.versions[-1].since if self.versions else {}
             since = carry_since(previous, graph.pipelines, now)
+            self.pending = Version(world.step, commit, graph, since)
             world.store.write_sync(build_head(commit, graph.digest(), now=now, source="sim",
                                               previous=head, forced=False),
                                    mod_revision, graph.compressed(), since, split=True)
@@ -91,6 +106,7 @@ class Workload:
             self.unsynced = True
             return False
         self.unsynced = False
+        self.pending = None
         self.versions.append(Version(world.step, commit, graph, since))
         world.notify_watches(head=True)
         world.injected["workload:sync"] += 1
@@ -152,8 +168,25 @@ class Workload:
                 self.suspended.add(target)
                 world.injected["workload:suspend"] += 1
         except StoreError:
+            # A timed-out put or delete may still be applied: read etcd's marks back.
+            self.suspend_unsure = True
             return
         world.notify_watches(suspended=True)
+
+    def settle(self) -> None:
+        """Retry what an etcd fault left uncertain: the pending sync, and the suspend
+        marks, which the oracle then takes from etcd (what the reconciler reads)."""
+        if self.unsynced:
+            self.sync()
+        if self.suspend_unsure:
+            try:
+                marks = self.world.store.read_suspended()
+            except StoreError:
+                return
+            self.suspend_unsure = False
+            if set(marks) != self.suspended:
+                self.suspended = set(marks)
+                self.world.notify_watches(suspended=True)
 
     # --- Airflow's side -----------------------------------------------------------------
 
@@ -228,8 +261,7 @@ class Workload:
 
     def step(self) -> None:
         rng = self.rng
-        if self.unsynced:
-            self.sync()
+        self.settle()
         if rng.random() < 0.25:
             self.open_cycles()
         self.user_clears()
