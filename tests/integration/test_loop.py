@@ -20,6 +20,7 @@ import requests
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
+from reconciler.core.errors import MIN_BACKOFF
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import run_id_for
 from reconciler.service.loop import Reconciler
@@ -301,6 +302,16 @@ def hold_first_clear(api: AirflowClient, held: list[tuple[str, str, dict[str, An
     return session
 
 
+def passes_past_retry_delay(r: Reconciler) -> None:
+    """Passes every 0.2 s until a failed action's first retry is surely due: its delay is
+    drawn (equal jitter) from [MIN_BACKOFF / 2, MIN_BACKOFF], so a fixed count of passes
+    could all fall before it."""
+    until = time.monotonic() + MIN_BACKOFF + 0.5
+    while time.monotonic() < until:
+        time.sleep(0.2)
+        r.run_pass()
+
+
 def clears_since(fake: FakeAirflow, before: dict[str, int]) -> int:
     return sum(n - before.get(k, 0) for k, n in fake.requests.items()
                if k.startswith("POST") and "clear" in k)
@@ -323,9 +334,7 @@ def test_a_clear_unanswered_in_time_that_lands_later_reruns_the_downstream_once(
     assert clears_since(fake, before) == 0  # not sent again within the same call
     method, url, kwargs = held[0]
     requests.Session.request(session, method, url, **kwargs)  # it lands now
-    for _ in range(3):
-        time.sleep(0.3)  # past the action's retry delay
-        r.run_pass()
+    passes_past_retry_delay(r)
     assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 1
     fake.finish_all()
     converge(r, fake)
@@ -345,9 +354,7 @@ def test_a_clear_unanswered_that_never_lands_is_sent_once_by_a_later_pass(
     r.run_pass()
     assert held, "the fault was not injected"
     assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 0  # dropped for good
-    for _ in range(3):
-        time.sleep(0.3)
-        r.run_pass()
+    passes_past_retry_delay(r)
     assert fake.clear_count("06_pipeline", run_id_for(CYCLE)) == 1
     fake.finish_all()
     converge(r, fake)
