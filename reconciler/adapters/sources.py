@@ -259,6 +259,18 @@ def ownership_refusal(where: str | Path, stderr: str) -> SourceError | None:
         f"GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0={shown}")
 
 
+def _discovery_refusal(repo: Any, where: str | Path) -> SourceError | None:
+    """Whether git, finding the repository from `where` as gitpython's own processes do
+    (no --git-dir: the ownership check applies only then), refuses it."""
+    try:
+        proc = subprocess.run([_git_command(repo)[0][0], "rev-parse", "--git-dir"], cwd=where,
+                              check=False,
+                              capture_output=True, timeout=GIT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return ownership_refusal(where, proc.stderr.decode(errors="replace"))
+
+
 def resolve_commit(repo: Any, rev: str) -> Any:  # -> git.Commit
     import git
 
@@ -277,6 +289,23 @@ def resolve_commit(repo: Any, rev: str) -> Any:  # -> git.Commit
         if refused is not None:
             raise refused from None
         raise SourceError(f"{rev!r} is not a commit in {where}") from None
+    except OSError as exc:
+        # gitpython's long-lived `git cat-file` exited before it read the question (git
+        # refused the repository, e.g. dubious ownership): its stdin broke. Ask git once
+        # more, in one process, to learn why (a refusal raises here), then read again.
+        where = repo.working_dir or repo.git_dir
+        refused = _discovery_refusal(repo, where)
+        if refused is not None:
+            raise refused from None
+        sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}",
+                   ok_codes=(0, 1)).decode().strip()
+        if not sha:
+            raise SourceError(f"{rev!r} is not a commit in {where}") from None
+        try:
+            return repo.commit(sha)
+        except (OSError, ValueError, git.GitError):
+            raise SourceError(f"{redact(str(where))}: cannot read commit {sha[:12]}: "
+                              f"{redact(str(exc))}") from None
 
 
 def merge_base(repo: Any, base: Any, head: Any) -> Any:  # -> git.Commit
