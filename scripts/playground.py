@@ -110,17 +110,21 @@ def set_paused(airflow: AirflowProcess, dag_id: str, paused: bool) -> None:
         raise RuntimeError(f"PATCH {path} answered {status}: {body}")
 
 
+def default_root_schedule(major: int) -> str:
+    """The root's cron: every minute, so a newcomer sees cycles coming; every 5 minutes on
+    Airflow 2, whose standalone runs one task at a time (SequentialExecutor: SQLite allows
+    no other), some seconds each: a cycle of the example graph (14 tasks) takes minutes
+    there, and a root every minute would pile up runs without end."""
+    return "*/5 * * * *" if major == 2 else "* * * * *"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="etcd, airflow standalone and the "
                                      "reconciler on the example graph, on loopback")
     parser.add_argument("--airflow", type=int, choices=[2, 3], default=3,
                         help="the Airflow major to run (default 3)")
     major = parser.parse_args().airflow
-    # Airflow 2's standalone runs one task at a time (SequentialExecutor: SQLite allows no
-    # other), some seconds each: a cycle of the example graph (14 tasks) takes minutes
-    # there, so a root every minute would pile up runs without end.
-    root_schedule = os.environ.get("EXAMPLE_ROOT_SCHEDULE") or (
-        "*/5 * * * *" if major == 2 else "* * * * *")
+    root_schedule = os.environ.get("EXAMPLE_ROOT_SCHEDULE") or default_root_schedule(major)
     every = {"* * * * *": "every minute", "*/5 * * * *": "every 5 minutes"}.get(
         root_schedule, f"on {root_schedule!r}")
     WORK.mkdir(parents=True, exist_ok=True)
