@@ -127,7 +127,7 @@ class Graph:
         downstream: dict[str, list[str]] = {dag_id: [] for dag_id in self.pipelines}
         for p in self.pipelines.values():
             for up in p.depends_on:
-                downstream.setdefault(up, []).append(p.dag_id)
+                downstream.setdefault(up, []).append(p.key)
         self._downstream = {k: tuple(sorted(v)) for k, v in downstream.items()}
         self._canonical: bytes | None = None
         self._compressed: bytes | None = None

@@ -64,9 +64,14 @@ def to_json(graph: Graph, commit: str | None = None) -> str:
         "digest": graph.digest(),
         "roots": graph.roots(),
         "layers": graph.layers(),
-        "pipelines": [graph[d].to_dict() for d in order],
+        # A pipeline named other than its dag_id (the same dag_id in two deployments)
+        # says its name; the deployments are there only when declared.
+        "pipelines": [graph[d].to_dict() | ({"name": d} if d != graph[d].dag_id else {})
+                      for d in order],
         "edges": [{"upstream": u, "downstream": d} for u, d in graph.edges()],
     }
+    if graph.deployments:
+        data["deployments"] = [graph.deployments[n].to_dict() for n in sorted(graph.deployments)]
     if commit is None:
         del data["commit"]
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
