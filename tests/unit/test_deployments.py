@@ -473,3 +473,15 @@ def test_generated_graphs_across_deployments_are_accepted_as_written(
     assert back.canonical_json() == graph.canonical_json()
     assert {n: back.deployment_of(n) for n in back.pipelines} == \
         {n: graph.deployment_of(n) for n in graph.pipelines}
+
+
+def test_validate_names_the_declared_deployments_in_its_summary() -> None:
+    from reconciler.core import report
+
+    result = check_dir(TWO / "pipelines")
+    assert report.to_text(result) == ("ok: 5 files, 5 pipelines, 5 dependencies, 1 root, "
+                                      "2 deployments (af2, af3)\n")
+    assert json.loads(report.to_json(result))["deployments"] == ["af2", "af3"]
+    plain = check_dir(REPO / "pipelines")
+    assert report.to_text(plain) == "ok: 7 files, 7 pipelines, 9 dependencies, 1 root\n"
+    assert json.loads(report.to_json(plain))["deployments"] == []
