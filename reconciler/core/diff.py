@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from reconciler.core.graph import DEFAULT_DEPLOYMENT, Graph
-from reconciler.core.render import mermaid_id, mermaid_label
+from reconciler.core.render import mermaid_id, mermaid_label, mermaid_nodes
 
 # Above this many nodes the picture shows only the changed part and its neighbours.
 MAX_PICTURE_NODES = 150
@@ -325,8 +325,15 @@ def _mermaid(diff: GraphDiff, base: Graph, head: Graph) -> str:
         nodes = [n for n in nodes if n in focus or n in neighbours]
     shown = set(nodes)
     lines = ["flowchart LR"]
-    for d in nodes:
-        lines.append(f"    {mermaid_id(d)}[{mermaid_label(d)}]")
+    # Boxes per deployment when either side declares them (a removed node in its old one).
+    where = None
+    if head.deployments or base.deployments:
+        now_in, was_in = _where(head, base), _where(base, head)
+
+        def where(d: str) -> str:
+            return now_in(d) if d in head.pipelines else was_in(d)
+
+    lines += mermaid_nodes(nodes, lambda d: f"{mermaid_id(d)}[{mermaid_label(d)}]", where)
     added_e, removed_e = set(diff.edges_added), set(diff.edges_removed)
     edges = [e for e in head.edges() if e[0] in shown and e[1] in shown]
     edges += [e for e in diff.edges_removed if e[0] in shown and e[1] in shown]

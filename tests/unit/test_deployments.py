@@ -485,3 +485,21 @@ def test_validate_names_the_declared_deployments_in_its_summary() -> None:
     plain = check_dir(REPO / "pipelines")
     assert report.to_text(plain) == "ok: 7 files, 7 pipelines, 9 dependencies, 1 root\n"
     assert json.loads(report.to_json(plain))["deployments"] == []
+
+
+def test_the_pictures_box_each_deployment_and_only_when_declared() -> None:
+    from reconciler.core import render
+
+    graph = graph_of(BASE | {"pipelines/load.yaml": "dag_id: load\nowner: t\n"
+                                                    "deployment: af3\ndepends_on: [root]\n"})
+    assert render.to_mermaid(graph) == (
+        "flowchart LR\n"
+        '    subgraph d_af2["af2"]\n        n_root(["root"])\n    end\n'
+        '    subgraph d_af3["af3"]\n        n_load["load"]\n    end\n'
+        "    n_root --> n_load\n")
+    base = graph_of(BASE)
+    picture = graph_diff.to_markdown(graph_diff.diff_graphs(base, graph), base, graph)
+    assert '    subgraph d_af3["af3"]\n        n_load["load"]\n    end\n' in picture
+    assert "class n_load moved" in picture
+    plain = graph_of({"pipelines/root.yaml": "dag_id: root\nowner: t\n"})
+    assert "subgraph" not in render.to_mermaid(plain)
