@@ -134,3 +134,41 @@ def test_a_commit_with_an_unknown_deployment_is_refused_and_writes_nothing(
     assert [str(p) for p in result.problems] == [
         "pipelines/extract.yaml:3:13: deployment 'af4' is not declared; did you mean 'af3'?"]
     assert store.revision() == before
+
+
+def test_a_deployments_folder_that_is_a_link_in_the_commit_is_exit_2_and_writes_nothing(
+        store: EtcdStore, etcd_settings: EtcdSettings, tmp_path: Path) -> None:
+    from reconciler.adapters.sources import SourceError
+
+    repo = two_deployment_repo(tmp_path / "repo")
+    sync(repo.path, "HEAD", "pipelines", store, source="test", now=T0)
+    before = store.revision()
+    shutil.move(repo.path / "airflow-deployments", repo.path / "elsewhere")
+    (repo.path / "airflow-deployments").symlink_to("elsewhere")
+    repo.commit({}, "deployments behind a link")
+    with pytest.raises(SourceError, match="airflow-deployments is a symbolic link in commit"):
+        sync(repo.path, "HEAD", "pipelines", store, source="test", now=T0)
+    env = {"RECONCILER_ETCD_ENDPOINTS": ",".join(etcd_settings.endpoints),
+           "RECONCILER_ETCD_PREFIX": etcd_settings.prefix,
+           "RECONCILER_NAMESPACE": etcd_settings.namespace, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "reconciler", "sync", "--repo",
+                           str(repo.path)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
+    assert store.revision() == before
+
+
+def test_a_link_inside_the_deployments_folder_is_refused_and_writes_nothing(
+        store: EtcdStore, tmp_path: Path) -> None:
+    repo = two_deployment_repo(tmp_path / "repo")
+    sync(repo.path, "HEAD", "pipelines", store, source="test", now=T0)
+    before = store.revision()
+    (repo.path / "airflow-deployments" / "af4.yaml").symlink_to("/etc/passwd")
+    repo.commit({}, "a link")
+    result = sync(repo.path, "HEAD", "pipelines", store, source="test", now=T0)
+    assert (result.status, result.reason) == (Status.REFUSED, Reason.INVALID)
+    assert [(p.path, p.code) for p in result.problems] == [
+        ("airflow-deployments/af4.yaml", "symlink")]
+    assert "root:" not in str(result.problems[0])
+    assert store.revision() == before
