@@ -279,6 +279,12 @@ class Suggestions:
         return close[0] if close else None
 
 
+def _known(declared: DeploymentCheck) -> set[str]:
+    """The deployments a pipeline may name: the declared ones, or, when none is, the
+    implicit one (`default`, the settings' Airflow)."""
+    return declared.names or {DEFAULT_DEPLOYMENT}
+
+
 def _deployment_problems(by_id: dict[str, _Spec], declared: DeploymentCheck
                          ) -> tuple[dict[str, str], list[Problem]]:
     """Each pipeline's deployment (by name), and the refusals: an unknown deployment, none
@@ -291,7 +297,7 @@ def _deployment_problems(by_id: dict[str, _Spec], declared: DeploymentCheck
     for key, spec in by_id.items():
         name = spec.deployment
         if name is not None:
-            if name not in declared.names:
+            if name not in _known(declared):
                 suggest = suggest or Suggestions(declared.names)
                 close = suggest(name)
                 hint = (f"; did you mean {close!r}?" if close
@@ -355,7 +361,7 @@ def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str], declared: Deploym
             target: str | None
             if "/" in up:
                 deployment, _, wanted = up.partition("/")
-                if deployment not in declared.names:
+                if deployment not in _known(declared):
                     out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, but "
                                        f"deployment {deployment!r} is not declared",
                                        "unknown-deployment"))

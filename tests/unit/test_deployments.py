@@ -503,3 +503,16 @@ def test_the_pictures_box_each_deployment_and_only_when_declared() -> None:
     assert "class n_load moved" in picture
     plain = graph_of({"pipelines/root.yaml": "dag_id: root\nowner: t\n"})
     assert "subgraph" not in render.to_mermaid(plain)
+
+
+def test_without_declarations_the_implicit_deployment_may_be_named_default() -> None:
+    plain = graph_of({"pipelines/root.yaml": "dag_id: root\nowner: t\n",
+                      "pipelines/a.yaml": "dag_id: a\nowner: t\ndepends_on: [root]\n"})
+    named = graph_of({"pipelines/root.yaml": "dag_id: root\nowner: t\ndeployment: default\n",
+                      "pipelines/a.yaml": "dag_id: a\nowner: t\ndepends_on: [default/root]\n"})
+    assert named.canonical_json() == plain.canonical_json()  # the same graph, the same bytes
+    pipes, deps = files({"airflow-deployments/af2.yaml": AF2,
+                         "pipelines/root.yaml": "dag_id: root\nowner: t\ndeployment: default\n"})
+    # Once deployments are declared, `default` is only a name like any other.
+    assert [p.code for p in check_files(pipes, deployments=deps).problems] == [
+        "unknown-deployment"]
