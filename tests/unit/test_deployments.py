@@ -516,3 +516,29 @@ def test_without_declarations_the_implicit_deployment_may_be_named_default() -> 
     # Once deployments are declared, `default` is only a name like any other.
     assert [p.code for p in check_files(pipes, deployments=deps).problems] == [
         "unknown-deployment"]
+
+
+def test_validate_staged_reads_the_deployments_as_staged(tmp_path: Path) -> None:
+    # The pre-commit hook's mode: a broken deployment file fixed only in the working tree
+    # still fails; once the fix is staged, it passes.
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid",
+                        "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(REPO / ".venv" / "bin" / "reconciler"), "validate",
+                               "--staged"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+
+    git("init", "-q")
+    write_case(tmp_path, {"af2.yaml": AF2.replace("password_env", "password")})
+    git("add", "-A")
+    (tmp_path / "airflow-deployments" / "af2.yaml").write_text(AF2)  # fixed, not staged
+    proc = validate()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "\nairflow-deployments/af2.yaml:4:37: 'password': credentials never go in git" \
+        in proc.stdout
+    git("add", "-A")
+    proc = validate()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == "ok: 1 file, 1 pipeline, 0 dependencies, 1 root, 1 deployment (af2)\n"
