@@ -542,3 +542,26 @@ def test_validate_staged_reads_the_deployments_as_staged(tmp_path: Path) -> None
     proc = validate()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout == "ok: 1 file, 1 pipeline, 0 dependencies, 1 root, 1 deployment (af2)\n"
+
+
+def test_a_pipeline_folder_elsewhere_has_its_deployments_beside_it(tmp_path: Path) -> None:
+    from reconciler.adapters.sources import open_repo, resolve_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid",
+                        "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    write_case(tmp_path / "deploy", {"af2.yaml": AF2})
+    (tmp_path / "airflow-deployments").mkdir()  # at the top: not the one beside deploy/
+    (tmp_path / "airflow-deployments" / "x.yaml").write_text("not: a deployment\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    repo = open_repo(tmp_path)
+    commit = resolve_commit(repo, "HEAD")
+    deps = read_tree_deployments(repo, commit, "deploy/pipelines")
+    assert [f.path for f in deps] == ["deploy/airflow-deployments/af2.yaml"]
+    result = CliRunner().invoke(main, ["graph", "--repo", str(tmp_path), "--rev", "HEAD",
+                                       "deploy/pipelines", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in json.loads(result.output)["deployments"]] == ["af2"]
