@@ -18,11 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from reconciler.core.graph import Deployment
 from reconciler.core.problems import Problem
+from reconciler.core.spec import _TYPE_NAMES, _describe, _where  # the same wording
 from reconciler.core.yamlload import MAX_FILE_BYTES, Document, load_document
 
 if TYPE_CHECKING:
@@ -98,12 +99,11 @@ class DeploymentCheck:
 
 def check_deployment_files(files: Iterable[SourceFile], *,
                            max_file_bytes: int = MAX_FILE_BYTES) -> DeploymentCheck:
-    from reconciler.core.checks import _stem  # one rule for a file's stem
-
+    """Every file of the deployments folder, checked; the valid ones declared (by name)."""
     out = DeploymentCheck()
     first_default: str | None = None
     for f in sorted(files, key=lambda f: f.path):
-        stem = _stem(f.path)
+        stem = PurePosixPath(f.path.replace("\\", "/")).stem
         out.names.add(stem)
         if f.problem is not None:
             out.problems.append(f.problem)
@@ -144,8 +144,7 @@ def check_deployment_files(files: Iterable[SourceFile], *,
 
 
 def _schema_problems(doc: Document) -> list[Problem]:
-    from reconciler.core.spec import _TYPE_NAMES, _describe, _where
-
+    """jsonschema's errors as the pipeline checks word them, at the offending node."""
     out: list[Problem] = []
     for error in _validator().iter_errors(doc.data):
         path = tuple(error.absolute_path)
