@@ -102,9 +102,16 @@ def check_deployment_files(files: Iterable[SourceFile], *,
     """Every file of the deployments folder, checked; the valid ones declared (by name)."""
     out = DeploymentCheck()
     first_default: str | None = None
+    first_path: dict[str, str] = {}
     for f in sorted(files, key=lambda f: f.path):
         stem = PurePosixPath(f.path.replace("\\", "/")).stem
         out.names.add(stem)
+        if stem in first_path:  # af2.yaml and af2.yml, or the same name in two sub-folders
+            out.problems.append(Problem(f.path, 1, 1, f"deployment {stem!r} is defined twice: "
+                                        f"also in {first_path[stem]}; keep one file",
+                                        "duplicate-deployment"))
+            continue
+        first_path[stem] = f.path
         if f.problem is not None:
             out.problems.append(f.problem)
             continue

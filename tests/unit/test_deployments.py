@@ -565,3 +565,13 @@ def test_a_pipeline_folder_elsewhere_has_its_deployments_beside_it(tmp_path: Pat
                                        "deploy/pipelines", "-o", "json"])
     assert result.exit_code == 0, result.output
     assert [d["name"] for d in json.loads(result.output)["deployments"]] == ["af2"]
+
+
+def test_the_same_deployment_in_two_files_is_refused() -> None:
+    checked = check_deployment_files([
+        SourceFile("airflow-deployments/af2.yaml", AF2.encode()),
+        SourceFile("airflow-deployments/af2.yml", AF2.replace("v1", "v2").encode())])
+    assert [str(p) for p in checked.problems] == [
+        "airflow-deployments/af2.yml:1:1: deployment 'af2' is defined twice: also in "
+        "airflow-deployments/af2.yaml; keep one file"]
+    assert checked.declared["af2"].api == "v1"
