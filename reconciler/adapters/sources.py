@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.core.checks import PIPELINE_SUFFIXES, SourceFile
+from reconciler.core.deployments import deployments_dir
 from reconciler.core.errors import NeedsHuman
 from reconciler.core.problems import redact
 from reconciler.core.yamlload import MAX_FILE_BYTES
@@ -612,3 +613,43 @@ def read_index(directory: str | Path, *, max_file_bytes: int = MAX_FILE_BYTES
     out += _entries_to_files(((mode, rel, sha, sizes.get(sha, 0)) for mode, rel, sha in rows),
                              shown, repo, max_file_bytes, "the index")
     return sorted(out, key=lambda f: f.path)
+
+
+# --- the deployments folder beside the pipelines (issue 18) ------------------------------
+# Read from the same source as the pipelines, by the same rule; a folder that is not there
+# means "no deployments declared" (every repository before them), never an error.
+
+
+def read_directory_deployments(pipelines_dir: str | Path, *,
+                               max_file_bytes: int = MAX_FILE_BYTES) -> list[SourceFile]:
+    """The deployment files beside the pipeline folder `pipelines_dir` (working tree)."""
+    where = deployments_dir(os.fspath(pipelines_dir))
+    if where is None or not os.path.lexists(where):
+        return []
+    if os.path.islink(where):
+        raise SourceError(f"{where}: a symbolic link; links are never followed")
+    return read_directory(where, max_file_bytes=max_file_bytes)
+
+
+def read_index_deployments(pipelines_dir: str | Path, *,
+                           max_file_bytes: int = MAX_FILE_BYTES) -> list[SourceFile]:
+    """The deployment files beside `pipelines_dir` as staged in the git index."""
+    where = deployments_dir(os.fspath(pipelines_dir))
+    if where is None:
+        return []
+    try:
+        return read_index(where, max_file_bytes=max_file_bytes)
+    except PathNotFound:
+        return []
+
+
+def read_tree_deployments(repo: Any, commit: Any, subdir: str = "pipelines", *,
+                          max_file_bytes: int = MAX_FILE_BYTES) -> list[SourceFile]:
+    """The deployment files beside `subdir` in the commit's tree."""
+    where = deployments_dir(subdir)
+    if where is None:
+        return []
+    try:
+        return read_tree(repo, commit, where, max_file_bytes=max_file_bytes)
+    except PathNotFound:
+        return []

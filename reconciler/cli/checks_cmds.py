@@ -17,10 +17,12 @@ from reconciler.adapters.sources import (
     SourceError,
     merge_base,
     open_repo,
-    read_commit,
     read_directory,
+    read_directory_deployments,
     read_index,
+    read_index_deployments,
     read_tree,
+    read_tree_deployments,
     resolve_commit,
 )
 from reconciler.cli.app import EXIT_FAILED, fail, handle_errors, main
@@ -62,9 +64,10 @@ def path_option(help: str = "Folder of the pipeline files inside the repository.
                         default="pipelines", show_default=True, help=help)
 
 
-def _check(files: list[SourceFile], max_file_bytes: int, max_graph_bytes: int
-           ) -> CheckResult:
-    return check_files(files, max_file_bytes=max_file_bytes, max_graph_bytes=max_graph_bytes)
+def _check(files: list[SourceFile], max_file_bytes: int, max_graph_bytes: int,
+           deployments: list[SourceFile]) -> CheckResult:
+    return check_files(files, max_file_bytes=max_file_bytes, max_graph_bytes=max_graph_bytes,
+                       deployments=deployments)
 
 
 def _check_directory(directory: str, max_file_bytes: int, max_graph_bytes: int, *,
@@ -72,18 +75,24 @@ def _check_directory(directory: str, max_file_bytes: int, max_graph_bytes: int, 
     try:
         reader = read_index if staged else read_directory
         files = reader(directory, max_file_bytes=max_file_bytes)
+        beside = read_index_deployments if staged else read_directory_deployments
+        deployments = beside(directory, max_file_bytes=max_file_bytes)
     except SourceError as exc:
         fail(str(exc))
-    return _check(files, max_file_bytes, max_graph_bytes)
+    return _check(files, max_file_bytes, max_graph_bytes, deployments)
 
 
 def _check_commit(repo: str, rev: str, path: str, max_file_bytes: int = MAX_FILE_BYTES,
                   max_graph_bytes: int = MAX_GRAPH_BYTES) -> tuple[str, CheckResult]:
     try:
-        sha, files = read_commit(repo, rev, path, max_file_bytes=max_file_bytes)
+        git_repo = open_repo(repo)
+        commit = resolve_commit(git_repo, rev)
+        files = read_tree(git_repo, commit, path, max_file_bytes=max_file_bytes)
+        deployments = read_tree_deployments(git_repo, commit, path,
+                                            max_file_bytes=max_file_bytes)
     except SourceError as exc:
         fail(str(exc))
-    return sha, _check(files, max_file_bytes, max_graph_bytes)
+    return commit.hexsha, _check(files, max_file_bytes, max_graph_bytes, deployments)
 
 
 def _graph_or_exit(result: CheckResult, where: str) -> Graph:
@@ -196,8 +205,10 @@ def diff(base: str, head: str, repo: str, subdir: str, output: str, exit_code: b
                 files = read_tree(git_repo, commit, subdir, max_file_bytes=max_file_bytes)
             except PathNotFound:
                 files, missing = [], missing + 1
-            graphs.append(_graph_or_exit(_check(files, max_file_bytes, max_graph_bytes),
-                                         f"{rev}:{subdir}"))
+            deployments = read_tree_deployments(git_repo, commit, subdir,
+                                                max_file_bytes=max_file_bytes)
+            graphs.append(_graph_or_exit(_check(files, max_file_bytes, max_graph_bytes,
+                                                deployments), f"{rev}:{subdir}"))
         if missing == 2:
             # A typo, not a change: "no change" would pass a CI check that compared
             # nothing. Exit 2 (as graph --rev, validate): 1 means "changed" here.

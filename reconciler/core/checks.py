@@ -9,11 +9,13 @@ file that loaded, valid or not, so one run shows all problems of a file.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
-from reconciler.core.graph import Graph, Pipeline
+from reconciler.core.deployments import DEPLOYMENTS_DIR, DeploymentCheck, check_deployment_files
+from reconciler.core.graph import DEFAULT_DEPLOYMENT, Graph, Pipeline
 from reconciler.core.heap import gc_paused
 from reconciler.core.problems import Problem
 from reconciler.core.spec import check_document
@@ -66,6 +68,9 @@ class CheckResult:
         return not self.problems
 
 
+_DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
 @dataclass
 class _Spec:
     """What the graph checks use of one file that loaded, valid or not."""
@@ -74,6 +79,11 @@ class _Spec:
     doc: Document
     upstreams: tuple[tuple[int, str], ...]  # (index in depends_on, id)
     pipeline: Pipeline | None  # None when the file has a problem of its own
+    key: str = ""
+    """Its name in the graph: the file name when it names a deployment (so the same dag_id
+    may be in two), else the dag_id (today's rule makes them equal)."""
+    deployment: str | None = None
+    """What `deployment:` says (None: absent, or refused by the schema)."""
 
     def position(self, index: int) -> tuple[int, int]:
         return self.doc.position(("depends_on", index))
@@ -84,18 +94,21 @@ def check_files(
     *,
     max_file_bytes: int = MAX_FILE_BYTES,
     max_graph_bytes: int = MAX_GRAPH_BYTES,
+    deployments: Iterable[SourceFile] = (),
 ) -> CheckResult:
+    """`deployments`: the files of the airflow-deployments folder beside the pipelines
+    (none: nothing declared, every pipeline in the implicit default deployment)."""
     # Loading builds millions of small objects (nodes, positions) and no reference cycle
     # that matters: the cyclic collector's full passes over them cost 3 s of 10 at 50,000
     # files. Reference counting still frees everything; collection resumes after.
     with gc_paused():
-        return _check_files(files, max_file_bytes, max_graph_bytes)
+        declared = check_deployment_files(deployments, max_file_bytes=max_file_bytes)
+        return _check_files(files, max_file_bytes, max_graph_bytes, declared)
 
 
-
-def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_bytes: int
-                 ) -> CheckResult:
-    problems: list[Problem] = []
+def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_bytes: int,
+                 declared: DeploymentCheck) -> CheckResult:
+    problems: list[Problem] = list(declared.problems)
     # Each file is checked as it comes (a reader may still be reading the next ones, see
     # adapters/sources.py's open_tree), then everything that depends on the order is done
     # in path order, as if the files had been sorted first.
@@ -111,14 +124,27 @@ def _check_files(files: Iterable[SourceFile], max_file_bytes: int, max_graph_byt
     problems.extend(_duplicate_ids(readable))
     by_id: dict[str, _Spec] = {}
     for spec in specs:
-        by_id.setdefault(spec.dag_id, spec)
+        by_id.setdefault(spec.key, spec)
     # A refused a.YAML or link b.yaml still names a pipeline: depends_on [b] is not unknown.
     known = {stem for f, stem, _ in seen if f.path.lower().endswith(PIPELINE_SUFFIXES)}
-    problems.extend(_edge_problems(by_id, known))
-    problems.extend(_cycle_problems(by_id))
+    where, deployment_problems = _deployment_problems(by_id, declared)
+    problems.extend(deployment_problems)
+    resolved, edge_problems = _edge_problems(by_id, known, declared, where)
+    problems.extend(edge_problems)
+    problems.extend(_cycle_problems(by_id, resolved, where))
     result = CheckResult(files=len(ordered), problems=sorted(set(problems)))
     if result.ok:
-        graph = Graph(s.pipeline for s in specs if s.pipeline is not None)
+        pipelines = [s.pipeline for s in specs if s.pipeline is not None]
+        if declared.names or any(s.key != s.dag_id or s.deployment for s in specs) \
+                or any(t != up for s in specs for (_, up), (_, t)
+                       in zip(s.upstreams, resolved.get(s.key, ()), strict=False)):
+            # Names, resolved upstreams and deployments; a repository that uses none of
+            # them keeps its Pipelines as they were (and its graph's bytes).
+            pipelines = [replace(p, name=s.key if s.key != p.dag_id else None,
+                                 deployment=where[s.key] if declared.names else None,
+                                 depends_on=tuple(t for _, t in resolved[s.key]))
+                         for s in specs if (p := s.pipeline) is not None]
+        graph = Graph(pipelines, declared.declared.values())
         size = _compressed_size(graph, ordered, max_graph_bytes)
         if size > max_graph_bytes:
             biggest = max(ordered, key=lambda f: f.real_size)
@@ -164,12 +190,19 @@ def _check_one(f: SourceFile, stem: str, problems: list[Problem], max_file_bytes
     problems.extend(checked.problems)
     if checked.dag_id is None:
         return None
-    if checked.dag_id != stem:
+    deployment = loaded.data.get("deployment")
+    if not (isinstance(deployment, str) and _DEPLOYMENT_NAME.fullmatch(deployment)
+            and not loaded.is_refused(("deployment",))):
+        deployment = None  # absent, or the schema reports it
+    # A file that names its deployment may be named other than its dag_id: that is how
+    # one dag_id lives in two deployments. Without one, today's rule: name = dag_id.
+    if checked.dag_id != stem and "deployment" not in loaded.data:
         line, col = loaded.position(("dag_id",))
         problems.append(Problem(f.path, line, col, f"dag_id {checked.dag_id!r} does not "
                                 f"match the file name {stem!r}; rename one of them",
                                 "file-name"))
-    return _Spec(checked.dag_id, loaded, checked.upstreams, checked.pipeline)
+    key = stem if "deployment" in loaded.data else checked.dag_id
+    return _Spec(checked.dag_id, loaded, checked.upstreams, checked.pipeline, key, deployment)
 
 
 def _stem(path: str) -> str:
@@ -246,36 +279,137 @@ class Suggestions:
         return close[0] if close else None
 
 
-def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str]) -> list[Problem]:
+def _known(declared: DeploymentCheck) -> set[str]:
+    """The deployments a pipeline may name: the declared ones, or, when none is, the
+    implicit one (`default`, the settings' Airflow)."""
+    return declared.names or {DEFAULT_DEPLOYMENT}
+
+
+def _deployment_problems(by_id: dict[str, _Spec], declared: DeploymentCheck
+                         ) -> tuple[dict[str, str], list[Problem]]:
+    """Each pipeline's deployment (by name), and the refusals: an unknown deployment, none
+    named where there is no default, the same (deployment, dag_id) twice."""
     out: list[Problem] = []
+    where: dict[str, str] = {}
+    default = declared.default if declared.names else DEFAULT_DEPLOYMENT
+    suggest: Suggestions | None = None
+    first: dict[tuple[str, str], _Spec] = {}
+    for key, spec in by_id.items():
+        name = spec.deployment
+        if name is not None:
+            if name not in _known(declared):
+                suggest = suggest or Suggestions(declared.names)
+                close = suggest(name)
+                hint = (f"; did you mean {close!r}?" if close
+                        else f"; declared: {', '.join(sorted(declared.names))}"
+                        if declared.names else f"; declare it in {DEPLOYMENTS_DIR}/{name}.yaml "
+                        "beside the pipeline folder")
+                line, col = spec.doc.position(("deployment",))
+                out.append(Problem(spec.doc.path, line, col, f"deployment {name!r} is not "
+                                   f"declared{hint}", "unknown-deployment"))
+        elif "deployment" not in spec.doc.data:
+            name = default
+            if name is None and not declared.broken:
+                line, col = spec.doc.key_position(("dag_id",))
+                out.append(Problem(spec.doc.path, line, col, "no `deployment:`, and none of "
+                                   f"the declared deployments ({', '.join(sorted(declared.names))})"
+                                   " is the default: name one, or mark one `default: true`",
+                                   "no-deployment"))
+        where[key] = name or DEFAULT_DEPLOYMENT
+        pair = (where[key], spec.dag_id)
+        if pair in first:
+            line, col = spec.doc.position(("dag_id",))
+            out.append(Problem(spec.doc.path, line, col, f"dag_id {spec.dag_id!r} is already a "
+                               f"pipeline of deployment {pair[0]!r} ({first[pair].doc.path}): "
+                               "one DAG id once per deployment", "duplicate-dag"))
+        else:
+            first[pair] = spec
+    return where, out
+
+
+def _edge_problems(by_id: dict[str, _Spec], all_ids: set[str], declared: DeploymentCheck,
+                   where: dict[str, str]
+                   ) -> tuple[dict[str, list[tuple[int, str]]], list[Problem]]:
+    """Each pipeline's upstreams resolved to names ((index in depends_on, name) of each
+    entry that resolved), and the refusals. An entry is a name or a dag_id, or
+    `<deployment>/<dag_id>`; an unqualified one that could mean two pipelines is
+    ambiguous (no "own deployment first": a move must never re-bind an upstream)."""
+    out: list[Problem] = []
+    resolved: dict[str, list[tuple[int, str]]] = {}
     suggest = Suggestions(all_ids)
+    # dag_id -> the names of the pipelines with that dag_id under another name (only files
+    # that name a deployment can have one): empty in a repository without deployments.
+    aliases: dict[str, list[str]] = {}
+    by_pair: dict[tuple[str, str], str] = {}
+    for key, spec in by_id.items():
+        if key != spec.dag_id:
+            aliases.setdefault(spec.dag_id, []).append(key)
+        by_pair.setdefault((where[key], spec.dag_id), key)
+
+    def shown(key: str) -> str:
+        return f"{where[key]}/{by_id[key].dag_id}"
+
     for dag_id, spec in by_id.items():
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[int, str]] = {}  # name (or unknown entry) -> (index, entry)
+        targets: list[tuple[int, str]] = resolved.setdefault(dag_id, [])
         for index, up in spec.upstreams:
-            if up not in seen and up != dag_id and up in all_ids:
-                seen[up] = index
+            if up not in seen and up != dag_id and up in all_ids and up not in aliases:
+                seen[up] = (index, up)
+                targets.append((index, up))
                 continue  # the common case: no problem, no position needed
             line, col = spec.position(index)
-            if up in seen:
-                out.append(Problem(spec.doc.path, line, col, f"{up!r} is listed twice in "
-                                   f"depends_on (first as item {seen[up] + 1})",
-                                   "duplicate-upstream"))
+            target: str | None
+            if "/" in up:
+                deployment, _, wanted = up.partition("/")
+                if deployment not in _known(declared):
+                    out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, but "
+                                       f"deployment {deployment!r} is not declared",
+                                       "unknown-deployment"))
+                    continue
+                target = by_pair.get((deployment, wanted))
+                if target is None:
+                    if not declared.broken:
+                        out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, "
+                                           f"but no pipeline of deployment {deployment!r} has "
+                                           f"dag_id {wanted!r}", "unknown-upstream"))
+                    continue
+            else:
+                candidates = sorted({*([up] if up in all_ids else []), *aliases.get(up, ())})
+                if len(candidates) > 1:
+                    which = ", ".join(f"{shown(c)} ({by_id[c].doc.path})" if c in by_id else c
+                                      for c in candidates)
+                    qualified = " or ".join(shown(c) for c in candidates if c in by_id)
+                    out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, "
+                                       f"which is ambiguous: {which}; write {qualified}",
+                                       "ambiguous-upstream"))
+                    continue
+                target = candidates[0] if candidates else None
+            mark = up if target is None else target
+            if mark in seen:
+                first, entry = seen[mark]
+                what = (f"{up!r} is listed twice in depends_on" if entry == up
+                        else f"{up!r} names the same pipeline as {entry!r} in depends_on")
+                out.append(Problem(spec.doc.path, line, col, f"{what} (first as item "
+                                   f"{first + 1})", "duplicate-upstream"))
                 continue
-            seen[up] = index
-            if up == dag_id:
+            seen[mark] = (index, up)
+            if target == dag_id:
                 out.append(Problem(spec.doc.path, line, col, f"{dag_id!r} depends on itself",
                                    "self-dependency"))
-            elif up not in all_ids:
+            elif target is None:
                 close = suggest(up, exclude=dag_id)
                 hint = f"; did you mean {close!r}?" if close else ""
                 out.append(Problem(spec.doc.path, line, col, f"depends_on names {up!r}, but no "
                                    f"pipeline file defines it{hint}", "unknown-upstream"))
-    return out
+            else:
+                targets.append((index, target))
+    return resolved, out
 
 
-def _cycle_problems(by_id: dict[str, _Spec]) -> list[Problem]:
+def _cycle_problems(by_id: dict[str, _Spec], resolved: dict[str, list[tuple[int, str]]],
+                    where: dict[str, str]) -> list[Problem]:
     """One problem per strongly connected component (Tarjan's algorithm, iterative)."""
-    graph = {d: [u for _, u in s.upstreams if u in by_id and u != d] for d, s in by_id.items()}
+    graph = {d: [u for _, u in resolved.get(d, ()) if u in by_id and u != d] for d in by_id}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
@@ -325,10 +459,14 @@ def _cycle_problems(by_id: dict[str, _Spec]) -> list[Problem]:
         path = _cycle_path(graph, set(component))
         first, second = path[0], path[1]
         spec = by_id[first]
-        line, col = spec.position(next(i for i, up in spec.upstreams if up == second))
+        line, col = spec.position(next(i for i, up in resolved[first] if up == second))
         # depends_on points upstream, so reverse the path to read in run order.
-        shown = " -> ".join(reversed(path))
-        out.append(Problem(spec.doc.path, line, col, f"dependency cycle: {shown} (each runs "
+        if len({where[d] for d in component}) > 1:
+            shown = " -> ".join(f"{where[d]}/{by_id[d].dag_id}" for d in reversed(path))
+            kind = "dependency cycle across deployments"
+        else:
+            shown, kind = " -> ".join(reversed(path)), "dependency cycle"
+        out.append(Problem(spec.doc.path, line, col, f"{kind}: {shown} (each runs "
                            "after the one before it); remove one of these depends_on entries",
                            "cycle"))
     return out

@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from reconciler.core.graph import Graph
-from reconciler.core.render import mermaid_id, mermaid_label
+from reconciler.core.graph import DEFAULT_DEPLOYMENT, Graph
+from reconciler.core.render import mermaid_id, mermaid_label, mermaid_nodes
 
 # Above this many nodes the picture shows only the changed part and its neighbours.
 MAX_PICTURE_NODES = 150
@@ -33,6 +33,25 @@ class FieldChange:
 @dataclass(frozen=True)
 class PipelineChange:
     dag_id: str
+    changes: tuple[FieldChange, ...]
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A pipeline that now runs in another Airflow deployment (its name, so its ledger,
+    stays)."""
+
+    dag_id: str
+    from_deployment: str
+    to_deployment: str
+
+    def reason(self) -> str:
+        return f"moved from {self.from_deployment} to {self.to_deployment}"
+
+
+@dataclass(frozen=True)
+class DeploymentChange:
+    name: str
     changes: tuple[FieldChange, ...]
 
 
@@ -70,14 +89,20 @@ class GraphDiff:
     affected: list[Affected] = field(default_factory=list)
     base_tip: str | None = None
     """The commit given as --base (its merge base with head is `base`)."""
+    moved: list[Moved] = field(default_factory=list)
+    deployments_added: list[str] = field(default_factory=list)
+    deployments_removed: list[str] = field(default_factory=list)
+    deployments_changed: list[DeploymentChange] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not (self.added or self.removed or self.changed or self.edges_added
-                    or self.edges_removed)
+                    or self.edges_removed or self.moved or self.deployments_added
+                    or self.deployments_removed or self.deployments_changed)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"kind": "GraphDiff", **asdict(self)}
+        data["moved"] = [dict(asdict(m), reason=m.reason()) for m in self.moved]
         data["edges_added"] = [{"upstream": u, "downstream": d} for u, d in self.edges_added]
         data["edges_removed"] = [{"upstream": u, "downstream": d} for u, d in self.edges_removed]
         data["affected"] = [dict(asdict(a), reason=a.reason()) for a in self.affected]
@@ -91,11 +116,25 @@ def diff_graphs(base: Graph, head: Graph, *, base_rev: str | None = None,
     base_order = {d: i for i, d in enumerate(base.topological_order())}
     out.added = sorted((d for d in head.pipelines if d not in base), key=head_order.__getitem__)
     out.removed = sorted((d for d in base.pipelines if d not in head), key=base_order.__getitem__)
+    was_in, now_in = _where(base, head), _where(head, base)
     for dag_id in sorted((d for d in head.pipelines if d in base), key=head_order.__getitem__):
         old, new = base[dag_id].to_dict(), head[dag_id].to_dict()
+        # The deployment is said as a move, never as a field change: a base without
+        # declarations has no such key, and its implicit default is the head's default.
+        old.pop("deployment", None)
+        new.pop("deployment", None)
         changes = tuple(FieldChange(k, old[k], new[k]) for k in old if old[k] != new[k])
         if changes:
             out.changed.append(PipelineChange(dag_id, changes))
+        if was_in(dag_id) != now_in(dag_id):
+            out.moved.append(Moved(dag_id, was_in(dag_id), now_in(dag_id)))
+    out.deployments_added = sorted(d for d in head.deployments if d not in base.deployments)
+    out.deployments_removed = sorted(d for d in base.deployments if d not in head.deployments)
+    for name in sorted(d for d in head.deployments if d in base.deployments):
+        old_d, new_d = base.deployments[name].to_dict(), head.deployments[name].to_dict()
+        fields = tuple(FieldChange(k, old_d[k], new_d[k]) for k in old_d if old_d[k] != new_d[k])
+        if fields:
+            out.deployments_changed.append(DeploymentChange(name, fields))
     base_edges, head_edges = set(base.edges()), set(head.edges())
     out.edges_added = [e for e in head.edges() if e not in base_edges]
     out.edges_removed = [e for e in base.edges() if e not in head_edges]
@@ -113,6 +152,17 @@ def diff_graphs(base: Graph, head: Graph, *, base_rev: str | None = None,
                                          _names(was & ~now, names),
                                          _names(now & changed_mask, names)))
     return out
+
+
+def _where(graph: Graph, other: Graph) -> Any:
+    """name -> the deployment it runs in on `graph`'s side. A side that declares nothing
+    has one implicit deployment: the settings' Airflow, which the other side's declared
+    default (if any) stands for, so declaring today's Airflow as the default moves
+    nothing."""
+    if graph.deployments:
+        return graph.deployment_of
+    implicit = (other.default_deployment if other.deployments else None) or DEFAULT_DEPLOYMENT
+    return lambda name: graph.pipelines[name].deployment or implicit
 
 
 def _ancestor_bits(graph: Graph, bit: dict[str, int]) -> dict[str, int]:
@@ -146,8 +196,14 @@ def to_text(diff: GraphDiff) -> str:
     if diff.empty:
         return "no change to the pipeline graph\n"
     lines = []
+    lines += [f"+ deployment {d}" for d in diff.deployments_added]
+    lines += [f"- deployment {d}" for d in diff.deployments_removed]
+    for dc in diff.deployments_changed:
+        for f in dc.changes:
+            lines.append(f"~ deployment {dc.name}: {f.field}: {_fmt(f.old)} -> {_fmt(f.new)}")
     lines += [f"+ pipeline {d}" for d in diff.added]
     lines += [f"- pipeline {d}" for d in diff.removed]
+    lines += [f"~ pipeline {m.dag_id}: {m.reason()}" for m in diff.moved]
     for c in diff.changed:
         for f in c.changes:
             lines.append(f"~ pipeline {c.dag_id}: {f.field}: {_fmt(f.old)} -> {_fmt(f.new)}")
@@ -182,11 +238,25 @@ def to_markdown(diff: GraphDiff, base: Graph, head: Graph, *, max_chars: int = 0
                       f"**{len(diff.changed)}** changed pipelines; **{len(diff.edges_added)}** "
                       f"edges added, **{len(diff.edges_removed)}** removed; "
                       f"**{len(diff.affected)}** downstream pipelines affected.")
+    if diff.moved:
+        head_lines[-1] += f" **{len(diff.moved)}** moved between deployments."
     head_lines.append("")
     sections: list[tuple[list[str], list[str]]] = []  # (heading lines, rows)
-    if diff.added or diff.removed or diff.changed:
+    if diff.deployments_added or diff.deployments_removed or diff.deployments_changed:
+        rows = [f"| ➕ | `{d}` | added ({_md_cell(head.deployments[d].url)}, api "
+                f"{head.deployments[d].api}, auth {head.deployments[d].auth_kind}) |"
+                for d in diff.deployments_added]
+        rows += [f"| ➖ | `{d}` | removed |" for d in diff.deployments_removed]
+        for dc in diff.deployments_changed:
+            what = "; ".join(f"{f.field}: {_md_cell(f.old)} → {_md_cell(f.new)}"
+                             for f in dc.changes)
+            rows.append(f"| ✏️ | `{dc.name}` | {what} |")
+        sections.append((["| | deployment | change |", "|---|---|---|"], rows))
+    if diff.added or diff.removed or diff.changed or diff.moved:
         rows = [f"| ➕ | `{d}` | added (owner {_md_cell(head[d].owner)}) |" for d in diff.added]
         rows += [f"| ➖ | `{d}` | removed |" for d in diff.removed]
+        rows += [f"| 🚚 | `{m.dag_id}` | moved from `{m.from_deployment}` to "
+                 f"`{m.to_deployment}` |" for m in diff.moved]
         for c in diff.changed:
             what = "; ".join(f"{f.field}: {_md_cell(f.old)} → {_md_cell(f.new)}"
                              for f in c.changes)
@@ -248,15 +318,22 @@ def _mermaid(diff: GraphDiff, base: Graph, head: Graph) -> str:
     """The union of both graphs; added edges green and thick, removed ones red and dashed."""
     nodes = list(dict.fromkeys([*head.topological_order(), *base.topological_order()]))
     focus = ({*diff.added, *diff.removed, *(c.dag_id for c in diff.changed),
-              *(a.dag_id for a in diff.affected)}
+              *(a.dag_id for a in diff.affected), *(m.dag_id for m in diff.moved)}
              | {n for e in (*diff.edges_added, *diff.edges_removed) for n in e})
     if len(nodes) > MAX_PICTURE_NODES:
         neighbours = {u for u, d in (*head.edges(), *base.edges()) if d in focus}
         nodes = [n for n in nodes if n in focus or n in neighbours]
     shown = set(nodes)
     lines = ["flowchart LR"]
-    for d in nodes:
-        lines.append(f"    {mermaid_id(d)}[{mermaid_label(d)}]")
+    # Boxes per deployment when either side declares them (a removed node in its old one).
+    where = None
+    if head.deployments or base.deployments:
+        now_in, was_in = _where(head, base), _where(base, head)
+
+        def where(d: str) -> str:
+            return now_in(d) if d in head.pipelines else was_in(d)
+
+    lines += mermaid_nodes(nodes, lambda d: f"{mermaid_id(d)}[{mermaid_label(d)}]", where)
     added_e, removed_e = set(diff.edges_added), set(diff.edges_removed)
     edges = [e for e in head.edges() if e[0] in shown and e[1] in shown]
     edges += [e for e in diff.edges_removed if e[0] in shown and e[1] in shown]
@@ -274,6 +351,9 @@ def _mermaid(diff: GraphDiff, base: Graph, head: Graph) -> str:
         "added": ("fill:#dafbe1,stroke:#1a7f37", diff.added),
         "removed": ("fill:#ffebe9,stroke:#cf222e,stroke-dasharray: 5 5", diff.removed),
         "changed": ("fill:#fff8c5,stroke:#9a6700", [c.dag_id for c in diff.changed]),
+        "moved": ("fill:#ddf4ff,stroke:#0969da", [m.dag_id for m in diff.moved
+                                                  if m.dag_id not in {c.dag_id
+                                                                      for c in diff.changed}]),
         "affected": ("stroke:#9a6700,stroke-width:2px",
                      [a.dag_id for a in diff.affected
                       if a.dag_id not in {c.dag_id for c in diff.changed}]),

@@ -18,6 +18,38 @@ from typing import Any
 
 FORMAT_VERSION = 1
 TRIGGER_RULES = ("all_success", "all_done")
+DEFAULT_DEPLOYMENT = "default"
+"""The implicit deployment of a repository that declares none: the settings' Airflow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One Airflow deployment declared in git (airflow-deployments/<name>.yaml).
+
+    `auth` holds the kind and *where* the credentials are (environment variable names, file
+    paths), never a credential: the schema has no key that could hold one."""
+
+    name: str
+    url: str
+    api: str = "auto"
+    auth: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+    default: bool = False
+
+    @property
+    def auth_kind(self) -> str:
+        return self.auth.get("kind", "none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "api": self.api,
+                "auth": dict(sorted(self.auth.items())), "description": self.description,
+                "default": self.default}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Deployment:
+        return cls(name=data["name"], url=data["url"], api=data.get("api", "auto"),
+                   auth=dict(data.get("auth", {})), description=data.get("description", ""),
+                   default=bool(data.get("default", False)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +64,24 @@ class Pipeline:
     enabled: bool = True
     backfill: bool = False
     conf: Mapping[str, Any] = field(default_factory=dict)
+    deployment: str | None = None
+    """The deployment it runs in; None: the implicit default (nothing declared)."""
+    name: str | None = None
+    """Its name in the graph when that is not its dag_id (the same dag_id in two
+    deployments); None: the dag_id. See `key`."""
+
+    @property
+    def key(self) -> str:
+        """The pipeline's identity in the graph, etcd keys and the ledger: its name (its
+        file name), which stays when it moves to another deployment."""
+        return self.name or self.dag_id
 
     @property
     def is_root(self) -> bool:
         return not self.depends_on
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "dag_id": self.dag_id,
             "owner": self.owner,
             "description": self.description,
@@ -48,10 +91,19 @@ class Pipeline:
             "backfill": self.backfill,
             "conf": dict(self.conf),
         }
+        if self.deployment is not None:
+            # Only when deployments are declared: a graph without them keeps today's bytes
+            # (and digest), so re-syncing an already synced commit stays a no-op.
+            out["deployment"] = self.deployment
+        return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Pipeline:
+    def from_dict(cls, data: Mapping[str, Any], name: str | None = None) -> Pipeline:
+        """`name`: the key it had in the graph's `pipelines` map (None or its dag_id: the
+        same)."""
         return cls(
+            name=name if name is not None and name != data["dag_id"] else None,
+            deployment=data.get("deployment"),
             dag_id=data["dag_id"],
             owner=data.get("owner", ""),
             description=data.get("description", ""),
@@ -64,14 +116,18 @@ class Pipeline:
 
 
 class Graph:
-    """An acyclic set of pipelines keyed by dag_id (checks.py guarantees the invariants)."""
+    """An acyclic set of pipelines keyed by name (normally the dag_id; checks.py guarantees
+    the invariants), and the deployments they run in (none declared: all in the implicit
+    DEFAULT_DEPLOYMENT)."""
 
-    def __init__(self, pipelines: Iterable[Pipeline]) -> None:
-        self.pipelines: dict[str, Pipeline] = {p.dag_id: p for p in pipelines}
+    def __init__(self, pipelines: Iterable[Pipeline],
+                 deployments: Iterable[Deployment] = ()) -> None:
+        self.pipelines: dict[str, Pipeline] = {p.key: p for p in pipelines}
+        self.deployments: dict[str, Deployment] = {d.name: d for d in deployments}
         downstream: dict[str, list[str]] = {dag_id: [] for dag_id in self.pipelines}
         for p in self.pipelines.values():
             for up in p.depends_on:
-                downstream.setdefault(up, []).append(p.dag_id)
+                downstream.setdefault(up, []).append(p.key)
         self._downstream = {k: tuple(sorted(v)) for k, v in downstream.items()}
         self._canonical: bytes | None = None
         self._compressed: bytes | None = None
@@ -86,12 +142,25 @@ class Graph:
         return self.pipelines[dag_id]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Graph) and self.pipelines == other.pipelines
+        return (isinstance(other, Graph) and self.pipelines == other.pipelines
+                and self.deployments == other.deployments)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"Graph({len(self)} pipelines, {self.edge_count()} edges)"
+
+    @property
+    def default_deployment(self) -> str | None:
+        """Where a pipeline without `deployment:` runs: the declared default, the implicit
+        DEFAULT_DEPLOYMENT when nothing is declared, None when declared without a default."""
+        if not self.deployments:
+            return DEFAULT_DEPLOYMENT
+        return next((d.name for d in self.deployments.values() if d.default), None)
+
+    def deployment_of(self, name: str) -> str:
+        """The deployment pipeline `name` runs in."""
+        return self.pipelines[name].deployment or self.default_deployment or DEFAULT_DEPLOYMENT
 
     def upstreams(self, dag_id: str) -> tuple[str, ...]:
         return self.pipelines[dag_id].depends_on
@@ -153,10 +222,14 @@ class Graph:
     # --- canonical form -------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "pipelines": {d: self.pipelines[d].to_dict() for d in sorted(self.pipelines)},
         }
+        if self.deployments:  # absent when none are declared: today's blob, byte for byte
+            out["deployments"] = {n: self.deployments[n].to_dict()
+                                  for n in sorted(self.deployments)}
+        return out
 
     def canonical_json(self) -> bytes:
         if self._canonical is None:
@@ -177,7 +250,10 @@ class Graph:
     def from_dict(cls, data: Mapping[str, Any]) -> Graph:
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown graph format {data.get('format')!r}")
-        return cls(Pipeline.from_dict(p) for p in data["pipelines"].values())
+        # A blob without "deployments" (every blob before them) reads as all pipelines in
+        # the implicit default deployment.
+        return cls((Pipeline.from_dict(p, name) for name, p in data["pipelines"].items()),
+                   (Deployment.from_dict(d) for d in data.get("deployments", {}).values()))
 
     @classmethod
     def from_compressed(cls, blob: bytes) -> Graph:

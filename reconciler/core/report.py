@@ -24,6 +24,9 @@ def to_text(result: CheckResult) -> str:
         lines.append(f"ok: {counted(result.files, 'file')}, {counted(len(graph), 'pipeline')}, "
                      f"{counted(graph.edge_count(), 'dependency')}, "
                      f"{counted(len(graph.roots()), 'root')}")
+        if graph.deployments:  # only when declared: a repository without them reads as today
+            lines[-1] += (f", {counted(len(graph.deployments), 'deployment')} "
+                          f"({', '.join(sorted(graph.deployments))})")
     else:
         files = len({p.path for p in result.problems})
         lines.append(f"{len(result.problems)} problem(s) in {files} file(s)")
@@ -31,12 +34,14 @@ def to_text(result: CheckResult) -> str:
 
 
 def to_json(result: CheckResult) -> str:
-    """{"kind": "ValidationResult", "ok", "files", "pipelines", "problems"}."""
+    """{"kind": "ValidationResult", "ok", "files", "pipelines", "deployments" (declared:
+    [] when none), "problems"}."""
     data = {
         "kind": "ValidationResult",
         "ok": result.ok,
         "files": result.files,
         "pipelines": len(result.graph) if result.graph is not None else None,
+        "deployments": sorted(result.graph.deployments) if result.graph is not None else None,
         "problems": [p.to_dict() for p in result.problems],
     }
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

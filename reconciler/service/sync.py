@@ -28,6 +28,7 @@ from reconciler.adapters.sources import (
     open_repo,
     open_tree,
     read_tree,
+    read_tree_deployments,
     resolve_commit,
 )
 from reconciler.adapters.store import (
@@ -231,7 +232,9 @@ def sync(repo_path: str | Path, rev: str, subdir: str, store: EtcdStore, *,
                               "every dependency; check --path, or pass --allow-empty if that "
                               "is what you mean; nothing written", namespace=store.root)
         files = []
-    checked = check_files(files)
+    # The deployments beside the pipelines go into the same blob, so the loop reads them
+    # from etcd with the graph; none declared: today's blob, byte for byte.
+    checked = check_files(files, deployments=read_tree_deployments(repo, commit, subdir))
     if not checked.ok or checked.graph is None:
         return SyncResult(Status.REFUSED, Reason.INVALID, sha,
                           f"{sha[:12]}:{subdir} has {len(checked.problems)} problem(s); "

@@ -116,7 +116,9 @@ def graphs(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
             "backfill": st.booleans(),
             "conf": confs,
         }
-        assert set(optional) | {"dag_id", "owner"} == set(PROPS)  # follows the schema
+        # Follows the schema; `deployment` needs declared deployments beside the graph:
+        # tests/unit/test_deployments.py generates graphs across deployments.
+        assert set(optional) | {"dag_id", "owner", "deployment"} == set(PROPS)
         for key in draw(st.lists(st.sampled_from(sorted(optional)), unique=True)):
             spec[key] = draw(optional[key])
         out[dag_id] = spec

@@ -47,6 +47,8 @@ def project() -> dict:
 def test_the_wheel_holds_the_package_the_schema_and_the_plugin(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
     assert "reconciler/schemas/pipeline.schema.json" in names
+    assert wheel.read("reconciler/schemas/deployment.schema.json") == \
+        (REPO / "schemas" / "deployment.schema.json").read_bytes()
     assert "reconciler/plugin/reconciler_events.py" in names
     assert "reconciler/plugin/__init__.py" in names
     assert wheel.read("reconciler/plugin/reconciler_events.py") == \

@@ -70,6 +70,8 @@ def test_hook_entry_runs_our_console_script() -> None:
     ("pipelines/06_pipeline.yaml", True),
     ("pipelines/team-a/x.yml", True),
     ("pipelines/README.md", False),
+    ("airflow-deployments/af3.yaml", True),  # read with the pipelines (beside them)
+    ("deploy/airflow-deployments/af3.yaml", False),
     ("schemas/pipeline.schema.json", False),
     ("docs/pipelines/x.yaml", False),
     (".github/workflows/pr.yml", False),

