@@ -131,28 +131,35 @@ def ui_airflow(ui_etcd: EtcdServer, postgres_server: Any,
 
 
 @pytest.fixture(scope="module")
-def cycle_seen(ui_airflow: Any, ui_etcd: EtcdServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bench, datetime]]:
-    """The example graph synced, one cycle run by the real loop until 02_pipeline is done
-    and mirrored; then the loop is stopped (the mirror holds still)."""
+def synced(ui_airflow: Any, ui_etcd: EtcdServer,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
+    """The example graph synced into the namespace the plugin reads."""
     benches = make_bench(ui_airflow, ui_etcd, tmp_path_factory.mktemp("ui-bench"),
                          namespace=NAMESPACE)
-    bench = next(benches)
-    cycle = new_cycle()
-    bench.start()
-    bench.open_cycle(cycle)
-    bench.wait_done("02_pipeline", cycle)
-
-    def mirrored() -> bool:
-        rows = status_json(bench, cycle)["statuses"]
-        return {r["dag_id"]: r["state"] for r in rows}.get("02_pipeline") == "done"
-
-    eventually(mirrored, 60, "02_pipeline done in etcd's mirror")
-    bench.stop()
     try:
-        yield bench, cycle
+        yield next(benches)
     finally:
         benches.close()
+
+
+@pytest.fixture(scope="module")
+def cycle_seen(synced: Bench) -> tuple[Bench, datetime]:
+    """One cycle run by the real loop until 02_pipeline is done and mirrored; then the
+    loop is stopped (the mirror holds still)."""
+    bench, cycle = synced, new_cycle()
+    bench.start()
+    try:
+        bench.open_cycle(cycle)
+        bench.wait_done("02_pipeline", cycle)
+
+        def mirrored() -> bool:
+            rows = status_json(bench, cycle)["statuses"]
+            return {r["dag_id"]: r["state"] for r in rows}.get("02_pipeline") == "done"
+
+        eventually(mirrored, 60, "02_pipeline done in etcd's mirror")
+    finally:
+        bench.stop()
+    return bench, cycle
 
 
 def status_json(bench: Bench, cycle: datetime) -> dict[str, Any]:
@@ -285,10 +292,12 @@ def test_the_graph_view_shows_every_pipeline_in_the_state_status_gives(
         "return window.reconcilerUI.cy.edges().map(e => [e.source().id(), e.target().id()]);")
     assert ["05_pipeline", "06_pipeline"] in edges
     assert ["06_pipeline", "07_pipeline"] in edges
-    browser.find_element(By.ID, "search").send_keys("06_")
-    assert "1 match" in browser.find_element(By.ID, "count").text
     browser.switch_to.default_content()
     browser.save_screenshot(str(artifacts / "dependencies.png"))
+    plugin_frame(browser)
+    browser.find_element(By.ID, "search").send_keys("06_")
+    wait(browser).until(lambda d: "1 match" in d.find_element(By.ID, "count").text)
+    assert browser.find_element(By.ID, "pipeline").is_displayed() is False
 
 
 def bench_dags() -> list[str]:
@@ -331,6 +340,7 @@ def test_the_dag_tab_says_why_in_the_words_of_status(
     assert cells[1:4] == [row["state"], row["reason"], row["message"]]
     nodes = drawn(browser)  # its transitive upstreams and downstreams, itself
     assert set(nodes) == set(bench_dags())
+    assert not browser.find_element(By.ID, "graph-controls").is_displayed()  # graph page's
     facts = browser.find_element(By.ID, "pipeline").text
     assert "pipelines/06_pipeline.yaml" in facts
     assert "team-" in facts or "Owner" in facts
@@ -352,14 +362,18 @@ def test_the_dag_tab_says_why_in_the_words_of_status(
 
 
 def test_a_narrower_user_sees_only_the_dags_they_may_read(
-        ui_airflow: Any, cycle_seen: tuple[Bench, datetime], browser: WebDriver) -> None:
+        ui_airflow: Any, synced: Bench, browser: WebDriver) -> None:
+    token = ui_airflow.token("narrow")
+    status, body = api(ui_airflow, "/api/v2/dags", token)
+    assert status == 200, body  # Airflow's own answer for that user: the three DAGs
+    assert {d["dag_id"] for d in body["dags"]} == set(NARROW_DAGS)
+    status, body = api(ui_airflow, "/reconciler/api/graph", token)
+    assert status == 200, body
+    assert {n["id"] for n in body["nodes"]} == set(NARROW_DAGS)
     log_in(browser, ui_airflow, "narrow")
     browser.get(ui_airflow.url + "/plugin/reconciler-dependencies")
     plugin_frame(browser)
     assert set(drawn(browser)) == set(NARROW_DAGS)
-    token = ui_airflow.token("narrow")
-    status, body = api(ui_airflow, "/reconciler/api/graph", token)
-    assert status == 200
     text = json.dumps(body)
     for hidden in set(bench_dags()) - set(NARROW_DAGS):
         assert hidden not in text, hidden  # not as a node, not in a message either
@@ -368,8 +382,7 @@ def test_a_narrower_user_sees_only_the_dags_they_may_read(
 
 
 def test_with_etcd_down_the_page_says_so_in_one_line(
-        ui_airflow: Any, ui_etcd: EtcdServer, cycle_seen: tuple[Bench, datetime],
-        browser: WebDriver) -> None:
+        ui_airflow: Any, ui_etcd: EtcdServer, synced: Bench, browser: WebDriver) -> None:
     log_in(browser, ui_airflow, "admin")
     ui_etcd.stop()
     try:

@@ -16,6 +16,14 @@
     suspended: "#b83280", disabled: "#a0aec0", not_in_cycle: "#cbd5e0"
   };
   var NO_STATUS = "#edf2f7";
+  /* Over LARGE pipelines, the graph page first draws a neighbourhood of at most
+   * NEIGHBOURHOOD of them (around a search's matches, else around those that need
+   * attention), with a button to draw them all: 5,000 nodes and their edges take
+   * Cytoscape seconds to build, a neighbourhood a fraction of one. */
+  var LARGE = 1500;
+  var NEIGHBOURHOOD = 400;
+  var SEVERITY = ["failed", "blocked", "waiting", "running", "rerunning", "triggering",
+                  "queued", "suspended", "disabled"];
   var started = performance.now();
   var ui = window.reconcilerUI = { kind: kind, cy: null, data: null, renderMs: null };
   var $ = function (id) { return document.getElementById(id); };
@@ -109,11 +117,24 @@
     });
   }
 
-  function draw(nodes, edges, focus) {
+  /* Rows of a part of the graph: each layer's nodes packed in the server's order. */
+  function packed(nodes) {
+    var layers = {};
+    nodes.forEach(function (n) { (layers[n.layer] = layers[n.layer] || []).push(n); });
+    var rows = {};
+    Object.keys(layers).forEach(function (k) {
+      var members = layers[k].sort(function (a, b) { return a.row - b.row; });
+      members.forEach(function (n, i) { rows[n.id] = i - (members.length - 1) / 2; });
+    });
+    return rows;
+  }
+
+  function draw(nodes, edges, focus, pack) {
     var big = nodes.length > 500;
     var elements = [];
+    var rows = pack ? packed(nodes) : null;
     nodes.forEach(function (n) {
-      elements.push({ group: "nodes", position: { x: n.layer * 260, y: n.row * 54 },
+      elements.push({ group: "nodes", position: { x: n.layer * 260, y: (rows ? rows[n.id] : n.row) * 54 },
         data: { id: n.id, label: n.id, colour: COLOURS[n.state] || NO_STATUS,
                 state: n.state, reason: n.reason, message: n.message, run_id: n.run_id,
                 owner: n.owner, deployment: n.deployment,
@@ -171,9 +192,56 @@
     });
   }
 
+  function wanted(n) {
+    var owner = $("owner").value;
+    var deployment = $("deployment").value;
+    return (!owner || n.owner === owner) && (!deployment || n.deployment === deployment);
+  }
+
+  /* The part of a large graph to draw: a breadth-first neighbourhood (edges either way)
+   * of the search's matches, else of the pipelines that need attention most. */
+  function neighbourhood(data) {
+    var text = $("search").value.trim().toLowerCase();
+    var byId = {};
+    var next = {};
+    data.nodes.forEach(function (n) { if (wanted(n)) { byId[n.id] = n; next[n.id] = []; } });
+    data.edges.forEach(function (e) {
+      if (byId[e[0]] && byId[e[1]]) { next[e[0]].push(e[1]); next[e[1]].push(e[0]); }
+    });
+    var candidates = Object.keys(byId).map(function (id) { return byId[id]; });
+    var matches = text ? candidates.filter(function (n) { return n.id.toLowerCase().indexOf(text) >= 0; }) : [];
+    var rank = function (n) { var i = SEVERITY.indexOf(n.state); return i < 0 ? SEVERITY.length : i; };
+    var seeds = (matches.length ? matches : candidates.slice().sort(function (a, b) {
+      return rank(a) - rank(b) || (a.id < b.id ? -1 : 1);
+    })).slice(0, 20);
+    var seen = {};
+    var order = [];
+    var queue = seeds.map(function (n) { return n.id; });
+    while (queue.length && order.length < NEIGHBOURHOOD) {
+      var id = queue.shift();
+      if (seen[id]) { continue; }
+      seen[id] = true;
+      order.push(byId[id]);
+      next[id].forEach(function (m) { if (!seen[m]) { queue.push(m); } });
+    }
+    return { nodes: order, matches: matches, total: candidates.length,
+             edges: data.edges.filter(function (e) { return seen[e[0]] && seen[e[1]]; }) };
+  }
+
+  function drawPart() {
+    var part = neighbourhood(ui.data);
+    draw(part.nodes, part.edges, null, true);
+    part.matches.forEach(function (n) { if (ui.cy.$id(n.id).length) { ui.cy.$id(n.id).addClass("match"); } });
+    $("count").textContent = part.nodes.length + " of " + part.total + " pipelines drawn: " +
+      (part.matches.length ? "around " + part.matches.length + " match" + (part.matches.length === 1 ? "" : "es")
+                           : "around those that need attention") + " (search to move)";
+    $("all").hidden = false;
+  }
+
   function filter() {
     var cy = ui.cy;
     if (!cy) { return; }
+    if (!ui.full) { drawPart(); return; }
     var text = $("search").value.trim().toLowerCase();
     var owner = $("owner").value;
     var deployment = $("deployment").value;
@@ -202,6 +270,7 @@
     var url = root + "/api/graph" + (cycle ? "?cycle=" + encodeURIComponent(cycle) : "");
     return getJSON(url).then(function (data) {
       ui.data = data;
+      ui.dataMs = performance.now() - started;
       header(data.header);
       var controls = $("graph-controls");
       controls.hidden = false;
@@ -212,8 +281,13 @@
       if ($("owner").options.length === 1) { fillSelect($("owner"), data.owners); }
       if ($("deployment").options.length === 1) { fillSelect($("deployment"), data.deployments); }
       legend();
-      draw(data.nodes, data.edges, null);
-      filter();
+      ui.full = data.nodes.length <= LARGE;
+      if (ui.full) {
+        draw(data.nodes, data.edges, null);
+        filter();
+      } else {
+        drawPart();
+      }
       ui.renderMs = performance.now() - started;
       body.dataset.state = "ready";
     });
@@ -281,7 +355,19 @@
     });
   }
 
-  $("search").addEventListener("input", filter);
+  var typing = null;
+  $("search").addEventListener("input", function () {
+    clearTimeout(typing);
+    typing = setTimeout(filter, ui.full ? 0 : 300);
+  });
+  $("all").addEventListener("click", function () {
+    ui.full = true;
+    $("all").hidden = true;
+    started = performance.now();
+    draw(ui.data.nodes, ui.data.edges, null);
+    filter();
+    ui.allMs = performance.now() - started;
+  });
   $("owner").addEventListener("change", filter);
   $("deployment").addEventListener("change", filter);
   $("cycle").addEventListener("change", function () {
