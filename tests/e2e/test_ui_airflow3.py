@@ -3,10 +3,10 @@
 
 One Airflow for the module, started with the wheel's own files on PYTHONPATH (so Airflow
 finds both plugins through the wheel's `airflow.plugins` entry points, as `pip install`
-would register them) and an etcd of the module's own (the last test stops it). The
-user `narrow` may read three DAGs only (tests/e2e/ui_auth_manager.py). The loop runs one
-cycle until 02_pipeline is done and is then stopped, so the mirror holds still while the
-pages and `reconciler status -o json` are compared.
+would register them) and an etcd of the module's own (the last test stops it). The user
+`narrow` may read three DAGs only (tests/e2e/ui_auth_manager.py, in its plugins folder).
+The loop runs one cycle until 02_pipeline is done and is then stopped, so the mirror holds
+still while the pages and `reconciler status -o json` are compared.
 
 Screenshots of both views go to $RECONCILER_UI_ARTIFACTS (default: the module's tmp dir).
 """
@@ -98,17 +98,19 @@ def ui_airflow(ui_etcd: EtcdServer, postgres_server: Any,
                     pytrace=False)
     base = tmp_path_factory.mktemp("ui-airflow")
     site = build_site(base)
-    plugins = base / "plugins"  # empty: both plugins come from the wheel's entry points
+    # Both plugins come from the wheel's entry points; the folder holds only the bench's
+    # narrower user (ui_auth_manager.py says why).
+    plugins = base / "plugins"
     plugins.mkdir()
+    shutil.copy(Path(__file__).parent / "ui_auth_manager.py", plugins)
     env = airflow_env()
     users = {**env.ROLES, "narrow": "viewer"}
     try:
         proc = env.start_airflow(
             base / "home", venv=venv, timeout=300,
             database_url=postgres_server.create_database("airflowui"), extra_env={
-                "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent)]),
+                "PYTHONPATH": str(site),
                 "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
-                "AIRFLOW__CORE__AUTH_MANAGER": "ui_auth_manager.NarrowAuthManager",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
                     f"{n}:{r}" for n, r in users.items()),
                 "RECONCILER_E2E_NARROW_DAGS": ",".join(NARROW_DAGS),

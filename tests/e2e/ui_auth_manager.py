@@ -1,11 +1,13 @@
-"""An auth manager for the UI's browser tests, loaded by the test's own `airflow standalone`
-(AIRFLOW__CORE__AUTH_MANAGER=ui_auth_manager.NarrowAuthManager, this folder on PYTHONPATH).
+"""A narrower user for the UI's browser tests, dropped into the plugins folder of the test's
+own `airflow standalone` (tests/e2e/test_ui_airflow3.py copies it there).
 
-Airflow's simple auth manager lets every role read every DAG; a real deployment restricts
-DAGs per user (FAB's per-DAG permissions, Keycloak, ...). This one is the simple auth
-manager, except that the user `narrow` may read only the DAGs listed in
-RECONCILER_E2E_NARROW_DAGS: the plugin must ask the auth manager, never decide itself.
-Imported inside Airflow only (never collected by pytest).
+`airflow standalone` forces Airflow's simple auth manager (it overrides [core]
+auth_manager), whose every role reads every DAG; a real deployment restricts DAGs per user
+(FAB's per-DAG permissions, Keycloak, ...). So this module, imported by Airflow where it
+loads plugins, narrows the simple auth manager's DAG check: the user `narrow` may read only
+the DAGs in RECONCILER_E2E_NARROW_DAGS. Airflow's own `/api/v2/dags` then answers that user
+with those DAGs only (the test asserts it first); the reconciler's plugin must ask the auth
+manager and never decide itself. Imported inside Airflow only (never collected by pytest).
 """
 
 from __future__ import annotations
@@ -15,13 +17,20 @@ from typing import Any
 
 from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
 
+_simple_is_authorized_dag = SimpleAuthManager.is_authorized_dag
 
-class NarrowAuthManager(SimpleAuthManager):
-    def is_authorized_dag(self, *, method: Any, user: Any, access_entity: Any = None,
-                          details: Any = None) -> bool:
-        if user.get_name() == "narrow":
-            allowed = set(os.environ.get("RECONCILER_E2E_NARROW_DAGS", "").split(","))
-            if details is None or details.id not in allowed:
-                return False
-        return bool(super().is_authorized_dag(method=method, user=user,
-                                              access_entity=access_entity, details=details))
+
+def _narrowed(self: SimpleAuthManager, *, method: Any, user: Any, access_entity: Any = None,
+              details: Any = None) -> bool:
+    # No details: "may this user list DAGs at all" (yes); the list is then filtered DAG
+    # by DAG through this same check.
+    if user.get_name() == "narrow" and details is not None and details.id is not None:
+        allowed = set(os.environ.get("RECONCILER_E2E_NARROW_DAGS", "").split(","))
+        if details.id not in allowed:
+            return False
+    return bool(_simple_is_authorized_dag(self, method=method, user=user,
+                                          access_entity=access_entity, details=details))
+
+
+if getattr(SimpleAuthManager.is_authorized_dag, "__name__", "") != "_narrowed":
+    SimpleAuthManager.is_authorized_dag = _narrowed  # type: ignore[method-assign]
