@@ -240,3 +240,23 @@ def test_a_cycle_is_chosen_by_its_logical_date(world: tuple[datetime, datetime],
     answer = client.get("/api/graph", params={"cycle": "2001-01-01T00:00:00+00:00"})
     assert answer.status_code == 404
     assert "no cycle 2001-01-01T00:00:00+00:00" in answer.json()["detail"]
+
+
+def test_a_dead_first_endpoint_fails_over_to_the_next(world: tuple[datetime, datetime],
+                                                      etcd_settings: EtcdSettings,
+                                                      etcd_server: EtcdServer,
+                                                      silent_endpoint: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _, new = world
+    endpoints = f"127.0.0.1:{free_port()},{silent_endpoint},{etcd_server.endpoint}"
+    client = client_of(env_of(etcd_settings, endpoints, RECONCILER_UI_TIMEOUT="0.5"),
+                       monkeypatch=monkeypatch)
+    started = time.monotonic()
+    answer = client.get("/api/graph")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["cycle"] == iso(new)
+    assert time.monotonic() - started < 10
+    # the endpoint that answered is asked first from then on: no timeout paid again
+    started = time.monotonic()
+    assert client.get("/api/dags/06_pipeline").status_code == 200
+    assert time.monotonic() - started < 2
