@@ -197,7 +197,8 @@ def log_in(driver: WebDriver, airflow: Any, user: str) -> None:
     driver.add_cookie({"name": "_token", "value": airflow.token(user), "path": "/"})
 
 
-def wait(driver: WebDriver, timeout: float = 60) -> WebDriverWait[WebDriver]:
+def wait(driver: WebDriver, timeout: float = 180) -> WebDriverWait[WebDriver]:
+    # a busy 2-core machine: Airflow's UI bundle took over a minute to render its nav once
     return WebDriverWait(driver, timeout, poll_frequency=0.25,
                          ignored_exceptions=(WebDriverException,))
 
