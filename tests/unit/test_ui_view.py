@@ -157,3 +157,16 @@ def test_the_pages_load_nothing_from_the_network() -> None:
         assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text), name
         assert "@import" not in text
         assert "fetch(\"http" not in text
+
+
+def test_the_plugin_module_imports_outside_airflow_and_defines_no_plugin_there() -> None:
+    from reconciler.plugin.ui import plugin
+
+    assert plugin.AirflowPlugin is None
+    assert not hasattr(plugin, "ReconcilerUIPlugin")
+    views = {v["destination"]: v for v in plugin.EXTERNAL_VIEWS}
+    assert views["nav"]["href"] == "/reconciler/"
+    assert views["nav"]["nav_top_level"] is True
+    assert views["dag"]["href"] == "/reconciler/dags/{DAG_ID}"
+    assert {v["url_route"] for v in views.values()} == {"reconciler-dependencies",
+                                                        "reconciler"}
