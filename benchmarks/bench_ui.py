@@ -42,7 +42,7 @@ STATES = [("done", "Done", "run succeeded"), ("running", "Running", "run running
           ("waiting", "WaitingFor", "waiting for upstreams"),
           ("failed", "Failed", "run failed"), ("blocked", "BlockedBy", "blocked by a failure")]
 CYCLE = "2026-01-01T00:00:00+00:00"
-NEIGHBOURHOOD = 400
+NEIGHBOURHOOD = 250
 """ui.js draws at most this many pipelines first when the graph has over 1,500."""
 
 

@@ -1,5 +1,5 @@
 """The Dependencies page with a large graph, in a real headless Chromium: it first draws a
-neighbourhood (at most 400 pipelines, around those that need attention), a search moves
+neighbourhood (at most 250 pipelines, around those that need attention), a search moves
 the neighbourhood to the matches, and "Draw all pipelines" draws every one.
 
 The page and its scripts are the plugin's own files, served from loopback with a synthetic
@@ -67,7 +67,7 @@ def test_a_large_graph_draws_a_neighbourhood_first_then_all_on_demand(
     driver.get(url)
     ready(driver)
     first = drawn(driver)
-    assert 0 < len(first) <= 400
+    assert 0 < len(first) <= 250
     states = {n["id"]: n["state"] for n in data["nodes"]}
     # around those that need attention: the failed ones are in it
     assert any(states[d] == "failed" for d in first)

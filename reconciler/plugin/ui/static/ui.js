@@ -21,7 +21,7 @@
    * attention), with a button to draw them all: 5,000 nodes and their edges take
    * Cytoscape seconds to build, a neighbourhood a fraction of one. */
   var LARGE = 1500;
-  var NEIGHBOURHOOD = 400;
+  var NEIGHBOURHOOD = 250;
   var SEVERITY = ["failed", "blocked", "waiting", "running", "rerunning", "triggering",
                   "queued", "suspended", "disabled"];
   var started = performance.now();
@@ -130,7 +130,7 @@
   }
 
   function draw(nodes, edges, focus, pack) {
-    var big = nodes.length > 500;
+    var big = nodes.length > 150;  // haystack edges, no arrows: cheap to draw by the thousand
     var elements = [];
     var rows = pack ? packed(nodes) : null;
     nodes.forEach(function (n) {
@@ -148,6 +148,7 @@
     var cy = ui.cy = cytoscape({
       container: $("cy"), elements: elements, layout: { name: "preset", fit: true, padding: 24 },
       minZoom: 0.01, maxZoom: 3, wheelSensitivity: 0.4, boxSelectionEnabled: false,
+      pixelRatio: big ? 1 : "auto",
       textureOnViewport: big, hideEdgesOnViewport: big, motionBlur: false,
       style: [
         { selector: "node", style: {
