@@ -233,6 +233,21 @@ class Gateway:
         kvs = answer.get("kvs") or []
         return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 
+    def range(self, key: str, range_end: str | None = None, *, keys_only: bool = False,
+              limit: int = 0) -> list[tuple[str, bytes]]:
+        """The (key, value) pairs of [key, range_end) in key order (the UI's reads; values
+        empty with `keys_only`); at most `limit` of them (0: all)."""
+        body: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            body["range_end"] = _b64(range_end)
+        if keys_only:
+            body["keys_only"] = True
+        if limit:
+            body["limit"] = limit
+        answer = self.call("/v3/kv/range", body)
+        return [(base64.b64decode(kv.get("key", "")).decode(errors="replace"),
+                 base64.b64decode(kv.get("value", ""))) for kv in answer.get("kvs") or []]
+
     def grant(self, ttl: int) -> str:
         return str(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
 
@@ -247,23 +262,50 @@ class GraphUnreadable(ValueError):
     """The synced head or graph blob cannot be decoded (truncated, not gzip, not a graph)."""
 
 
+def prefix_end(prefix: str) -> str:
+    """The range end that covers every key starting with `prefix` (its last byte + 1)."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode(errors="surrogateescape")
+
+
 def graph_dag_ids(gateway: Gateway, root: str) -> frozenset[str]:
     """The DAG ids of the graph `desired/head` names (empty when nothing is synced).
 
     Raises GatewayError (etcd) or GraphUnreadable (whatever is wrong with the stored
     values: a truncated gzip, a bad deflate stream, JSON that is not a graph)."""
+    return frozenset(read_graph(gateway, root)[1])
+
+
+def read_head(gateway: Gateway, root: str) -> dict[str, Any] | None:
+    """The head record `desired/head` holds (None when nothing is synced); GraphUnreadable
+    when it is not one."""
     head_raw = gateway.get(f"{root}desired/head")
     if head_raw is None:
-        return frozenset()
+        return None
     try:
-        commit = json.loads(head_raw)["commit"]
+        head = json.loads(head_raw)
+        commit = head["commit"]
     except (ValueError, TypeError, KeyError) as exc:
         raise GraphUnreadable(f"desired/head is not a head record ({_why(exc)})") from None
     if not isinstance(commit, str) or not commit:
         raise GraphUnreadable(f"desired/head names no commit ({commit!r})")
+    return dict(head)
+
+
+def read_graph(gateway: Gateway, root: str, head: dict[str, Any] | None = None,
+               ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The head record and the pipelines ({dag_id: pipeline}) of the graph it names:
+    (None, {}) when nothing is synced. `head`: one already read.
+
+    Raises GatewayError (etcd) or GraphUnreadable (whatever is wrong with the stored
+    values: a truncated gzip, a bad deflate stream, JSON that is not a graph)."""
+    head = read_head(gateway, root) if head is None else head
+    if head is None:
+        return None, {}
+    commit = head["commit"]
     blob = gateway.get(f"{root}desired/graphs/{commit}")
     if blob is None:
-        return frozenset()
+        return head, {}
     if blob.startswith(PARTS_MAGIC):  # a large graph: a manifest and numbered parts
         try:
             manifest = json.loads(blob[len(PARTS_MAGIC):])
@@ -285,7 +327,7 @@ def graph_dag_ids(gateway: Gateway, root: str) -> frozenset[str]:
     pipelines = graph.get("pipelines") if isinstance(graph, dict) else None
     if not isinstance(pipelines, dict):
         raise GraphUnreadable(f"the graph of {commit} is not a graph (no pipelines mapping)")
-    return frozenset(str(d) for d in pipelines)
+    return head, {str(d): p if isinstance(p, dict) else {} for d, p in pipelines.items()}
 
 
 def _why(exc: BaseException) -> str:
