@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.bounded_http import Watchdog
 from reconciler.adapters.store import EtcdStore, StoreError, StoreUnavailable
 from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import parse_time
@@ -175,11 +176,16 @@ class World:
     def new_replica(self) -> Replica:
         self._holders += 1
         replica = Replica(f"sim-{self.seed}-r{self._holders}")
+        # Every clock of the client on the simulated timeline (its deadlines, its retries'
+        # waits, Airflow's clock carried forward from the Date header), and no watchdog
+        # thread (no socket to shut): real time, and so the machine's load, never reaches
+        # a seed's decisions.
+        clock = self.time.reconciler
         api = AirflowClient(AirflowSettings(url="http://airflow.sim", username="admin",
                                             password="secret-pw", timeout=2, retries=3),
                             session=SimSession(self, replica), backoff_initial=0.2,
-                            backoff_max=2.0)
-        api.sleep = self.time.reconciler.sleep
+                            backoff_max=2.0, clock=clock,
+                            watchdog=Watchdog(clock.monotonic, threaded=False))
         replica.reconciler = Reconciler(SimStore(self.store, self, replica),  # type: ignore[arg-type]
                                         api, self.settings, holder=replica.holder,
                                         clock=self.time.reconciler)
