@@ -4,9 +4,11 @@ Starts a real 3-member etcd cluster (tests/fixtures/etcd.py; `--single`: one ser
 etcd faults but the in-process partition), runs seeds `--start` .. `--start + --seeds - 1`
 (or the one `--seed`), each in a fresh namespace, and prints: seeds run, faults injected
 by kind, actions taken, violations by kind with each violating seed's replay command,
-and the time per seed. Exit 1 when any seed violated an invariant.
+the seeds per Airflow API generation (v2, v1 of 2.11, v1 of 2.5) and the time per
+seed. Exit 1 when any seed violated an invariant.
 
 Usage: python benchmarks/bench_sim.py --seeds 1000 [--start N] [--seed N] [--verbose]
+       [--generation v2|v1|v1-2.5]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.fixtures.etcd import EtcdCluster, EtcdServer  # noqa: E402
 from tests.sim.runner import SeedResult, SimEnv, replay_command, run_seed  # noqa: E402
+from tests.sim.world import GENERATIONS  # noqa: E402
 
 
 def main() -> int:
@@ -40,6 +43,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="run (replay) this seed only")
     parser.add_argument("--single", action="store_true",
                         help="one etcd server instead of a 3-member cluster (no etcd faults)")
+    parser.add_argument("--generation", choices=sorted(GENERATIONS), default=None,
+                        help="run against this Airflow instead of each seed's own")
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
     args = parser.parse_args()
     # SIGTERM ends it like Ctrl-C: the etcd cluster is stopped on the way out.
@@ -61,7 +66,7 @@ def main() -> int:
         try:
             for seed in seeds:
                 try:
-                    result = run_seed(seed, env)
+                    result = run_seed(seed, env, generation=args.generation)
                 except (KeyboardInterrupt, SystemExit):
                     print(f"interrupted during seed {seed}", flush=True)
                     break
@@ -69,6 +74,7 @@ def main() -> int:
                 if args.verbose or args.seed is not None or not result.ok:
                     status = "ok" if result.ok else f"{len(result.violations)} VIOLATION(S)"
                     print(f"seed {seed}: {status}, {result.seconds:.1f} s, "
+                          f"API {result.generation}, "
                           f"{result.steps} steps, {result.replicas} replica(s), "
                           f"{sum(result.actions.values())} actions; {result.faults}",
                           flush=True)
@@ -106,6 +112,8 @@ def summarize(results: list[SeedResult], wall: float, single: bool) -> None:
     print("workload: " + ", ".join(f"{k.removeprefix('workload:')} {n}"
                                    for k, n in sorted(injected.items())
                                    if k.startswith("workload:")))
+    generations = Counter(r.generation for r in results)
+    print("Airflow generations: " + ", ".join(f"{k} {n}" for k, n in sorted(generations.items())))
     print("actions taken: " + ", ".join(f"{k} {n}" for k, n in sorted(actions.items())))
     bad = [r for r in results if not r.ok]
     print(f"violations: {sum(len(r.violations) for r in bad)} in {len(bad)} seed(s)")

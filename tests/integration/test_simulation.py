@@ -24,12 +24,14 @@ from reconciler.core.state import Plan
 from reconciler.service import loop
 from reconciler.service.leadership import Leadership
 from tests.fixtures.etcd import EtcdBinaryMissing, EtcdCluster
-from tests.sim.runner import SeedResult, SimEnv, run_seed
+from tests.sim.runner import SeedResult, SimEnv, generation_of, run_seed
+from tests.sim.world import GENERATIONS
 
 pytestmark = pytest.mark.real_clock  # etcd faults: gRPC deadlines are wall-clock ones
 
 FIXED_SEEDS = list(range(24))
-"""What CI runs (about 3 s a seed). Change them only with the README's figures."""
+"""What CI runs (about 3 s a seed), on every Airflow generation (`generation_of`: 13 on
+API v2, 4 on v1 of 2.11, 7 on v1 of 2.5). Change them only with the README's figures."""
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +56,30 @@ def test_seed_keeps_every_invariant(sim_env: SimEnv, seed: int) -> None:
 
 # --- the checker catches what it is there to catch ---------------------------------------
 
+def test_the_fixed_seeds_search_every_airflow_generation() -> None:
+    """API v2, v1 of 2.11 and v1 of 2.5 (no updated_at filter) are each some fixed seeds'."""
+    assert {generation_of(seed) for seed in FIXED_SEEDS} == set(GENERATIONS)
+
+
 PLANTED_SEED = 16
 """A seed whose workload triggers and clears a lot: used without faults (`calm`)."""
-CALM_SEEDS = [1, 8, PLANTED_SEED, 24]
+CALM_SEEDS = [(1, None), (8, None), (PLANTED_SEED, None), (24, None),
+              (PLANTED_SEED, "v1"), (8, "v1-2.5")]
+"""(seed, generation): None is the seed's own (`generation_of`)."""
 
 
 def kinds(result: SeedResult) -> set[str]:
     return {kind for kind, _ in result.violations}
 
 
-@pytest.mark.parametrize("seed", CALM_SEEDS, ids=[f"calm_{s}" for s in CALM_SEEDS])
-def test_a_calm_seed_has_no_violation(sim_env: SimEnv, seed: int) -> None:
-    """The control: the workload without faults breaks no invariant (no false alarm)."""
-    result = run_seed(seed, sim_env, calm=True, replicas=2)
+@pytest.mark.parametrize(("seed", "generation"), CALM_SEEDS,
+                         ids=[f"calm_{s}_{g or generation_of(s)}" for s, g in CALM_SEEDS])
+def test_a_calm_seed_has_no_violation(sim_env: SimEnv, seed: int,
+                                      generation: str | None) -> None:
+    """The control: the workload without faults breaks no invariant (no false alarm), on
+    each Airflow generation (a v1 fake answers 404 to API v2: every action went by v1)."""
+    result = run_seed(seed, sim_env, calm=True, replicas=2, generation=generation)
+    assert result.generation == (generation or generation_of(seed))
     assert result.actions["trigger"] > 0, result.actions
     assert result.actions["clear"] > 0, result.actions
     assert result.ok, result.report()

@@ -29,16 +29,24 @@ from typing import Any
 from urllib.parse import unquote
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.bounded_http import Watchdog
 from reconciler.adapters.store import EtcdStore, StoreError, StoreUnavailable
 from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import parse_time
 from reconciler.service.loop import Reconciler
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.sim.clock import SimTime
 from tests.sim.transport import CLEAR, TRIGGER, Killed, SimSession
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
+
+
+GENERATIONS: dict[str, str | None] = {"v2": None, "v1": "2.11.2", "v1-2.5": "2.5.3"}
+"""The Airflow a seed may run against, and its version for the v1 fake and client: API v2
+(Airflow 3), API v1 of Airflow 2.11, and API v1 of Airflow 2.5, whose run listing has no
+`updated_at` filter (the client finds changes by state and end date instead)."""
 
 
 @dataclass
@@ -168,8 +176,16 @@ class World:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _holders: int = 0
 
+    generation: str = "v2"
+    """Which Airflow the seed runs against (GENERATIONS): its fake and its client."""
+
     def __post_init__(self) -> None:
-        self.fake = FakeAirflow(self.dag_ids, now=self.time.airflow)
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"unknown generation {self.generation!r}")
+        version = GENERATIONS[self.generation]
+        self.fake: FakeAirflow = (
+            FakeAirflow(self.dag_ids, now=self.time.airflow) if version is None
+            else FakeAirflowV1(self.dag_ids, now=self.time.airflow, version=version))
 
     # --- replicas -----------------------------------------------------------------------
 
@@ -181,11 +197,15 @@ class World:
         # thread (no socket to shut): real time, and so the machine's load, never reaches
         # a seed's decisions.
         clock = self.time.reconciler
-        api = AirflowClient(AirflowSettings(url="http://airflow.sim", username="admin",
-                                            password="secret-pw", timeout=2, retries=3),
-                            session=SimSession(self, replica), backoff_initial=0.2,
-                            backoff_max=2.0, clock=clock,
-                            watchdog=Watchdog(clock.monotonic, threaded=False))
+        settings = AirflowSettings(url="http://airflow.sim", username="admin",
+                                   password="secret-pw", timeout=2, retries=3)
+        wiring: dict[str, Any] = {
+            "session": SimSession(self, replica), "backoff_initial": 0.2,
+            "backoff_max": 2.0, "clock": clock,
+            "watchdog": Watchdog(clock.monotonic, threaded=False)}
+        version = GENERATIONS[self.generation]
+        api = (AirflowClient(settings, **wiring) if version is None
+               else AirflowV1Client(settings, airflow_version=version, **wiring))
         replica.reconciler = Reconciler(SimStore(self.store, self, replica),  # type: ignore[arg-type]
                                         api, self.settings, holder=replica.holder,
                                         clock=self.time.reconciler)
@@ -315,8 +335,10 @@ class World:
         dag_id = parts[3]
         if route == TRIGGER:
             data = json.loads(body)
+            # v1 sends the date as `execution_date`
+            when = data.get("logical_date") or data.get("execution_date")
             self.add(Event(self.time.airflow(), "create", dag_id, data["dag_run_id"],
-                           parse_time(data.get("logical_date")), by=replica.holder,
+                           parse_time(when), by=replica.holder,
                            duplicate=duplicate, leader=leader))
             self.actions["trigger"] += 0 if duplicate else 1
         elif route == CLEAR:
