@@ -13,11 +13,14 @@ without faults must not be.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from reconciler.adapters import airflow as airflow_module
+from reconciler.adapters import bounded_http
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.state import Plan
@@ -176,3 +179,42 @@ def test_the_oracle_takes_etcds_word_for_writes_that_timed_out(
     assert workload.suspended  # the mark etcd kept is the oracle's too
     store.close()
     probe.close()
+
+
+# --- a seed decides the same however loaded the machine ----------------------------------
+
+
+class _Loaded:
+    """The `time` module of a machine so loaded that each read of the real monotonic
+    clock comes `leap` seconds after the previous one."""
+
+    def __init__(self, leap: float) -> None:
+        self._leap = leap
+        self._reads = 0
+
+    def monotonic(self) -> float:
+        self._reads += 1
+        return time.monotonic() + self._leap * self._reads
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("generation", ["v2", "v1"])
+def test_real_time_never_reaches_a_seeds_decisions(sim_env: SimEnv, generation: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leads of the loaded run on the merged main (README "Fault simulation"): the
+    Airflow client carried Airflow's clock forward by the real monotonic clock and timed
+    its deadlines on it, so seconds the machine lost under load (etcd timeouts, other
+    processes) moved the informer's watermark past updates (lost until the next relist:
+    never-triggered, and a trigger on a stale upstream) and expired calls the simulation
+    had answered in time. Every clock of the client is now the simulated one: the same
+    seed takes the same actions on a machine whose real clock leaps."""
+    # Seed 1: its graph ends with nothing suspended, so whatever is due must have run.
+    steady = run_seed(1, sim_env, calm=True, replicas=2, generation=generation)
+    assert steady.ok, steady.report()
+    monkeypatch.setattr(bounded_http, "time", _Loaded(7.0))
+    monkeypatch.setattr(airflow_module, "time", _Loaded(7.0), raising=False)
+    loaded = run_seed(1, sim_env, calm=True, replicas=2, generation=generation)
+    assert loaded.ok, loaded.report()
+    assert loaded.actions == steady.actions
