@@ -23,7 +23,7 @@ from reconciler.adapters import airflow as airflow_module
 from reconciler.adapters import bounded_http
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.store import EtcdStore
-from reconciler.core.state import Plan
+from reconciler.core.state import Plan, run_id_for
 from reconciler.service import loop
 from reconciler.service.leadership import Leadership
 from tests.fixtures.etcd import EtcdBinaryMissing, EtcdCluster
@@ -218,3 +218,76 @@ def test_real_time_never_reaches_a_seeds_decisions(sim_env: SimEnv, generation: 
     loaded = run_seed(1, sim_env, calm=True, replicas=2, generation=generation)
     assert loaded.ok, loaded.report()
     assert loaded.actions == steady.actions
+
+
+def test_a_sync_found_applied_late_leaves_the_graph_before_in_force_until_announced(
+        sim_env: SimEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle's window for a graph change: a sync whose write timed out but was
+    applied is found out only when the workload tries again, and only then are the
+    replicas' watches told. Until that step (and the next), a replica plans with the
+    graph before it; a trigger it sends then on that graph is not premature. The old
+    oracle counted the new graph from the step the write was sent, so a trigger on the
+    graph the replicas held (an upstream added by the late write not finished yet) read
+    as premature: the loaded run's seed 339 had an etcd member killed, where such writes
+    time out."""
+    import random
+    from datetime import timedelta
+
+    from reconciler.adapters.store import StoreUnavailable
+    from reconciler.core.settings import EtcdSettings, LoopSettings
+    from tests.sim.invariants import Checker
+    from tests.sim.workload import Workload
+    from tests.sim.world import Event, World
+
+    etcd = EtcdSettings(**{**sim_env.etcd.__dict__,
+                           "namespace": f"oracle-{random.getrandbits(32):08x}"})
+    store, probe = EtcdStore(etcd), EtcdStore(etcd)
+    world = World(7, store, probe, Workload.universe(7), LoopSettings(interval=5.0))
+    workload = Workload.draw(world, random.Random(7))
+    assert workload.sync()  # the graph before, at step 0
+    # A downstream and an upstream the late write adds to it (earlier in the order).
+    down = next(d for d in reversed(workload.order) if d in workload.pipelines
+                and d not in workload.roots and workload.pipelines[d].depends_on)
+    before = workload.pipelines[down].depends_on
+    added = next(d for d in workload.order if d in workload.pipelines and d not in before
+                 and workload.order.index(d) < workload.order.index(down))
+    world.step = 1
+    real = EtcdStore.write_sync
+
+    def applied_then_timed_out(self: EtcdStore, *args: Any, **kwargs: Any) -> Any:
+        real(self, *args, **kwargs)
+        raise StoreUnavailable("injected: write_sync timed out after it was applied")
+
+    monkeypatch.setattr(EtcdStore, "write_sync", applied_then_timed_out)
+    workload.pipelines[down] = dataclasses.replace(
+        workload.pipelines[down], depends_on=tuple(sorted({*before, added})))
+    assert not workload.sync()
+    monkeypatch.undo()
+    # The cycle: the upstreams of the graph before finished; the added one never did.
+    cycle = world.time.true_now().replace(microsecond=0) - timedelta(minutes=1)
+    run_id = f"scheduled__{cycle.isoformat()}"
+    for up in (*before, added):
+        world.add(Event(world.time.airflow(), "root", up, run_id, cycle, by="scheduler"))
+    for up in before:
+        world.add(Event(world.time.airflow(), "end", up, run_id, cycle, by="scheduler",
+                        state="success"))
+    world.step = 5  # the workload's retries of the sync all failed until step 6
+    world.add(Event(world.time.airflow(), "create", down, run_id_for(cycle), cycle,
+                    by="r1", leader="r1"))
+    world.step = 6
+    workload.settle()  # finds the write applied, tells the watches
+    assert set(workload.versions[-1].graph.pipelines[down].depends_on) == {*before, added}
+    Checker(world, workload).replay()
+    assert not [v for v in world.violations if v[0].startswith("premature")], \
+        world.violations
+    # Once told (and a step later), the new graph alone counts: the same trigger then is
+    # premature.
+    world.step = 9
+    world.add(Event(world.time.airflow(), "create", down, run_id_for(cycle), cycle,
+                    by="r1", leader="r1"))
+    world.violations.clear()
+    Checker(world, workload).replay()
+    assert [v[0] for v in world.violations] == ["premature-trigger"], world.violations
+    store.delete_prefix(store.root)
+    store.close()
+    probe.close()
