@@ -7,7 +7,9 @@
   with its own holder id, sharing one real etcd client through a `SimStore` that can cut
   it off from etcd or kill it at any call. A killed replica is dropped mid-pass without
   cleanup; its lease lapses `lease_ttl` simulated seconds later (revoked then, as etcd
-  does when a lease expires); a new replica with a new holder id replaces it.
+  does when a lease expires); a new replica with a new holder id replaces it. etcd's own
+  lease timer runs on real time, so the leases are granted far longer there: only the
+  simulated clock lapses them.
 - The history (`events`) is every change of Airflow's state, in order: runs created by a
   trigger or by the scheduler, started, ended, cleared by the reconciler or by a user,
   each with Airflow's time and, for the reconciler's writes, who sent it and who held
@@ -71,6 +73,10 @@ class Event:
     step: int = 0
 
 
+REAL_LEASE_FACTOR = 60
+"""How much longer than asked the real etcd's leases are granted (see SimStore)."""
+
+
 class SimStore:
     """One replica's view of the shared EtcdStore: killed -> `Killed`, cut off ->
     `StoreUnavailable`; every other call goes through to the real etcd."""
@@ -93,7 +99,18 @@ class SimStore:
                 raise StoreUnavailable(f"etcd is unreachable from {replica.holder} "
                                        "(simulated partition)")
             world.crash_point(replica, f"before etcd {name}")
-            result = value(*args, **kwargs)
+            if name == "campaign":
+                # etcd's lease runs on real time: granted REAL_LEASE_FACTOR times longer,
+                # it never lapses while a seed runs however loaded the machine; it lapses
+                # on the simulated clock instead (World.lapse_leases), TTL seconds after
+                # its last refresh, and the replica is told the TTL it asked for.
+                result = value(args[0], int(args[1]) * REAL_LEASE_FACTOR, *args[2:],
+                               **kwargs)
+            elif name == "refresh":
+                left = value(*args, **kwargs)
+                result = min(left, float(world.settings.lease_ttl)) if left > 0 else left
+            else:
+                result = value(*args, **kwargs)
             world.leases.note(name, args, result, world.time.monotonic())
             world.crash_point(replica, f"after etcd {name}")
             return result
