@@ -291,3 +291,36 @@ def test_a_sync_found_applied_late_leaves_the_graph_before_in_force_until_announ
     store.delete_prefix(store.root)
     store.close()
     probe.close()
+
+
+def test_a_lease_lapses_on_the_simulated_clock_not_on_the_real_one(sim_env: SimEnv) -> None:
+    """etcd's lease timer runs on real time: on a loaded machine, TTL real seconds can
+    pass between two refreshes while the simulated clock says the lease is alive. In the
+    simulation only the simulated clock lapses a lease (World.lapse_leases)."""
+    import random
+
+    from reconciler.core.settings import EtcdSettings, LoopSettings
+    from tests.sim.workload import Workload
+    from tests.sim.world import World
+
+    etcd = EtcdSettings(**{**sim_env.etcd.__dict__,
+                           "namespace": f"lease-{random.getrandbits(32):08x}"})
+    store, probe = EtcdStore(etcd), EtcdStore(etcd)
+    try:
+        world = World(7, store, probe, Workload.universe(7),
+                      LoopSettings(interval=5.0, lease_ttl=2))
+        replica = world.new_replica()
+        assert replica.reconciler is not None
+        sim_store = replica.reconciler.store
+        lease = sim_store.campaign(replica.holder, 2)
+        assert lease is not None
+        time.sleep(3.5)  # real time past the TTL; no simulated time at all
+        assert sim_store.refresh(lease) == 2.0  # alive, and the TTL the replica asked for
+        assert probe.leader() == replica.holder
+        world.time.advance(2.5)  # simulated time past the TTL, no refresh
+        world.lapse_leases()
+        assert probe.leader() is None
+    finally:
+        store.delete_prefix(store.root)
+        store.close()
+        probe.close()
