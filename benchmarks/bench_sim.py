@@ -46,10 +46,21 @@ def main() -> int:
     parser.add_argument("--generation", choices=sorted(GENERATIONS), default=None,
                         help="run against this Airflow instead of each seed's own")
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
+    parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                        help="for each seed with a violation, write its history and the "
+                             "reconciler's log (INFO and up) to DIR/seed-N.txt")
     args = parser.parse_args()
     # SIGTERM ends it like Ctrl-C: the etcd cluster is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-    logging.basicConfig(level=logging.CRITICAL)  # the loop's own log lines: not here
+    # The loop's own log lines: not on the terminal. The loggers stay at WARNING, so that
+    # the checker's watch for tracebacks (logged at ERROR) sees them; --trace keeps INFO.
+    logging.basicConfig(level=logging.INFO if args.trace else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.CRITICAL)
+    trace = _Trace() if args.trace else None
+    if trace is not None:
+        logging.getLogger().addHandler(trace)
+        args.trace.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed] if args.seed is not None else list(
         range(args.start, args.start + args.seeds))
     results: list[SeedResult] = []
@@ -65,12 +76,18 @@ def main() -> int:
             env = SimEnv(cluster.settings(timeout=0.5), cluster)
         try:
             for seed in seeds:
+                if trace is not None:
+                    trace.lines.clear()
                 try:
                     result = run_seed(seed, env, generation=args.generation)
                 except (KeyboardInterrupt, SystemExit):
                     print(f"interrupted during seed {seed}", flush=True)
                     break
                 results.append(result)
+                if trace is not None and not result.ok:
+                    (args.trace / f"seed-{seed}.txt").write_text(
+                        result.report() + "\n\nhistory:\n" + "\n".join(result.history)
+                        + "\n\nlog:\n" + "\n".join(trace.lines) + "\n", encoding="utf-8")
                 if args.verbose or args.seed is not None or not result.ok:
                     status = "ok" if result.ok else f"{len(result.violations)} VIOLATION(S)"
                     print(f"seed {seed}: {status}, {result.seconds:.1f} s, "
@@ -90,6 +107,20 @@ def main() -> int:
                 server.stop()
     summarize(results, time.monotonic() - started, args.single)
     return 0 if all(r.ok for r in results) else 1
+
+
+class _Trace(logging.Handler):
+    """The log records of the seed under way, one line each (kept for --trace)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        self.lines.append(f"{record.relativeCreated:.0f} {record.levelname} "
+                          f"{record.getMessage()} "
+                          + " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
 def summarize(results: list[SeedResult], wall: float, single: bool) -> None:

@@ -83,6 +83,9 @@ class SeedResult:
     """Ran on one etcd server (no etcd faults), not on the 3-member cluster."""
     generation: str = "v2"
     """The Airflow it ran against (world.GENERATIONS)."""
+    history: list[str] = field(default_factory=list)
+    """Airflow's history, one line an event (a seed with violations only): what to read
+    when a violation does not replay (the real etcd's timing differed)."""
 
     @property
     def ok(self) -> bool:
@@ -209,6 +212,12 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
     result.injected = world.injected
     result.actions = world.actions
     result.violations = _dedupe(world.violations)
+    if result.violations:
+        result.history = [
+            f"step {e.step} {world.relative(e.at.isoformat())} {e.kind} {e.dag_id} "
+            f"{e.run_id} by={e.by}{' state=' + e.state if e.state else ''}"
+            f"{' duplicate' if e.duplicate else ''} leader={e.leader}"
+            for e in world.events]
     result.seconds = time.monotonic() - started
     return result
 
