@@ -48,13 +48,14 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="for each seed with a violation, write its history and the "
-                             "reconciler's log (INFO and up) to DIR/seed-N.txt")
+                             "reconciler's log (WARNING and up) to DIR/seed-N.txt")
     args = parser.parse_args()
     # SIGTERM ends it like Ctrl-C: the etcd cluster is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     # The loop's own log lines: not on the terminal. The loggers stay at WARNING, so that
-    # the checker's watch for tracebacks (logged at ERROR) sees them; --trace keeps INFO.
-    logging.basicConfig(level=logging.INFO if args.trace else logging.WARNING)
+    # the checker's watch for tracebacks (logged at ERROR) sees them, and --trace keeps
+    # those lines (not INFO: the seeds would run slower, and differently).
+    logging.basicConfig(level=logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.CRITICAL)
     trace = _Trace() if args.trace else None
@@ -113,7 +114,7 @@ class _Trace(logging.Handler):
     """The log records of the seed under way, one line each (kept for --trace)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.WARNING)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
