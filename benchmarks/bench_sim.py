@@ -4,9 +4,11 @@ Starts a real 3-member etcd cluster (tests/fixtures/etcd.py; `--single`: one ser
 etcd faults but the in-process partition), runs seeds `--start` .. `--start + --seeds - 1`
 (or the one `--seed`), each in a fresh namespace, and prints: seeds run, faults injected
 by kind, actions taken, violations by kind with each violating seed's replay command,
-and the time per seed. Exit 1 when any seed violated an invariant.
+the seeds per Airflow API generation (v2, v1 of 2.11, v1 of 2.5) and the time per
+seed. Exit 1 when any seed violated an invariant.
 
 Usage: python benchmarks/bench_sim.py --seeds 1000 [--start N] [--seed N] [--verbose]
+       [--generation v2|v1|v1-2.5]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.fixtures.etcd import EtcdCluster, EtcdServer  # noqa: E402
 from tests.sim.runner import SeedResult, SimEnv, replay_command, run_seed  # noqa: E402
+from tests.sim.world import GENERATIONS  # noqa: E402
 
 
 def main() -> int:
@@ -40,11 +43,25 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="run (replay) this seed only")
     parser.add_argument("--single", action="store_true",
                         help="one etcd server instead of a 3-member cluster (no etcd faults)")
+    parser.add_argument("--generation", choices=sorted(GENERATIONS), default=None,
+                        help="run against this Airflow instead of each seed's own")
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
+    parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                        help="for each seed with a violation, write its history and the "
+                             "reconciler's log (WARNING and up) to DIR/seed-N.txt")
     args = parser.parse_args()
     # SIGTERM ends it like Ctrl-C: the etcd cluster is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-    logging.basicConfig(level=logging.CRITICAL)  # the loop's own log lines: not here
+    # The loop's own log lines: not on the terminal. The loggers stay at WARNING, so that
+    # the checker's watch for tracebacks (logged at ERROR) sees them, and --trace keeps
+    # those lines (not INFO: the seeds would run slower, and differently).
+    logging.basicConfig(level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.CRITICAL)
+    trace = _Trace() if args.trace else None
+    if trace is not None:
+        logging.getLogger().addHandler(trace)
+        args.trace.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed] if args.seed is not None else list(
         range(args.start, args.start + args.seeds))
     results: list[SeedResult] = []
@@ -60,15 +77,22 @@ def main() -> int:
             env = SimEnv(cluster.settings(timeout=0.5), cluster)
         try:
             for seed in seeds:
+                if trace is not None:
+                    trace.lines.clear()
                 try:
-                    result = run_seed(seed, env)
+                    result = run_seed(seed, env, generation=args.generation)
                 except (KeyboardInterrupt, SystemExit):
                     print(f"interrupted during seed {seed}", flush=True)
                     break
                 results.append(result)
+                if trace is not None and not result.ok:
+                    (args.trace / f"seed-{seed}.txt").write_text(
+                        result.report() + "\n\nhistory:\n" + "\n".join(result.history)
+                        + "\n\nlog:\n" + "\n".join(trace.lines) + "\n", encoding="utf-8")
                 if args.verbose or args.seed is not None or not result.ok:
                     status = "ok" if result.ok else f"{len(result.violations)} VIOLATION(S)"
                     print(f"seed {seed}: {status}, {result.seconds:.1f} s, "
+                          f"API {result.generation}, "
                           f"{result.steps} steps, {result.replicas} replica(s), "
                           f"{sum(result.actions.values())} actions; {result.faults}",
                           flush=True)
@@ -84,6 +108,20 @@ def main() -> int:
                 server.stop()
     summarize(results, time.monotonic() - started, args.single)
     return 0 if all(r.ok for r in results) else 1
+
+
+class _Trace(logging.Handler):
+    """The log records of the seed under way, one line each (kept for --trace)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        self.lines.append(f"{record.relativeCreated:.0f} {record.levelname} "
+                          f"{record.getMessage()} "
+                          + " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
 def summarize(results: list[SeedResult], wall: float, single: bool) -> None:
@@ -106,6 +144,8 @@ def summarize(results: list[SeedResult], wall: float, single: bool) -> None:
     print("workload: " + ", ".join(f"{k.removeprefix('workload:')} {n}"
                                    for k, n in sorted(injected.items())
                                    if k.startswith("workload:")))
+    generations = Counter(r.generation for r in results)
+    print("Airflow generations: " + ", ".join(f"{k} {n}" for k, n in sorted(generations.items())))
     print("actions taken: " + ", ".join(f"{k} {n}" for k, n in sorted(actions.items())))
     bad = [r for r in results if not r.ok]
     print(f"violations: {sum(len(r.violations) for r in bad)} in {len(bad)} seed(s)")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -44,22 +43,26 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
+    stop_any,
     wait_exponential,
     wait_random,
 )
+from tenacity.stop import stop_base
 
 from reconciler.adapters.bounded_http import (
     WATCHDOG,
     BodyTooLarge,
     Expired,
+    Watchdog,
     read_body,
     watch_session,
 )
+from reconciler.adapters.clock import SystemClock, Ticker
 from reconciler.core.errors import NeedsHuman, ReconcilerError, RetryLater
 from reconciler.core.safe_text import redact
 from reconciler.core.settings import AirflowSettings
@@ -164,6 +167,16 @@ def redact_url(url: str) -> str:
     return _with_userinfo(url, "***@")
 
 
+class _StopPast(stop_base):
+    """Stop retrying once `deadline` seconds of `clock` have passed since `started`."""
+
+    def __init__(self, clock: Ticker, started: float, deadline: float) -> None:
+        self._clock, self._started, self._deadline = clock, started, deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._clock.monotonic() - self._started >= self._deadline
+
+
 class AirflowClient:
     """Airflow 3 REST API v2. Thread-safe: one `requests.Session` per thread, so the
     executor's concurrent triggers do not share a connection pool's state; the token is
@@ -171,8 +184,14 @@ class AirflowClient:
 
     def __init__(self, settings: AirflowSettings, session: requests.Session | None = None,
                  *, backoff_initial: float = 0.5, backoff_max: float = 8.0,
-                 deadline: float = DEFAULT_DEADLINE) -> None:
+                 deadline: float = DEFAULT_DEADLINE, clock: Ticker | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         self.settings = settings
+        self.clock: Ticker = clock or SystemClock()
+        """Every interval, deadline and wait of the client (the fault simulation injects
+        its simulated clock; real time must not leak into a seed)."""
+        self.watchdog = watchdog or WATCHDOG
+        """Bounds each whole exchange (bounded_http.py)."""
         # Requests would turn `user:password@` in the URL into basic auth over our bearer
         # token: the URL is used without them (credentials come from the settings).
         self._url = _without_credentials(settings.url.rstrip("/"))
@@ -188,18 +207,18 @@ class AirflowClient:
         self._backoff = (backoff_initial, backoff_max)
         self.deadline = deadline
         self.last_contact: float | None = None
-        """time.monotonic() of the last HTTP answer of any kind (readiness)."""
+        """clock.monotonic() of the last HTTP answer of any kind (readiness)."""
         self.last_failure: tuple[float, str] | None = None
-        """When and why the last call failed for want of Airflow (readiness)."""
-        self.sleep: Callable[[float], None] = time.sleep
-        """How retries wait (tests inject a fake clock's sleep)."""
+        """When (clock.monotonic()) and why the last call failed for want of Airflow."""
+        self.sleep: Callable[[float], None] = self.clock.sleep
+        """How retries wait (the clock's sleep unless a test sets another)."""
         self.request_count = 0
         """HTTP requests sent (attempts, token requests included): the loop's cost metric."""
         self.server_time: datetime | None = None
         """The API server's clock (`Date` header, 1 s resolution) at the last answer: a
         watermark for `updated_at_gte` that does not depend on our clock."""
         self._server_time_at = 0.0
-        """time.monotonic() when `server_time` was read."""
+        """clock.monotonic() when `server_time` was read."""
 
     # --- transport --------------------------------------------------------------------------
 
@@ -306,11 +325,11 @@ class AirflowClient:
                         self._token = self._fetch_token()
                     token = self._token
             headers["Authorization"] = f"Bearer {token}"
-        started = time.monotonic()
+        started = self.clock.monotonic()
         deadline = self._deadline()
 
         def attempt() -> requests.Response:
-            remaining = deadline - (time.monotonic() - started)
+            remaining = deadline - (self.clock.monotonic() - started)
             if remaining <= 0:
                 raise _Retryable(self._no_answer(method, path, deadline), no_answer=True)
             # The read timeout never runs past the deadline: a hanging Airflow costs at
@@ -321,7 +340,7 @@ class AirflowClient:
             try:
                 # The watchdog bounds the whole exchange: headers and body trickled a byte
                 # at a time end at the deadline too (requests' timeout is per read).
-                with WATCHDOG.watch(remaining) as call:
+                with self.watchdog.watch(remaining) as call:
                     try:
                         response = self.session.request(method, self._url + path,
                                                         headers=headers, timeout=timeout,
@@ -365,7 +384,7 @@ class AirflowClient:
                                    f"({type(exc).__name__}); check RECONCILER_AIRFLOW_URL"
                                    ) from None
             self._note_server_time(response)
-            self.last_contact = time.monotonic()
+            self.last_contact = self.clock.monotonic()
             if response.status_code >= 500:
                 raise _Retryable(f"{method} {self.base}{path} answered "
                                  f"{response.status_code}: {self._detail(response)}")
@@ -373,7 +392,7 @@ class AirflowClient:
 
         attempts = max(1, self.settings.retries) if retry else 1
         retrying = Retrying(
-            stop=stop_after_attempt(attempts) | stop_after_delay(deadline),
+            stop=stop_any(stop_after_attempt(attempts), self._past(started, deadline)),
             sleep=self.sleep,
             # exponential, capped, plus up to `initial` of jitter (spreads replicas apart)
             wait=wait_exponential(multiplier=self._backoff[0], max=self._backoff[1])
@@ -384,9 +403,14 @@ class AirflowClient:
         except RetryError as exc:
             last = exc.last_attempt.exception()
             message = self._redact(str(last))
-            self.last_failure = (time.monotonic(), message)
+            self.last_failure = (self.clock.monotonic(), message)
             raise AirflowUnavailable(message, no_answer=getattr(last, "no_answer", False)
                                      ) from None
+
+    def _past(self, started: float, deadline: float) -> stop_base:
+        """tenacity's stop_after_delay, on the client's clock (tenacity reads the real
+        one)."""
+        return _StopPast(self.clock, started, deadline)
 
     def _no_answer(self, method: str, path: str, deadline: float) -> str:
         return f"{method} {self.base}{path}: no whole answer within {deadline:g} s"
@@ -398,15 +422,17 @@ class AirflowClient:
         # A malformed Date header only costs the server-side watermark.
         with contextlib.suppress(TypeError, ValueError, OverflowError):
             self.server_time = parsedate_to_datetime(date).astimezone(UTC)
-            self._server_time_at = time.monotonic()
+            self._server_time_at = self.clock.monotonic()
 
     def server_now(self) -> datetime | None:
-        """Airflow's clock now, as its last `Date` header said, moved on by the monotonic
-        time since (None before any answer with a Date). The header is truncated to the
-        second, so this is up to a second early: the safe side for a watermark."""
+        """Airflow's clock now, as its last `Date` header said, moved on by the client's
+        monotonic clock since (None before any answer with a Date). The header is
+        truncated to the second, so this is up to a second early: the safe side for a
+        watermark."""
         if self.server_time is None:
             return None
-        return self.server_time + timedelta(seconds=time.monotonic() - self._server_time_at)
+        return self.server_time + timedelta(
+            seconds=self.clock.monotonic() - self._server_time_at)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """`_send` plus authentication: one token refresh, then 401/403 are errors."""
@@ -563,9 +589,9 @@ class AirflowClient:
         offset = 0
         pages = 0
         seen: set[tuple[Any, ...]] = set()
-        started = time.monotonic()
+        started = self.clock.monotonic()
         while True:
-            if time.monotonic() - started > s.listing_timeout:
+            if self.clock.monotonic() - started > s.listing_timeout:
                 raise AirflowRunawayListing(
                     f"the {what} from {self.base} took more than {s.listing_timeout:g} s "
                     f"({pages} pages, {offset} entries); raise "
@@ -697,7 +723,7 @@ class AirflowClient:
         """
         path = f"/api/v2/dags/{_path(dag_id)}/dagRuns/{_path(run_id)}/clear"
         missing = f"run {run_id!r} of DAG {dag_id!r} is not in Airflow at {self.base}"
-        started = time.monotonic()
+        started = self.clock.monotonic()
         deadline = self._deadline()
         attempt = 0
         while True:
@@ -708,10 +734,10 @@ class AirflowClient:
             except AirflowUnavailable as exc:
                 unanswered = exc
                 if not exc.no_answer and (attempt >= max(1, self.settings.retries) or
-                                          time.monotonic() - started >= deadline):
+                                          self.clock.monotonic() - started >= deadline):
                     raise
             # The answer is lost: look before sending it again.
-            left = deadline - (time.monotonic() - started)
+            left = deadline - (self.clock.monotonic() - started)
             if left <= 0:
                 raise unanswered
             with self.deadline_of(max(0.1, left)):

@@ -24,7 +24,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -52,16 +52,18 @@ class Expired(Exception):
 class Call:
     """One exchange under a deadline: the sockets it used, and whether it expired."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.deadline = deadline
-        """time.monotonic() after which the call's sockets are shut down."""
+        """monotonic() after which the call's sockets are shut down."""
+        self._monotonic = monotonic
         self.expired = False
         self.done = False
         self._sockets: list[Any] = []
         self._lock = threading.Lock()
 
     def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - self._monotonic()
 
     def adopt(self, sock: Any) -> None:
         with self._lock:
@@ -95,9 +97,16 @@ def _shut(sock: Any) -> None:
 
 
 class Watchdog:
-    """One thread that expires calls whose deadline passed."""
+    """One thread that expires calls whose deadline passed.
 
-    def __init__(self) -> None:
+    `monotonic` and `threaded=False` are for an in-process transport on a simulated clock
+    (the fault simulation): no socket to shut, so no thread; `read_body` alone checks the
+    deadline, on that clock, and a seed stays deterministic however loaded the machine."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic, *,
+                 threaded: bool = True) -> None:
+        self._monotonic = monotonic
+        self._threaded = threaded
         self._heap: list[tuple[float, int, Call]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -113,11 +122,12 @@ class Watchdog:
     def watch(self, seconds: float) -> Iterator[Call]:
         """Connections taken from a watched pool by this thread inside the block belong to
         the yielded call; their sockets are shut when `seconds` have passed."""
-        call = Call(time.monotonic() + max(0.0, seconds))
-        with self._cond:
-            self._ensure_thread()
-            heapq.heappush(self._heap, (call.deadline, next(self._order), call))
-            self._cond.notify()
+        call = Call(self._monotonic() + max(0.0, seconds), self._monotonic)
+        if self._threaded:
+            with self._cond:
+                self._ensure_thread()
+                heapq.heappush(self._heap, (call.deadline, next(self._order), call))
+                self._cond.notify()
         previous = getattr(_current, "call", None)
         _current.call = call
         try:
@@ -132,7 +142,7 @@ class Watchdog:
                 while True:
                     while self._heap and self._heap[0][2].done:
                         heapq.heappop(self._heap)
-                    now = time.monotonic()
+                    now = self._monotonic()
                     if self._heap and self._heap[0][0] <= now:
                         _, _, call = heapq.heappop(self._heap)
                         break

@@ -9,6 +9,17 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Ticker(Protocol):
+    """What an adapter needs of a clock: intervals and deadlines (`monotonic`) and waits
+    between retries (`sleep`). Every `Clock` of the service is one; the fault simulation
+    injects its simulated clock so that real time never leaks into a seed."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
 
 
 class SystemClock:

@@ -575,8 +575,11 @@ def _done(run: DagRun, eager: bool) -> _Outcome:
 def _took_effect(entry: LedgerEntry, run: DagRun) -> bool:
     """Whether the unconfirmed call of `entry` made `run` what it is: a trigger made the
     run (its id is ours); a clear restarted it (queued or running again, or ended at
-    another time than the end it cleared)."""
-    if entry.action is ActionKind.TRIGGER:
+    another time than the end it cleared); an adopt calls nothing, its intent is the
+    decision itself (a leader killed before confirming it: the next one must not take
+    the run for a stranger's and clear an eager run that started before its upstream
+    closed)."""
+    if entry.action in (ActionKind.TRIGGER, ActionKind.ADOPT):
         return True
     if entry.action is ActionKind.CLEAR and entry.cleared_end is not None:
         return not run.finished or run.end_date != entry.cleared_end

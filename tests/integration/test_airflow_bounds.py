@@ -1,11 +1,12 @@
 """The Airflow client against a hostile API (tests/fixtures/hostile.py): every call ends
 by its deadline however the answer trickles in, every answer has a size bound, every
-listing a bound on its pages and its time, and a listing that does not advance stops."""
+listing a bound on its pages and its time, and a listing that does not advance stops. The
+v2 client and the v1 client (Airflow 2) alike."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from reconciler.adapters.airflow import (
     AirflowRunawayListing,
     AirflowUnavailable,
 )
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.core.errors import NeedsHuman
 from reconciler.core.settings import AirflowSettings
 from reconciler.core.state import DagRun
@@ -34,10 +36,19 @@ ROOT = "01_pipeline_init"
 MiB = 2**20
 
 
+@pytest.fixture(params=["v2", "v1"])
+def hostile(request: pytest.FixtureRequest) -> Iterator[HostileAirflow]:
+    """The hostile stub, met by the v2 client or by the v1 client (basic auth, /api/v1)."""
+    with HostileAirflow() as stub:
+        stub.generation = request.param
+        yield stub
+
+
 def client(stub: HostileAirflow, *, deadline: float = 2.0, **settings: Any) -> AirflowClient:
     options: dict[str, Any] = {"timeout": 10, "retries": 3, **settings}
-    return AirflowClient(AirflowSettings(url=stub.url, username="admin", password="pw",
-                                         **options), deadline=deadline, backoff_initial=0.01)
+    cls = AirflowV1Client if stub.generation == "v1" else AirflowClient
+    return cls(AirflowSettings(url=stub.url, username="admin", password="pw", **options),
+               deadline=deadline, backoff_initial=0.01)
 
 
 def ends(call: Callable[[], Any], within: float = 15.0) -> BaseException | Any:

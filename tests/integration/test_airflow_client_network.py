@@ -2,7 +2,8 @@
 API server with a throw-away CA (and a clear needs-a-human error without it), proxies
 only when asked (an explicit proxy, or the environment's HTTP_PROXY/NO_PROXY on opt-in;
 never by default, so the bearer token does not cross a proxy nobody chose), and a token
-file read again on a 401 (a rotated token), never re-sending the same refused token."""
+file read again on a 401 (a rotated token), never re-sending the same refused token. The
+CA bundle and the proxies for the v1 client (Airflow 2, basic auth) too."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from typing import Any
 import pytest
 
 from reconciler.adapters.airflow import AirflowAuthError, AirflowClient, AirflowRejected
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.core.settings import AirflowSettings
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.fixtures.etcd import TlsFiles
 
 PASSWORD = "net-pw"
@@ -46,6 +49,10 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 @pytest.fixture
 def tls_fake(fake: FakeAirflow, tls: TlsFiles) -> str:
+    return serve_tls(fake, tls)
+
+
+def serve_tls(fake: FakeAirflow, tls: TlsFiles) -> str:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tls.server_cert, tls.server_key)
     assert fake.server is not None
@@ -218,3 +225,41 @@ def test_the_cli_fills_the_settings_from_options_and_the_environment(
     s = got["settings"]
     assert (s.proxy, s.proxy_from_env, s.token_file) == (
         "http://proxy.corp:3128", True, str(tmp_path / "token"))
+
+
+# --- the same on Airflow 2 (API v1, basic auth) -----------------------------------------
+
+@pytest.fixture
+def fake_v1() -> Iterator[FakeAirflowV1]:
+    with FakeAirflowV1(["a"], password=PASSWORD) as f:
+        yield f
+
+
+def client_v1(url: str, **settings: Any) -> AirflowV1Client:
+    values: dict[str, Any] = {"url": url, "username": "admin", "password": PASSWORD,
+                              "retries": 1, "timeout": 5}
+    values.update(settings)
+    return AirflowV1Client(AirflowSettings(**values), backoff_initial=0.01, backoff_max=0.02)
+
+
+def test_the_v1_client_verifies_a_private_ca_too(fake_v1: FakeAirflowV1, tls: TlsFiles,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    url = serve_tls(fake_v1, tls)
+    assert client_v1(url, ca=str(tls.ca)).list_dags()[0]["dag_id"] == "a"
+    with pytest.raises(AirflowRejected, match="RECONCILER_AIRFLOW_CA"):
+        client_v1(url).list_dags()
+
+
+def test_the_environments_proxy_never_sees_v1s_password_unless_asked(
+        fake_v1: FakeAirflowV1, proxy: RecordingProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert client_v1(fake_v1.url).list_dags()
+    assert proxy.seen == []  # basic auth carries the password itself: straight to Airflow
+    assert client_v1(fake_v1.url, proxy_from_env=True).list_dags()
+    assert [url.split("?")[0] for url, _ in proxy.seen] == [f"{fake_v1.url}/api/v1/dags"]
+    assert (proxy.seen[-1][1] or "").startswith("Basic ")  # asked for: it crosses it

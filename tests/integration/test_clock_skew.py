@@ -2,7 +2,8 @@
 (its Date header), not this machine's. The loop's clock is moved hours and days ahead of
 the fake Airflow's (which dates its runs and its Date header by the real clock) and every
 hop still triggers on the next pass; the skew is a warning, a gauge and a `doctor`
-finding."""
+finding. On each API generation: v2, v1 of Airflow 2.11, v1 of 2.5 (no updated_at
+filter)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.store import EtcdStore
 from reconciler.cli import main
@@ -28,6 +30,7 @@ from reconciler.core.state import run_id_for
 from reconciler.service.loop import Reconciler
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.fixtures.replicas import clean_env
 from tests.helpers import EXAMPLE_DAGS, example_repo
 
@@ -56,9 +59,21 @@ def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
     s.close()
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeAirflow]:
-    with FakeAirflow(EXAMPLE_DAGS) as f:
+GENERATIONS = ["v2", "v1", "v1-2.5"]
+"""API v2 (Airflow 3), v1 of Airflow 2.11, and v1 of 2.5, whose run listing has no
+`updated_at` filter (the incremental listing asks by state and end date instead)."""
+
+
+def made(cls: type[FakeAirflow], cls_v1: type[FakeAirflowV1], generation: str
+         ) -> FakeAirflow:
+    if generation == "v2":
+        return cls(EXAMPLE_DAGS)
+    return cls_v1(EXAMPLE_DAGS, version="2.5.3" if generation == "v1-2.5" else "2.11.2")
+
+
+@pytest.fixture(params=GENERATIONS)
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAirflow]:
+    with made(FakeAirflow, FakeAirflowV1, request.param) as f:
         f.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
                   run_type="scheduled")
         f.finish_all()
@@ -66,8 +81,11 @@ def fake() -> Iterator[FakeAirflow]:
 
 
 def loop(store: EtcdStore, fake: FakeAirflow, ahead: timedelta) -> Reconciler:
-    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
-                                        timeout=2, retries=2), backoff_initial=0.01)
+    settings = AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                               timeout=2, retries=2)
+    api = (AirflowV1Client(settings, backoff_initial=0.01, airflow_version=fake.version)
+           if isinstance(fake, FakeAirflowV1)
+           else AirflowClient(settings, backoff_initial=0.01))
     # relist_interval: an hour, so only the incremental listing can see a hop end
     return Reconciler(store, api, LoopSettings(interval=0.05, lease_ttl=6,
                                                relist_interval=3600),
@@ -120,9 +138,14 @@ class SkewedFake(FakeAirflow):
 
     behind = timedelta(0)
 
-    def _reply(self, h: Any, status: int, data: Any, **kwargs: Any) -> None:
+    def _reply(self, h: Any, status: int, data: Any,
+               content_type: str = "application/json") -> None:
         h.date_time_string = lambda timestamp=None: _http_date(datetime.now(UTC) - self.behind)
-        super()._reply(h, status, data, **kwargs)
+        super()._reply(h, status, data, content_type)
+
+
+class SkewedFakeV1(SkewedFake, FakeAirflowV1):
+    """The same, as Airflow 2 answers."""
 
 
 def _http_date(when: datetime) -> str:
@@ -131,8 +154,11 @@ def _http_date(when: datetime) -> str:
     return format_datetime(when, usegmt=True)
 
 
-def test_doctor_names_the_skew(store: EtcdStore, etcd_settings: EtcdSettings) -> None:
-    with SkewedFake(EXAMPLE_DAGS) as fake:
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_doctor_names_the_skew(store: EtcdStore, etcd_settings: EtcdSettings,
+                               generation: str) -> None:
+    with made(SkewedFake, SkewedFakeV1, generation) as fake:
+        assert isinstance(fake, SkewedFake)
         fake.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
                      run_type="scheduled")
         fake.finish_all()

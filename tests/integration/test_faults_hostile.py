@@ -1,5 +1,6 @@
 """Processes against a hostile Airflow (tests/fixtures/hostile.py): the one-shot commands
-end with one line and exit 2 however the answer trickles in or pages repeat; a `reconciler
+end with one line and exit 2 however the answer trickles in or pages repeat (on Airflow 3's
+API and, in a few cases, on Airflow 2's); a `reconciler
 run` leader stuck in a pass gives its lease to a standby and says it is not ready; SIGTERM
 releases the leader key at once and ends the process within its stated bound
 (`reconciler.cli.loop_cmds.STOP_GRACE`), whatever a call is doing."""
@@ -48,20 +49,30 @@ def one_shot(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[
         pytest.fail(f"`reconciler {' '.join(args)}` still running after {ONE_SHOT_BOUND} s")
 
 
-@pytest.mark.parametrize(("command", "behaviour", "says"), [
-    (("plan",), trickle_body(1.0), "no whole answer within 8 s"),
-    (("plan",), trickle_headers(1.0), "no whole answer within 8 s"),
-    (("plan",), repeat_page(), "claims 1,000,000,000 entries"),
-    (("plan",), repeat_page(total=50), "does not advance"),
-    (("status", "--live"), trickle_body(1.0), "no whole answer within 8 s"),
-    (("status", "--live"), trickle_headers(1.0), "no whole answer within 8 s"),
-    (("doctor",), trickle_body(1.0), "no whole answer within 8 s"),
-    (("doctor",), repeat_page(total=50), "does not advance"),
-], ids=["plan-body", "plan-headers", "plan-1e9", "plan-repeat", "status-body",
-        "status-headers", "doctor-body", "doctor-repeat"])
+ONE_SHOT_CASES = {
+    "plan-body": (("plan",), trickle_body(1.0), "no whole answer within 8 s"),
+    "plan-headers": (("plan",), trickle_headers(1.0), "no whole answer within 8 s"),
+    "plan-1e9": (("plan",), repeat_page(), "claims 1,000,000,000 entries"),
+    "plan-repeat": (("plan",), repeat_page(total=50), "does not advance"),
+    "status-body": (("status", "--live"), trickle_body(1.0), "no whole answer within 8 s"),
+    "status-headers": (("status", "--live"), trickle_headers(1.0),
+                       "no whole answer within 8 s"),
+    "doctor-body": (("doctor",), trickle_body(1.0), "no whole answer within 8 s"),
+    "doctor-repeat": (("doctor",), repeat_page(total=50), "does not advance"),
+}
+ON_AIRFLOW_2 = ["plan-body", "plan-1e9", "plan-repeat", "status-headers", "doctor-repeat"]
+"""The cases also run against a stub that says it is Airflow 2.11 (the CLI then speaks
+API v1): each kind of hostility, each command, in a few cases rather than all."""
+
+
+@pytest.mark.parametrize(("generation", "case"),
+                         [("v2", c) for c in ONE_SHOT_CASES] + [("v1", c) for c in ON_AIRFLOW_2],
+                         ids=[*ONE_SHOT_CASES, *(f"v1-{c}" for c in ON_AIRFLOW_2)])
 def test_a_one_shot_command_ends_with_one_line_whatever_airflow_does(
-        deployment: Deployment, hostile: HostileAirflow, command: tuple[str, ...],
-        behaviour: Any, says: str) -> None:
+        deployment: Deployment, hostile: HostileAirflow, generation: str,
+        case: str) -> None:
+    command, behaviour, says = ONE_SHOT_CASES[case]
+    hostile.generation = generation
     hostile.behave(behaviour)
     out = one_shot(deployment, *command)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -71,6 +82,12 @@ def test_a_one_shot_command_ends_with_one_line_whatever_airflow_does(
     assert says in lines[0]
     assert "Traceback" not in out.stderr
     assert hostile.count(b"/dagRuns") <= 4  # never a listing that runs on and on
+    # The API the stub's version names, and only that one.
+    if generation == "v1":
+        assert hostile.count(b"/api/v1/dags") >= 1
+        assert hostile.count(b"/api/v2/dags") == 0
+    else:
+        assert hostile.count(b"/api/v1/") == 0
 
 
 def readyz(replica: Replica) -> tuple[int, str]:

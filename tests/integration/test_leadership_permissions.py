@@ -1,10 +1,12 @@
 """Leadership against a real etcd with authentication: a replica whose user may not write
 the leader key (read-only, or its grant revoked while it leads) is not ready, counts the
-error, and never keeps the lease from a replica that can lead."""
+error, and never keeps the lease from a replica that can lead. On both API generations
+(the readiness of a leader counts its contact with Airflow)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.service.loop import Reconciler
@@ -19,6 +22,7 @@ from reconciler.service.observability import Health
 from reconciler.service.runner import Runner
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.fixtures.etcd import EtcdFactory, EtcdServer
 from tests.fixtures.replicas import poll_until
 from tests.helpers import EXAMPLE_DAGS, example_repo
@@ -44,17 +48,18 @@ def secured(etcd_factory: EtcdFactory, tmp_path: Path) -> tuple[EtcdServer, Etcd
     return server, settings
 
 
-@pytest.fixture
-def fake() -> FakeAirflow:
-    with FakeAirflow(EXAMPLE_DAGS) as f:
-        yield f  # type: ignore[misc]
+@pytest.fixture(params=["v2", "v1"])
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAirflow]:
+    with (FakeAirflowV1 if request.param == "v1" else FakeAirflow)(EXAMPLE_DAGS) as f:
+        yield f
 
 
 def replica(settings: EtcdSettings, user: str, fake: FakeAirflow, holder: str
             ) -> tuple[Reconciler, Runner]:
     store = EtcdStore(replace(settings, user=user, password=f"{user}-pw"))
-    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
-                                        timeout=2, retries=1))
+    cls = AirflowV1Client if isinstance(fake, FakeAirflowV1) else AirflowClient
+    api = cls(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                              timeout=2, retries=1))
     r = Reconciler(store, api, LoopSettings(interval=0.05, lease_ttl=TTL), holder=holder)
     health = Health()
     health.start()

@@ -1,7 +1,8 @@
 """One ledger, never two truths: the loop's memory of what it asked Airflow to do follows
 every write the executor makes, whatever etcd answers (service/ledger.py), and every
 answer Airflow gives becomes an outcome (service/executor.py). Real etcd (paused for the
-outage), the fake Airflow behind the real client."""
+outage), the fake Airflow behind the real client, on both API generations (v2, and v1 with
+the v1 client)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,28 @@ from typing import Any
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient, AirflowRejected
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore, StoreError, StoreUnavailable
 from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import LedgerState, run_id_for
 from reconciler.service.loop import Reconciler
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1, api_of
 from tests.fixtures.etcd import EtcdServer
 from tests.helpers import EXAMPLE_DAGS, example_repo
 from tests.integration.test_eager import TaskFake, ti, up_to_05_running
 
 CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 RUN = run_id_for(CYCLE)
-TRIGGER = "POST /api/v2/dags/{dag_id}/dagRuns"
-CLEAR = "POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"
+
+
+def trigger_route(fake: FakeAirflow) -> str:
+    return f"POST {api_of(fake)}/dags/{{dag_id}}/dagRuns"
+
+
+def clear_route(fake: FakeAirflow) -> str:
+    return f"POST {api_of(fake)}/dags/{{dag_id}}/dagRuns/{{run_id}}/clear"
 
 
 class AnsweringFake(TaskFake):
@@ -43,9 +52,14 @@ class AnsweringFake(TaskFake):
     def _reply(self, h: Any, status: int, body: Any,
                content_type: str = "application/json") -> None:
         request = getattr(h, "_request", None)
-        if request is not None and request.route == TRIGGER and request.dag_id in self.answers:
+        if (request is not None and request.route == trigger_route(self)
+                and request.dag_id in self.answers):
             status, body, content_type = self.answers.pop(request.dag_id)
         super()._reply(h, status, body, content_type)
+
+
+class AnsweringFakeV1(AnsweringFake, FakeAirflowV1):
+    """The same, as Airflow 2 answers (v1 paths, basic auth)."""
 
 
 @pytest.fixture
@@ -65,9 +79,9 @@ def store(etcd: EtcdServer, tmp_path: Path) -> Iterator[EtcdStore]:
     s.close()
 
 
-@pytest.fixture
-def fake() -> Iterator[AnsweringFake]:
-    with AnsweringFake(EXAMPLE_DAGS) as f:
+@pytest.fixture(params=["v2", "v1"])
+def fake(request: pytest.FixtureRequest) -> Iterator[AnsweringFake]:
+    with (AnsweringFakeV1 if request.param == "v1" else AnsweringFake)(EXAMPLE_DAGS) as f:
         f.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
                   run_type="scheduled")
         f.finish_all()
@@ -75,8 +89,9 @@ def fake() -> Iterator[AnsweringFake]:
 
 
 def reconciler(store: EtcdStore, fake: FakeAirflow, **loop: Any) -> Reconciler:
-    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
-                                        timeout=2, retries=1), backoff_initial=0.01)
+    cls = AirflowV1Client if isinstance(fake, FakeAirflowV1) else AirflowClient
+    api = cls(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                              timeout=2, retries=1), backoff_initial=0.01)
     return Reconciler(store, api, LoopSettings(**{"interval": 0.05, "lease_ttl": 10, **loop}),
                       holder="r1")
 
@@ -115,7 +130,7 @@ def test_an_eager_trigger_whose_result_write_fails_is_adopted_not_cleared(
                         json.dumps({"kind": "task"}).encode())
 
     def hang_etcd(request: Any) -> None:
-        if request.route == TRIGGER and request.dag_id == "06_pipeline":
+        if request.route == trigger_route(fake) and request.dag_id == "06_pipeline":
             fake.before_reply = None
             etcd.pause()  # the trigger took effect; its result cannot be written
 
@@ -144,7 +159,7 @@ def test_an_eager_trigger_whose_result_write_fails_is_adopted_not_cleared(
     fake.advance("07_pipeline", RUN, "running")
     fake.advance("07_pipeline", RUN, "success")
     assert passes(r, 2) == []
-    assert fake.requests[CLEAR] == 0  # 06 never cleared
+    assert fake.requests[clear_route(fake)] == 0  # 06 never cleared
     assert len(fake.runs("06_pipeline")) == 1
     assert len(fake.runs("07_pipeline")) == 1
     assert fake.duplicate_triggers() == {}
@@ -160,14 +175,14 @@ def test_an_intent_etcd_did_not_take_is_remembered_and_no_call_is_made(
     for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"):
         fake.advance(dag_id, RUN, "running")
         fake.advance(dag_id, RUN, "success")
-    triggers = fake.requests[TRIGGER]
+    triggers = fake.requests[trigger_route(fake)]
     etcd.pause()
     with contextlib.suppress(StoreUnavailable):
         report = r.run_pass()  # plans 06; its intent write times out
         assert [(o.action.dag_id, o.result) for o in report.outcomes] == [
             ("06_pipeline", "failed")]
     etcd.resume()
-    assert fake.requests[TRIGGER] == triggers  # no call without the intent in etcd
+    assert fake.requests[trigger_route(fake)] == triggers  # no call without the intent
     assert r.ledger.get(CYCLE, "06_pipeline").state is LedgerState.INTENT  # type: ignore[union-attr]
     until_etcd_answers(store)
     r.executor._retry_after.clear()  # the store's backoff, not under test here
@@ -263,7 +278,7 @@ def test_a_rerun_whose_result_write_fails_is_not_cleared_twice(
     finish(fake, "03_pipeline")
 
     def hang_etcd(request: Any) -> None:
-        if request.route == CLEAR and request.dag_id == "06_pipeline":
+        if request.route == clear_route(fake) and request.dag_id == "06_pipeline":
             fake.before_reply = None
             etcd.pause()
 

@@ -1,7 +1,7 @@
 """Runs that change between two listings, against the loop with a real etcd and the fake
 Airflow: a run deleted in Airflow (it vanishes from the next relist), and a run whose
 logical date changes (edited in Airflow's database). No crash, no second run on the same
-upstream executions, and a status that says what happened."""
+upstream executions, and a status that says what happened. On each API generation."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import State, run_id_for
 from reconciler.service.loop import PassReport, Reconciler
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.helpers import EXAMPLE_DAGS, example_repo
 
 CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -35,9 +37,12 @@ def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
     s.close()
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeAirflow]:
-    with FakeAirflow(EXAMPLE_DAGS) as f:
+@pytest.fixture(params=["v2", "v1", "v1-2.5"])
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAirflow]:
+    """API v2 (Airflow 3), v1 of Airflow 2.11, v1 of 2.5 (no updated_at filter)."""
+    version = {"v1": "2.11.2", "v1-2.5": "2.5.3"}.get(request.param)
+    with (FakeAirflow(EXAMPLE_DAGS) if version is None
+          else FakeAirflowV1(EXAMPLE_DAGS, version=version)) as f:
         f.add_run(ROOT, ROOT_RUN, CYCLE, run_type="scheduled")
         f.finish_all()
         yield f
@@ -45,8 +50,11 @@ def fake() -> Iterator[FakeAirflow]:
 
 @pytest.fixture
 def loop(store: EtcdStore, fake: FakeAirflow) -> Reconciler:
-    api = AirflowClient(AirflowSettings(url=fake.url, username="admin", password="secret-pw",
-                                        timeout=2, retries=2), backoff_initial=0.01)
+    settings = AirflowSettings(url=fake.url, username="admin", password="secret-pw",
+                               timeout=2, retries=2)
+    api = (AirflowV1Client(settings, backoff_initial=0.01, airflow_version=fake.version)
+           if isinstance(fake, FakeAirflowV1)
+           else AirflowClient(settings, backoff_initial=0.01))
     return Reconciler(store, api, LoopSettings(interval=0.05, lease_ttl=6), holder="r1")
 
 

@@ -13,23 +13,28 @@ without faults must not be.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from reconciler.adapters import airflow as airflow_module
+from reconciler.adapters import bounded_http
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.store import EtcdStore
-from reconciler.core.state import Plan
+from reconciler.core.state import Plan, run_id_for
 from reconciler.service import loop
 from reconciler.service.leadership import Leadership
 from tests.fixtures.etcd import EtcdBinaryMissing, EtcdCluster
-from tests.sim.runner import SeedResult, SimEnv, run_seed
+from tests.sim.runner import SeedResult, SimEnv, generation_of, run_seed
+from tests.sim.world import GENERATIONS
 
 pytestmark = pytest.mark.real_clock  # etcd faults: gRPC deadlines are wall-clock ones
 
 FIXED_SEEDS = list(range(24))
-"""What CI runs (about 3 s a seed). Change them only with the README's figures."""
+"""What CI runs (about 3 s a seed), on every Airflow generation (`generation_of`: 13 on
+API v2, 4 on v1 of 2.11, 7 on v1 of 2.5). Change them only with the README's figures."""
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +59,30 @@ def test_seed_keeps_every_invariant(sim_env: SimEnv, seed: int) -> None:
 
 # --- the checker catches what it is there to catch ---------------------------------------
 
+def test_the_fixed_seeds_search_every_airflow_generation() -> None:
+    """API v2, v1 of 2.11 and v1 of 2.5 (no updated_at filter) are each some fixed seeds'."""
+    assert {generation_of(seed) for seed in FIXED_SEEDS} == set(GENERATIONS)
+
+
 PLANTED_SEED = 16
 """A seed whose workload triggers and clears a lot: used without faults (`calm`)."""
-CALM_SEEDS = [1, 8, PLANTED_SEED, 24]
+CALM_SEEDS = [(1, None), (8, None), (PLANTED_SEED, None), (24, None),
+              (PLANTED_SEED, "v1"), (8, "v1-2.5")]
+"""(seed, generation): None is the seed's own (`generation_of`)."""
 
 
 def kinds(result: SeedResult) -> set[str]:
     return {kind for kind, _ in result.violations}
 
 
-@pytest.mark.parametrize("seed", CALM_SEEDS, ids=[f"calm_{s}" for s in CALM_SEEDS])
-def test_a_calm_seed_has_no_violation(sim_env: SimEnv, seed: int) -> None:
-    """The control: the workload without faults breaks no invariant (no false alarm)."""
-    result = run_seed(seed, sim_env, calm=True, replicas=2)
+@pytest.mark.parametrize(("seed", "generation"), CALM_SEEDS,
+                         ids=[f"calm_{s}_{g or generation_of(s)}" for s, g in CALM_SEEDS])
+def test_a_calm_seed_has_no_violation(sim_env: SimEnv, seed: int,
+                                      generation: str | None) -> None:
+    """The control: the workload without faults breaks no invariant (no false alarm), on
+    each Airflow generation (a v1 fake answers 404 to API v2: every action went by v1)."""
+    result = run_seed(seed, sim_env, calm=True, replicas=2, generation=generation)
+    assert result.generation == (generation or generation_of(seed))
     assert result.actions["trigger"] > 0, result.actions
     assert result.actions["clear"] > 0, result.actions
     assert result.ok, result.report()
@@ -163,3 +179,148 @@ def test_the_oracle_takes_etcds_word_for_writes_that_timed_out(
     assert workload.suspended  # the mark etcd kept is the oracle's too
     store.close()
     probe.close()
+
+
+# --- a seed decides the same however loaded the machine ----------------------------------
+
+
+class _Loaded:
+    """The `time` module of a machine so loaded that each read of the real monotonic
+    clock comes `leap` seconds after the previous one."""
+
+    def __init__(self, leap: float) -> None:
+        self._leap = leap
+        self._reads = 0
+
+    def monotonic(self) -> float:
+        self._reads += 1
+        return time.monotonic() + self._leap * self._reads
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("generation", ["v2", "v1"])
+def test_real_time_never_reaches_a_seeds_decisions(sim_env: SimEnv, generation: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leads of the loaded run on the merged main (README "Fault simulation"): the
+    Airflow client carried Airflow's clock forward by the real monotonic clock and timed
+    its deadlines on it, so seconds the machine lost under load (etcd timeouts, other
+    processes) moved the informer's watermark past updates (lost until the next relist:
+    never-triggered, and a trigger on a stale upstream) and expired calls the simulation
+    had answered in time. Every clock of the client is now the simulated one: the same
+    seed takes the same actions on a machine whose real clock leaps."""
+    # Seed 1: its graph ends with nothing suspended, so whatever is due must have run.
+    steady = run_seed(1, sim_env, calm=True, replicas=2, generation=generation)
+    assert steady.ok, steady.report()
+    monkeypatch.setattr(bounded_http, "time", _Loaded(7.0))
+    monkeypatch.setattr(airflow_module, "time", _Loaded(7.0), raising=False)
+    loaded = run_seed(1, sim_env, calm=True, replicas=2, generation=generation)
+    assert loaded.ok, loaded.report()
+    assert loaded.actions == steady.actions
+
+
+def test_a_sync_found_applied_late_leaves_the_graph_before_in_force_until_announced(
+        sim_env: SimEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle's window for a graph change: a sync whose write timed out but was
+    applied is found out only when the workload tries again, and only then are the
+    replicas' watches told. Until that step (and the next), a replica plans with the
+    graph before it; a trigger it sends then on that graph is not premature. The old
+    oracle counted the new graph from the step the write was sent, so a trigger on the
+    graph the replicas held (an upstream added by the late write not finished yet) read
+    as premature: the loaded run's seed 339 had an etcd member killed, where such writes
+    time out."""
+    import random
+    from datetime import timedelta
+
+    from reconciler.adapters.store import StoreUnavailable
+    from reconciler.core.settings import EtcdSettings, LoopSettings
+    from tests.sim.invariants import Checker
+    from tests.sim.workload import Workload
+    from tests.sim.world import Event, World
+
+    etcd = EtcdSettings(**{**sim_env.etcd.__dict__,
+                           "namespace": f"oracle-{random.getrandbits(32):08x}"})
+    store, probe = EtcdStore(etcd), EtcdStore(etcd)
+    world = World(7, store, probe, Workload.universe(7), LoopSettings(interval=5.0))
+    workload = Workload.draw(world, random.Random(7))
+    assert workload.sync()  # the graph before, at step 0
+    # A downstream and an upstream the late write adds to it (earlier in the order).
+    down = next(d for d in reversed(workload.order) if d in workload.pipelines
+                and d not in workload.roots and workload.pipelines[d].depends_on)
+    before = workload.pipelines[down].depends_on
+    added = next(d for d in workload.order if d in workload.pipelines and d not in before
+                 and workload.order.index(d) < workload.order.index(down))
+    world.step = 1
+    real = EtcdStore.write_sync
+
+    def applied_then_timed_out(self: EtcdStore, *args: Any, **kwargs: Any) -> Any:
+        real(self, *args, **kwargs)
+        raise StoreUnavailable("injected: write_sync timed out after it was applied")
+
+    monkeypatch.setattr(EtcdStore, "write_sync", applied_then_timed_out)
+    workload.pipelines[down] = dataclasses.replace(
+        workload.pipelines[down], depends_on=tuple(sorted({*before, added})))
+    assert not workload.sync()
+    monkeypatch.undo()
+    # The cycle: the upstreams of the graph before finished; the added one never did.
+    cycle = world.time.true_now().replace(microsecond=0) - timedelta(minutes=1)
+    run_id = f"scheduled__{cycle.isoformat()}"
+    for up in (*before, added):
+        world.add(Event(world.time.airflow(), "root", up, run_id, cycle, by="scheduler"))
+    for up in before:
+        world.add(Event(world.time.airflow(), "end", up, run_id, cycle, by="scheduler",
+                        state="success"))
+    world.step = 5  # the workload's retries of the sync all failed until step 6
+    world.add(Event(world.time.airflow(), "create", down, run_id_for(cycle), cycle,
+                    by="r1", leader="r1"))
+    world.step = 6
+    workload.settle()  # finds the write applied, tells the watches
+    assert set(workload.versions[-1].graph.pipelines[down].depends_on) == {*before, added}
+    Checker(world, workload).replay()
+    assert not [v for v in world.violations if v[0].startswith("premature")], \
+        world.violations
+    # Once told (and a step later), the new graph alone counts: the same trigger then is
+    # premature.
+    world.step = 9
+    world.add(Event(world.time.airflow(), "create", down, run_id_for(cycle), cycle,
+                    by="r1", leader="r1"))
+    world.violations.clear()
+    Checker(world, workload).replay()
+    assert [v[0] for v in world.violations] == ["premature-trigger"], world.violations
+    store.delete_prefix(store.root)
+    store.close()
+    probe.close()
+
+
+def test_a_lease_lapses_on_the_simulated_clock_not_on_the_real_one(sim_env: SimEnv) -> None:
+    """etcd's lease timer runs on real time: on a loaded machine, TTL real seconds can
+    pass between two refreshes while the simulated clock says the lease is alive. In the
+    simulation only the simulated clock lapses a lease (World.lapse_leases)."""
+    import random
+
+    from reconciler.core.settings import EtcdSettings, LoopSettings
+    from tests.sim.workload import Workload
+    from tests.sim.world import World
+
+    etcd = EtcdSettings(**{**sim_env.etcd.__dict__,
+                           "namespace": f"lease-{random.getrandbits(32):08x}"})
+    store, probe = EtcdStore(etcd), EtcdStore(etcd)
+    try:
+        world = World(7, store, probe, Workload.universe(7),
+                      LoopSettings(interval=5.0, lease_ttl=2))
+        replica = world.new_replica()
+        assert replica.reconciler is not None
+        sim_store = replica.reconciler.store
+        lease = sim_store.campaign(replica.holder, 2)
+        assert lease is not None
+        time.sleep(3.5)  # real time past the TTL; no simulated time at all
+        assert sim_store.refresh(lease) == 2.0  # alive, and the TTL the replica asked for
+        assert probe.leader() == replica.holder
+        world.time.advance(2.5)  # simulated time past the TTL, no refresh
+        world.lapse_leases()
+        assert probe.leader() is None
+    finally:
+        store.delete_prefix(store.root)
+        store.close()
+        probe.close()

@@ -74,11 +74,11 @@ class Checker:
 
     def _versions(self, step: int) -> list[Version]:
         """The graph synced at `step`, and the one before while a replica may still act
-        on it (the pass of the sync's step and the next: a watch read that failed is
-        read again on the next pass). Not the one before for ever: an upstream added
-        long before a cycle opened counts for it."""
+        on it (the pass of the step its watches were told and the next: a watch read
+        that failed is read again on the next pass). Not the one before for ever: an
+        upstream added long before a cycle opened counts for it."""
         versions = [v for v in self.workload.versions if v.step <= step]
-        if len(versions) >= 2 and step > versions[-1].step + GRAPH_LAG_STEPS:
+        if len(versions) >= 2 and step > versions[-1].announced + GRAPH_LAG_STEPS:
             return versions[-1:]
         return versions[-2:] if versions else []
 

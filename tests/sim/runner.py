@@ -1,6 +1,7 @@
 """One seed of the fault simulation, start to verdict: `run_seed(seed, env)`.
 
-A seed draws everything from `random.Random(seed)`: the workload (workload.py), the fault
+A seed draws everything from `random.Random(seed)`: the Airflow it runs against (API v2,
+or v1 of Airflow 2.11 or 2.5: `generation_of`), the workload (workload.py), the fault
 schedule (faults.py), the loop's settings (1-3 replicas, concurrency 1 or 4, relist
 interval). Then, step by step (one step = one loop interval of simulated time):
 
@@ -80,6 +81,11 @@ class SeedResult:
     violations: list[tuple[str, str]] = field(default_factory=list)
     single: bool = False
     """Ran on one etcd server (no etcd faults), not on the 3-member cluster."""
+    generation: str = "v2"
+    """The Airflow it ran against (world.GENERATIONS)."""
+    history: list[str] = field(default_factory=list)
+    """Airflow's history, one line an event (a seed with violations only): what to read
+    when a violation does not replay (the real etcd's timing differed)."""
 
     @property
     def ok(self) -> bool:
@@ -87,17 +93,27 @@ class SeedResult:
 
     def report(self) -> str:
         lines = [f"seed {self.seed}: {len(self.violations)} violation(s) in {self.steps} "
-                 f"steps ({self.faults}); replay: "
+                 f"steps (Airflow API {self.generation}; {self.faults}); replay: "
                  f"{replay_command(self.seed, single=self.single)}"]
         lines += [f"  {kind}: {detail}" for kind, detail in self.violations]
         return "\n".join(lines)
 
 
+def generation_of(seed: int) -> str:
+    """The Airflow the seed runs against (world.GENERATIONS): API v2 for half the seeds,
+    API v1 of Airflow 2.11 and of 2.5 for a quarter each. Drawn on its own, so the rest
+    of a seed's draws do not depend on it."""
+    return stable_random(seed, "generation").choice(["v2", "v2", "v1", "v1-2.5"])
+
+
 def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
-             calm: bool = False, replicas: int | None = None) -> SeedResult:
+             calm: bool = False, replicas: int | None = None,
+             generation: str | None = None) -> SeedResult:
     """Run one seed; `calm`: the same workload without any fault (the checker's control
-    case); `replicas`: that many instead of the seed's 1-3."""
+    case); `replicas`: that many instead of the seed's 1-3; `generation`: that Airflow
+    instead of the seed's (`generation_of`)."""
     started = time.monotonic()
+    generation = generation or generation_of(seed)
     rng = random.Random(seed)
     settings = LoopSettings(interval=INTERVAL, lease_ttl=10,
                             relist_interval=rng.choice([60.0, 120.0]),
@@ -110,14 +126,16 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
     random.seed(seed)
     etcd = EtcdSettings(**{**env.etcd.__dict__, "namespace": namespace})
     store, probe = EtcdStore(etcd), EtcdStore(etcd)
-    world = World(seed, store, probe, Workload.universe(seed), settings)
+    world = World(seed, store, probe, Workload.universe(seed), settings,
+                  generation=generation)
     workload = Workload.draw(world, rng)
     plan = FaultPlan.draw(seed, rng, fault_steps, etcd_faults=env.cluster is not None)
     if calm:
         plan = FaultPlan(seed, fault_steps, (), 0.0, [])
     world.faults = plan
     injector = Injector(world, env.cluster, rng)
-    result = SeedResult(seed, faults=plan.describe(), single=env.cluster is None)
+    result = SeedResult(seed, faults=plan.describe(), single=env.cluster is None,
+                        generation=generation)
     watch = LogWatch()
     logging.getLogger().addHandler(watch)
     try:
@@ -194,6 +212,12 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
     result.injected = world.injected
     result.actions = world.actions
     result.violations = _dedupe(world.violations)
+    if result.violations:
+        result.history = [
+            f"step {e.step} {world.relative(e.at.isoformat())} {e.kind} {e.dag_id} "
+            f"{e.run_id} by={e.by}{' state=' + e.state if e.state else ''}"
+            f"{' duplicate' if e.duplicate else ''} leader={e.leader}"
+            for e in world.events]
     result.seconds = time.monotonic() - started
     return result
 

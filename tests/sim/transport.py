@@ -99,7 +99,11 @@ class _Handler:
 
 
 def route_of(method: str, path: str) -> str:
+    """The request's route, spelled as API v2's whatever the generation (a v1 trigger is
+    TRIGGER too): the faults and the history name one set of routes."""
     parts = path.split("?")[0].strip("/").split("/")
+    if parts[:2] == ["api", "v1"]:
+        parts = ["api", "v2", *parts[2:]]
     if parts[:3] == ["api", "v2", "dags"] and len(parts) >= 4 and parts[3] != "~":
         names = {3: "{dag_id}", 5: "{run_id}"}
         parts = [names.get(i, p) for i, p in enumerate(parts)]
@@ -129,9 +133,11 @@ class SimSession(requests.Session):
         url = url.decode() if isinstance(url, bytes) else url
         if self.replica.dead:
             raise Killed(self.replica.holder)
+        # The session's own auth too: the v1 client sets basic auth on its session.
         prepared = requests.Request(method, url, headers=kwargs.get("headers"),
                                     json=kwargs.get("json"), params=kwargs.get("params"),
-                                    data=kwargs.get("data")).prepare()
+                                    data=kwargs.get("data"),
+                                    auth=kwargs.get("auth") or self.auth).prepare()
         path = prepared.path_url
         body = prepared.body or b""
         if isinstance(body, str):
@@ -159,17 +165,20 @@ class SimSession(requests.Session):
 
         if (step, route, self.replica.holder) in self._stuck and "offset=" in path:
             fault = "paging-stuck"
+        if fault == "expired-token" and self.world.generation != "v2":
+            fault = None  # basic auth (v1): no token to expire
         if fault is None or route == "POST /auth/token":
             response = deliver()
         else:
-            response = self._faulty(fault, deliver, method, path, route, url)
+            response = self._faulty(fault, deliver, method, path, route, url, headers)
         self.world.crash_point(self.replica, f"after {route}")
         return response
 
     # --- faults -----------------------------------------------------------------------
 
     def _faulty(self, fault: str, deliver: Callable[..., requests.Response], method: str,
-                path: str, route: str, url: str) -> requests.Response:
+                path: str, route: str, url: str, headers: dict[str, str]
+                ) -> requests.Response:
         world = self.world
         if fault != "paging-stuck":
             world.count_fault(f"airflow:{fault}")
@@ -196,6 +205,10 @@ class SimSession(requests.Session):
         if fault == "duplicated":
             return deliver(dup=True)
         if fault == "409":
+            if world.generation != "v2":  # Airflow 2's problem JSON
+                return self._answer(409, {"detail": "DAGRun already exists", "status": 409,
+                                          "title": "Conflict", "type": "about:blank"}, url,
+                                    "application/problem+json")
             return self._answer(409, {"detail": {"reason": "Unique constraint violation",
                                                  "statement": "hidden"}}, url)
         if fault == "malformed":
@@ -225,22 +238,23 @@ class SimSession(requests.Session):
                 data["total_entries"] = int(data.get("total_entries") or 0) + 10 ** 9
             elif how == "repeat":
                 self._stuck.add((world.step, route, self.replica.holder))
-                first = self._deliver_first_page(method, path, url)
+                first = self._deliver_first_page(path, url, headers)
                 if first is not None:
                     data = first
                     data["total_entries"] = 10 ** 9
             return self._answer(response.status_code, data, url)
         return response
 
-    def _deliver_first_page(self, method: str, path: str, url: str) -> dict[str, Any] | None:
-        """The first page of the same listing (its offset set back to 0)."""
+    def _deliver_first_page(self, path: str, url: str, headers: dict[str, str]
+                            ) -> dict[str, Any] | None:
+        """The first page of the same listing (its offset set back to 0), asked with the
+        request's own credentials (a token, or v1's basic auth)."""
         if "offset=" not in path:
             return None
         base, _, query = path.partition("?")
         query = "&".join(p for p in query.split("&") if not p.startswith("offset="))
-        response = self._deliver("GET", f"{base}?{query}&offset=0", {
-            "Authorization": f"Bearer {next(iter(self.world.fake.tokens), '')}"},
-            b"", route_of("GET", base), url, False, None)
+        response = self._deliver("GET", f"{base}?{query}&offset=0", headers,
+                                 b"", route_of("GET", base), url, False, None)
         data = _json_of(response)
         return data if isinstance(data, dict) else None
 

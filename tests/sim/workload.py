@@ -36,6 +36,14 @@ class Version:
     commit: str
     graph: Graph
     since: dict[str, datetime]
+    notified: int | None = None
+    """The step the replicas' watches were told of it, when later than `step`: a sync
+    whose write timed out but was applied is only found out (and announced) when the
+    sync is tried again; until then a replica may plan with the graph before it."""
+
+    @property
+    def announced(self) -> int:
+        return self.step if self.notified is None else max(self.step, self.notified)
 
 
 @dataclass
@@ -89,7 +97,7 @@ class Workload:
             if pending is not None and head is not None and head.commit == pending.commit:
                 # The write that "failed" was applied: the reconciler has been planning
                 # with that graph since, so the oracle must judge with it too.
-                self.versions.append(pending)
+                self.versions.append(replace(pending, notified=world.step))
                 if pending.graph.digest() == graph.digest():
                     self.unsynced = False
                     world.notify_watches(head=True)

@@ -7,7 +7,9 @@
   with its own holder id, sharing one real etcd client through a `SimStore` that can cut
   it off from etcd or kill it at any call. A killed replica is dropped mid-pass without
   cleanup; its lease lapses `lease_ttl` simulated seconds later (revoked then, as etcd
-  does when a lease expires); a new replica with a new holder id replaces it.
+  does when a lease expires); a new replica with a new holder id replaces it. etcd's own
+  lease timer runs on real time, so the leases are granted far longer there: only the
+  simulated clock lapses them.
 - The history (`events`) is every change of Airflow's state, in order: runs created by a
   trigger or by the scheduler, started, ended, cleared by the reconciler or by a user,
   each with Airflow's time and, for the reconciler's writes, who sent it and who held
@@ -29,15 +31,24 @@ from typing import Any
 from urllib.parse import unquote
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_v1 import AirflowV1Client
+from reconciler.adapters.bounded_http import Watchdog
 from reconciler.adapters.store import EtcdStore, StoreError, StoreUnavailable
 from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import parse_time
 from reconciler.service.loop import Reconciler
 from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.sim.clock import SimTime
 from tests.sim.transport import CLEAR, TRIGGER, Killed, SimSession
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
+
+
+GENERATIONS: dict[str, str | None] = {"v2": None, "v1": "2.11.2", "v1-2.5": "2.5.3"}
+"""The Airflow a seed may run against, and its version for the v1 fake and client: API v2
+(Airflow 3), API v1 of Airflow 2.11, and API v1 of Airflow 2.5, whose run listing has no
+`updated_at` filter (the client finds changes by state and end date instead)."""
 
 
 @dataclass
@@ -62,6 +73,10 @@ class Event:
     step: int = 0
 
 
+REAL_LEASE_FACTOR = 60
+"""How much longer than asked the real etcd's leases are granted (see SimStore)."""
+
+
 class SimStore:
     """One replica's view of the shared EtcdStore: killed -> `Killed`, cut off ->
     `StoreUnavailable`; every other call goes through to the real etcd."""
@@ -84,7 +99,18 @@ class SimStore:
                 raise StoreUnavailable(f"etcd is unreachable from {replica.holder} "
                                        "(simulated partition)")
             world.crash_point(replica, f"before etcd {name}")
-            result = value(*args, **kwargs)
+            if name == "campaign":
+                # etcd's lease runs on real time: granted REAL_LEASE_FACTOR times longer,
+                # it never lapses while a seed runs however loaded the machine; it lapses
+                # on the simulated clock instead (World.lapse_leases), TTL seconds after
+                # its last refresh, and the replica is told the TTL it asked for.
+                result = value(args[0], int(args[1]) * REAL_LEASE_FACTOR, *args[2:],
+                               **kwargs)
+            elif name == "refresh":
+                left = value(*args, **kwargs)
+                result = min(left, float(world.settings.lease_ttl)) if left > 0 else left
+            else:
+                result = value(*args, **kwargs)
             world.leases.note(name, args, result, world.time.monotonic())
             world.crash_point(replica, f"after etcd {name}")
             return result
@@ -167,19 +193,36 @@ class World:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _holders: int = 0
 
+    generation: str = "v2"
+    """Which Airflow the seed runs against (GENERATIONS): its fake and its client."""
+
     def __post_init__(self) -> None:
-        self.fake = FakeAirflow(self.dag_ids, now=self.time.airflow)
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"unknown generation {self.generation!r}")
+        version = GENERATIONS[self.generation]
+        self.fake: FakeAirflow = (
+            FakeAirflow(self.dag_ids, now=self.time.airflow) if version is None
+            else FakeAirflowV1(self.dag_ids, now=self.time.airflow, version=version))
 
     # --- replicas -----------------------------------------------------------------------
 
     def new_replica(self) -> Replica:
         self._holders += 1
         replica = Replica(f"sim-{self.seed}-r{self._holders}")
-        api = AirflowClient(AirflowSettings(url="http://airflow.sim", username="admin",
-                                            password="secret-pw", timeout=2, retries=3),
-                            session=SimSession(self, replica), backoff_initial=0.2,
-                            backoff_max=2.0)
-        api.sleep = self.time.reconciler.sleep
+        # Every clock of the client on the simulated timeline (its deadlines, its retries'
+        # waits, Airflow's clock carried forward from the Date header), and no watchdog
+        # thread (no socket to shut): real time, and so the machine's load, never reaches
+        # a seed's decisions.
+        clock = self.time.reconciler
+        settings = AirflowSettings(url="http://airflow.sim", username="admin",
+                                   password="secret-pw", timeout=2, retries=3)
+        wiring: dict[str, Any] = {
+            "session": SimSession(self, replica), "backoff_initial": 0.2,
+            "backoff_max": 2.0, "clock": clock,
+            "watchdog": Watchdog(clock.monotonic, threaded=False)}
+        version = GENERATIONS[self.generation]
+        api = (AirflowClient(settings, **wiring) if version is None
+               else AirflowV1Client(settings, airflow_version=version, **wiring))
         replica.reconciler = Reconciler(SimStore(self.store, self, replica),  # type: ignore[arg-type]
                                         api, self.settings, holder=replica.holder,
                                         clock=self.time.reconciler)
@@ -309,8 +352,10 @@ class World:
         dag_id = parts[3]
         if route == TRIGGER:
             data = json.loads(body)
+            # v1 sends the date as `execution_date`
+            when = data.get("logical_date") or data.get("execution_date")
             self.add(Event(self.time.airflow(), "create", dag_id, data["dag_run_id"],
-                           parse_time(data.get("logical_date")), by=replica.holder,
+                           parse_time(when), by=replica.holder,
                            duplicate=duplicate, leader=leader))
             self.actions["trigger"] += 0 if duplicate else 1
         elif route == CLEAR:

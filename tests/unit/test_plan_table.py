@@ -1059,6 +1059,44 @@ def test_eager_an_unconfirmed_trigger_is_adopted_after_its_upstream_closes(
     assert world.executions.count(("06_pipeline", C)) == 1
 
 
+def test_eager_an_unconfirmed_adopt_is_adopted_again_not_cleared() -> None:
+    """Seed 306 of the fault simulation: 06 triggered eagerly (its answer lost), adopted
+    once 05 closed; the leader was killed after the adopt's intent reached etcd, before
+    its confirmation. An adopt calls nothing: its intent is the decision itself, on this
+    very run and these upstream runs. The next leader read it as a stranger's run that
+    started before 05's closing end and cleared it: 06 ran twice."""
+    world = up_to_05_running()
+    tasks_done(world, "05_pipeline")
+    apply_unconfirmed(world, world.plan(), LedgerState.FAILED)  # 06: the answer was lost
+    world.start("06_pipeline")
+    world.finish("05_pipeline")  # closed by the scheduler after 06 had started
+    adopt = world.plan()
+    assert kinds(adopt) == [("adopt", "06_pipeline")]
+    apply_unconfirmed(world, adopt, LedgerState.INTENT)  # killed before the confirmation
+    world.finish("06_pipeline")
+    again = world.plan()  # the next leader
+    assert kinds(again) == [("adopt", "06_pipeline"), ("trigger", "07_pipeline")]
+    world.apply(again)
+    world.finish("07_pipeline")
+    assert kinds(world.plan()) == []
+    assert world.executions.count(("06_pipeline", C)) == 1
+
+
+def test_an_unconfirmed_adopt_on_upstreams_that_re_ran_since_is_re_run() -> None:
+    """The adopt's intent vouches for its own upstream runs only: 05 re-ran after it, so
+    06 is re-run, as for any run the ledger does not vouch for."""
+    world = up_to_05_running()
+    world.finish("05_pipeline")
+    world.apply(world.plan())  # 06 triggered
+    world.finish("06_pipeline")
+    entry = world.ledger[(C, "06_pipeline")]
+    world.ledger[(C, "06_pipeline")] = replace(entry, action=ActionKind.ADOPT,
+                                               state=LedgerState.INTENT)
+    world.user_clear("05_pipeline")
+    world.finish("05_pipeline")
+    assert kinds(world.plan()) == [("clear", "06_pipeline")]
+
+
 def test_eager_an_unconfirmed_clear_that_took_effect_is_adopted() -> None:
     world = World(example_graph())
     world.root_run()
