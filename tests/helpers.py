@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline",
@@ -26,3 +27,13 @@ def example_repo(path: Path) -> Path:
     git(path, "add", ".")
     git(path, "commit", "-qm", "example graph")
     return path
+
+
+def namespace_writes(store: Any) -> list[tuple[str, int]]:
+    """Every key of the store's namespace with the revision it was last written at: what a
+    "writes nothing" assertion compares. Not the cluster's revision: the session's Airflow
+    servers (their listener plugins) write to other namespaces of the same etcd at any
+    moment, which moves it."""
+    response = store.client.get_prefix_response(store.root, sort_order="ascend",
+                                                sort_target="key")
+    return [(kv.key.decode(), int(kv.mod_revision)) for kv in response.kvs]

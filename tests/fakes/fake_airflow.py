@@ -89,7 +89,7 @@ SSO_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>"
 
 
 class Request(NamedTuple):
-    """One request the fake answered (the log); `at` is time.monotonic()."""
+    """One request the fake answered (the log); `at` is time.monotonic() at its arrival."""
 
     at: float
     route: str
@@ -365,9 +365,11 @@ class FakeAirflow:
         return out
 
     def first_request(self, route: str, after: float = 0.0) -> Request | None:
-        """The first logged request of `route` at or after monotonic time `after`."""
+        """The earliest request of `route` that arrived at or after monotonic time `after`
+        (by arrival, not by the order of the log)."""
         with self._lock:
-            return next((r for r in self.log if r.route == route and r.at >= after), None)
+            found = [r for r in self.log if r.route == route and r.at >= after]
+        return min(found, key=lambda r: r.at, default=None)
 
     def expire_tokens(self) -> None:
         """Every token issued so far answers 401 "Token Expired" (the JWT's exp passed)."""
@@ -437,6 +439,9 @@ class FakeAirflow:
     # --- HTTP -------------------------------------------------------------------------
 
     def _serve(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        # Logged once answered (the status is known then), stamped with its arrival: two
+        # handler threads may append out of order, the arrival times are not.
+        arrived = time.monotonic()
         # A client that timed out has closed its socket: nothing to answer, no traceback.
         try:
             with contextlib.suppress(ConnectionError):
@@ -445,7 +450,7 @@ class FakeAirflow:
             parts = [unquote(p) for p in urlparse(h.path).path.strip("/").split("/")]
             named = parts[:3] == ["api", "v2", "dags"] and len(parts) >= 4 and parts[3] != "~"
             with self._lock:
-                self.log.append(Request(time.monotonic(), self._route(method, parts),
+                self.log.append(Request(arrived, self._route(method, parts),
                                         parts[3] if named else None,
                                         parts[5] if named and len(parts) >= 6 else None,
                                         getattr(h, "_status", 0)))

@@ -24,6 +24,7 @@ from reconciler.service.sync import (
     read_synced_graph,
     sync,
 )
+from tests.helpers import namespace_writes
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -132,14 +133,14 @@ def test_resync_of_the_head_is_a_noop_that_writes_nothing(repo: GitRepo, store: 
     repo.commit(pipelines(("a",)))
     do_sync(repo, store)
     _, head_revision = store.read_head()
-    cluster_revision = store.revision()
+    written = namespace_writes(store)
     result = do_sync(repo, store, now=T0 + timedelta(days=1))
     assert (result.status, result.reason, result.ok) == (Status.NOOP, Reason.SAME_COMMIT, True)
     assert store.read_head()[1] == head_revision
-    assert store.revision() == cluster_revision
+    assert namespace_writes(store) == written
     # --force on the same commit with the same graph is still a no-op.
     assert do_sync(repo, store, force=True).status is Status.NOOP
-    assert store.revision() == cluster_revision
+    assert namespace_writes(store) == written
 
 
 def test_an_older_commit_is_refused_and_etcd_is_unchanged(repo: GitRepo, store: EtcdStore
@@ -147,13 +148,13 @@ def test_an_older_commit_is_refused_and_etcd_is_unchanged(repo: GitRepo, store: 
     c1 = repo.commit(pipelines(("a",)))
     c2 = repo.commit(pipelines(("b", "a")))
     do_sync(repo, store)
-    before = store.revision()
+    before = namespace_writes(store)
     result = do_sync(repo, store, c1)
     assert (result.status, result.reason, result.ok) == (
         Status.REFUSED, Reason.NOT_FAST_FORWARD, False)
     assert "older than the synced head" in result.message
     assert "--force" in result.message
-    assert store.revision() == before
+    assert namespace_writes(store) == before
     head, _ = store.read_head()
     assert head is not None
     assert head.commit == c2
@@ -186,7 +187,7 @@ def test_force_rolls_back_and_history_records_it(repo: GitRepo, store: EtcdStore
 def test_an_invalid_commit_writes_nothing(repo: GitRepo, store: EtcdStore) -> None:
     repo.commit(pipelines(("a",)))
     do_sync(repo, store)
-    before = store.revision()
+    before = namespace_writes(store)
     bad = repo.commit({"pipelines/b.yaml": pipeline("b", "missing"),
                        "pipelines/c.yaml": "dag_id: [\n"})
     result = do_sync(repo, store)
@@ -194,14 +195,14 @@ def test_an_invalid_commit_writes_nothing(repo: GitRepo, store: EtcdStore) -> No
     shown = [str(p) for p in result.problems]
     assert any(s.startswith("pipelines/b.yaml:3:") and "missing" in s for s in shown)
     assert any(s.startswith("pipelines/c.yaml:") for s in shown)
-    assert store.revision() == before
+    assert namespace_writes(store) == before
 
 
 def test_an_invalid_first_commit_writes_nothing(repo: GitRepo, store: EtcdStore) -> None:
     repo.commit(pipelines(("a", "a")))
-    before = store.revision()
+    before = namespace_writes(store)
     assert do_sync(repo, store).reason is Reason.INVALID
-    assert store.revision() == before
+    assert namespace_writes(store) == before
     assert store.read_head() == (None, 0)
 
 
@@ -384,7 +385,7 @@ def test_sync_reads_the_tree_by_the_one_reading_rule(repo: GitRepo) -> None:
 def test_an_empty_graph_is_refused_unless_allowed(repo: GitRepo, store: EtcdStore) -> None:
     repo.commit(pipelines(("a",), ("b", "a")))
     do_sync(repo, store)
-    before = store.revision()
+    before = namespace_writes(store)
     # Every pipeline file removed (a README stays): the whole graph would be gone.
     empty = repo.commit({"pipelines/a.yaml": None, "pipelines/b.yaml": None,
                          "pipelines/README.md": "moved elsewhere\n"})
@@ -392,7 +393,7 @@ def test_an_empty_graph_is_refused_unless_allowed(repo: GitRepo, store: EtcdStor
     assert (result.status, result.reason, result.ok) == (Status.REFUSED, Reason.EMPTY, False)
     assert "holds no pipeline file" in result.message
     assert "--allow-empty" in result.message
-    assert store.revision() == before
+    assert namespace_writes(store) == before
     allowed = sync(repo.path, "HEAD", "pipelines", store, source="test", now=T0,
                    allow_empty=True)
     assert (allowed.status, allowed.commit, allowed.pipelines) == (Status.SYNCED, empty, 0)
@@ -401,11 +402,11 @@ def test_an_empty_graph_is_refused_unless_allowed(repo: GitRepo, store: EtcdStor
 def test_a_missing_path_is_refused_unless_allowed(repo: GitRepo, store: EtcdStore) -> None:
     repo.commit(pipelines(("a",)))
     do_sync(repo, store)
-    before = store.revision()
+    before = namespace_writes(store)
     result = do_sync(repo, store, subdir="pipeline")  # a typo of --path
     assert (result.status, result.reason) == (Status.REFUSED, Reason.MISSING_PATH)
     assert result.message.startswith("pipeline is not in commit ")
-    assert store.revision() == before
+    assert namespace_writes(store) == before
     forced = sync(repo.path, "HEAD", "pipeline", store, source="test", now=T0,
                   allow_empty=True, force=True)
     assert (forced.status, forced.pipelines) == (Status.SYNCED, 0)
