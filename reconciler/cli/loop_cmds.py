@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -238,8 +238,41 @@ def _open(etcd: EtcdSettings, airflow: AirflowSettings, *,
     from reconciler.adapters.airflow import DEFAULT_DEADLINE
     from reconciler.adapters.store import EtcdStore
 
-    api = _airflow_client(airflow, deadline=deadline or DEFAULT_DEADLINE, wait=wait)
+    api = airflow_fleet(airflow, deadline=deadline or DEFAULT_DEADLINE, wait=wait)
     return EtcdStore(etcd), api
+
+
+def airflow_fleet(airflow: AirflowSettings, *, deadline: float,
+                  wait: threading.Event | None = None) -> Any:
+    """Every deployment of the synced graph as one Airflow API (adapters/airflow_fleet.py):
+    the settings' Airflow is the implicit `default` deployment; a declared one gets its
+    client on first use, with the settings' timeouts, TLS and proxy, and the credentials
+    read from where its declaration says."""
+    from reconciler.adapters.airflow_detect import client_for, detect
+    from reconciler.adapters.airflow_fleet import AirflowFleet, settings_for
+    from reconciler.core.graph import Deployment
+    from reconciler.service.observability import event
+
+    def connect(declaration: Deployment) -> Any:
+        settings = settings_for(declaration, airflow, os.environ)
+        found = detect(settings, deadline=min(deadline, ONE_SHOT_DEADLINE))
+        event("airflow api", deployment=declaration.name, api=found.generation,
+              version=found.version or "not said", chosen=found.chosen)
+        return client_for(found, settings, deadline=deadline)
+
+    return AirflowFleet(_airflow_client(airflow, deadline=deadline, wait=wait), connect)
+
+
+def held_back(result: Plan, unreachable: Mapping[str, str], api: Any) -> Plan:
+    """A one-shot command's plan as the loop would act on it: nothing of a deployment
+    that cannot be reached, whose pipelines say so (core/plan.py hold_back)."""
+    from reconciler.core.plan import hold_back
+
+    if not unreachable:
+        return result
+    for _, why in sorted(unreachable.items()):
+        click.echo(f"warning: {why} (its pipelines are shown as last seen)", err=True)
+    return hold_back(result, unreachable, lambda name: api.where(name)[0])
 
 
 def _airflow_client(airflow: AirflowSettings, *, deadline: float,
@@ -300,7 +333,7 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
         # command's (and the loop's hints are not ours).
         if store.read_head()[0] is None:
             nothing_synced(etcd)
-        api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
+        api = airflow_fleet(airflow, deadline=ONE_SHOT_DEADLINE)
         settings = LoopSettings(window=window)
         observer = Observer(store, api, settings, SystemClock())
         observer.log_quarantine = False  # each key is named below, in one line
@@ -314,7 +347,7 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
             click.echo(f"warning: unreadable value at {key}: {why} (skipped)", err=True)
         result = plan(seen.desired.graph, seen.runs.values(), ledger, seen.now,
                       window=window, since=seen.desired.since, commit=seen.desired.commit)
-        return result, seen.desired.commit
+        return held_back(result, observer.unreachable, api), seen.desired.commit
     except ReconcilerError as exc:
         fail(str(exc))
     finally:

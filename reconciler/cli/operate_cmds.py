@@ -32,7 +32,9 @@ from reconciler.cli.loop_cmds import (
     _duration,
     _require_credentials,
     _seconds,
+    airflow_fleet,
     airflow_options,
+    held_back,
 )
 from reconciler.cli.options import etcd_options, json_answer, output_option
 from reconciler.core.errors import ReconcilerError
@@ -138,16 +140,17 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
     from reconciler.core.plan import plan
     from reconciler.service.observer import Observer
 
-    api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
+    api = airflow_fleet(airflow, deadline=ONE_SHOT_DEADLINE)
     observer = Observer(store, api, LoopSettings(window=window), SystemClock())
     observer.log_quarantine = False  # each key is named in one line, by warn_unreadable
     seen = observer.observe(with_ledger=False)
     if seen.desired is None:
         fail_if_quarantined(observer)
         nothing_synced(etcd)
-    result = plan(seen.desired.graph, seen.runs.values(), observer.read_ledger(), seen.now,
-                  window=window, since=seen.desired.since, commit=seen.desired.commit,
-                  suspended=seen.suspended)
+    result = held_back(plan(seen.desired.graph, seen.runs.values(), observer.read_ledger(),
+                            seen.now, window=window, since=seen.desired.since,
+                            commit=seen.desired.commit, suspended=seen.suspended),
+                       observer.unreachable, api)
     paused = {d["dag_id"] for d in api.list_dags() if d.get("is_paused")}
     out = []
     for s in result.statuses:

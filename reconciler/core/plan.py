@@ -666,3 +666,43 @@ def _conf(conf: Mapping[str, Any], commit: str, cycle: datetime,
         "upstreams": [{"dag_id": u, "run_id": r, "end_date": e} for u, r, e in fingerprint],
     }
     return {**conf, "reconciler": provenance}
+
+
+_HELD_STATES = frozenset({State.TRIGGERING, State.RERUNNING, State.WAITING, State.QUEUED,
+                   State.RUNNING, State.BLOCKED})
+"""States a deployment that cannot be reached may be holding: what has ended stays as
+the last look showed it."""
+
+
+def hold_back(result: Plan, unreachable: Mapping[str, str],
+              deployment_of: Callable[[str], str]) -> Plan:
+    """The plan without the actions on pipelines of deployments that cannot be reached
+    (their runs are as last seen; a call would only wait out its deadline), each such
+    pipeline's status saying so, and a downstream waiting on one saying which deployment
+    it waits for. Nothing else changes: the next pass plans again from what is seen."""
+    if not unreachable:
+        return result
+    held = {name for name in {s.dag_id for s in result.statuses}
+            if deployment_of(name) in unreachable}
+    if not held:
+        return result
+    actions = tuple(a for a in result.actions if a.dag_id not in held)
+    statuses: list[PipelineStatus] = []
+    for st in result.statuses:
+        if st.dag_id in held and st.state in _HELD_STATES:
+            deployment = deployment_of(st.dag_id)
+            was = st.message if st.state not in (State.TRIGGERING, State.RERUNNING) else (
+                f"then: {st.message}")
+            state = State.WAITING if st.state in (State.TRIGGERING, State.RERUNNING) \
+                else st.state
+            reason = Reason.WAITING_FOR if state is State.WAITING else st.reason
+            st = PipelineStatus(st.dag_id, st.cycle, state, reason,
+                                f"deployment {deployment} unreachable ({unreachable[deployment]}); "
+                                f"{was}", st.run_id, st.waiting_for, st.blocked_by, st.commit)
+        elif st.state is State.WAITING and any(w in held for w in st.waiting_for):
+            where = sorted({deployment_of(w) for w in st.waiting_for if w in held})
+            st = PipelineStatus(st.dag_id, st.cycle, st.state, st.reason,
+                                f"{st.message} (deployment {', '.join(where)} unreachable)",
+                                st.run_id, st.waiting_for, st.blocked_by, st.commit)
+        statuses.append(st)
+    return Plan(actions, tuple(statuses), result.cycles)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from reconciler.adapters.clock import SystemClock
 from reconciler.core.errors import disposition
 from reconciler.core.heap import gc_paused
-from reconciler.core.plan import plan
+from reconciler.core.plan import hold_back, plan
 from reconciler.core.settings import LoopSettings
 from reconciler.core.state import Action, Plan
 from reconciler.service.executor import Executor, Outcome
@@ -135,7 +135,7 @@ class Reconciler:
         if seen.desired is None:
             return
         commit = seen.desired.commit
-        result = self.plan(seen)
+        result = self.held_back(self.plan(seen))
         report.plan = result
         if relisting:
             self._forget_closed(seen, result)
@@ -146,7 +146,7 @@ class Reconciler:
             if report.actions:
                 # Plan again on what the actions changed, so the recorded status is current.
                 seen = self.observer.observe(refresh=False)
-                result = report.plan = self.plan(seen)
+                result = report.plan = self.held_back(self.plan(seen))
         self.recorder.record(result, seen.runs)
         self.recorder.heartbeat(seen.now, self.clock.monotonic(), commit,
                                 len(result.cycles))
@@ -166,6 +166,14 @@ class Reconciler:
                       eager=self.settings.eager)
         self._plan_key, self._plan = key, result
         return result
+
+    def held_back(self, result: Plan) -> Plan:
+        """Several deployments: nothing is asked of one that cannot be reached, and the
+        statuses of its pipelines (and of what waits on them) say so."""
+        where = getattr(self.api, "where", None)
+        if where is None or not self.observer.unreachable:
+            return result
+        return hold_back(result, self.observer.unreachable, lambda name: where(name)[0])
 
     def _apply(self, outcomes: list[Outcome]) -> None:
         # The ledger needs nothing here: the executor wrote it through (ledger.py).

@@ -107,6 +107,18 @@ class RunCache:
         self.watermark = now
         self.listed_at = mono
 
+    def replace_some(self, raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> None:
+        """The runs of `dag_ids` become what `raw` lists; the others stay (one deployment
+        relisted). If the listing fails midway the cache is left as it was."""
+        previous = self.runs
+        self.runs = {k: r for k, r in previous.items() if k[0] not in dag_ids}
+        try:
+            self.absorb(raw, dag_ids)
+        except BaseException:
+            self.runs = previous
+            raise
+        self.version += 1
+
     def absorb(self, raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> int:
         changed = 0
         for item in raw:
@@ -180,6 +192,11 @@ class Observer:
         """Seconds our clock is ahead of Airflow's (negative: behind), at the last look."""
         self._skewed = False
         self._probed = False
+        self.unreachable: dict[str, str] = {}
+        """Deployment -> why its last listing failed (several deployments: the others
+        go on, and the loop holds back the actions of these)."""
+        self._watermarks: dict[str, datetime] = {}
+        """Per deployment: Airflow's clock when its last listing started."""
 
     # --- desired state ---
 
@@ -207,6 +224,9 @@ class Observer:
             self.quarantine(exc.key, exc.why)
             return self.desired  # the last good graph stays in force
         self.desired = Desired(head.commit, graph, MappingProxyType(dict(since)))
+        configure = getattr(self.api, "configure", None)
+        if configure is not None:  # AirflowFleet: route by this graph's deployments
+            configure(graph)
         self.cache.listed_at = None  # the set of DAGs may have changed: list again
         event("desired graph loaded", commit=head.commit[:12], pipelines=len(graph),
               edges=graph.edge_count())
@@ -270,6 +290,12 @@ class Observer:
         mono = self.clock.monotonic()
         stale = (self.cache.listed_at is None
                  or mono - self.cache.listed_at >= self.settings.relist_interval)
+        groups = getattr(self.api, "groups", None)
+        by_deployment = groups(dag_ids) if groups is not None else {}
+        if len(by_deployment) > 1:
+            self._observe_deployments(by_deployment, horizon, now, mono, stale)
+            return
+        self.unreachable = {}
         if stale:
             self.relist(dag_ids, horizon, now, mono)
         else:
@@ -280,6 +306,66 @@ class Observer:
                                      updated_at_gte=self.cache.watermark - WATERMARK_OVERLAP)
             self.cache.absorb(raw, dag_ids)
             self.cache.watermark = now
+
+    def _observe_deployments(self, by_deployment: Mapping[str, list[str]],
+                             horizon: datetime, now: datetime, mono: float,
+                             stale: bool) -> None:
+        """One deployment at a time: one that fails keeps its runs as last seen, is
+        named in `unreachable`, and the others go on. When it answers again it is listed
+        from its own watermark (or relisted), so nothing it did meanwhile is missed.
+        Raises only when every deployment failed (the runner then backs off)."""
+        fleet: Any = self.api
+        failed: dict[str, str] = {}
+        last: ReconcilerError | None = None
+        for deployment, names in sorted(by_deployment.items()):
+            group = frozenset(names)
+            start = fleet.server_now_of(deployment) or now
+            watermark = self._watermarks.get(deployment)
+            try:
+                if stale or watermark is None:
+                    self.cache.replace_some(
+                        fleet.iter_runs_of(deployment, names, updated_at_gte=horizon), group)
+                    self._relist_old_cycles(deployment, group, horizon)
+                else:
+                    self.cache.absorb(fleet.iter_runs_of(
+                        deployment, names, updated_at_gte=watermark - WATERMARK_OVERLAP),
+                        group)
+            except ReconcilerError as exc:
+                failed[deployment] = str(exc)
+                last = exc
+                if stale:
+                    self._watermarks.pop(deployment, None)  # relist it when it is back
+                continue
+            self._watermarks[deployment] = start
+        for deployment in sorted(set(failed) - set(self.unreachable)):
+            event("deployment unreachable: its pipelines wait, the others go on",
+                  logging.WARNING, deployment=deployment, error=failed[deployment])
+        for deployment in sorted(set(self.unreachable) - set(failed)):
+            event("deployment answers again", deployment=deployment)
+        self.unreachable = failed
+        if last is not None and len(failed) == len(by_deployment):
+            raise last
+        self.cache.watermark = now
+        if stale:
+            self.cache.listed_at = mono
+
+    def _relist_old_cycles(self, deployment: str, group: frozenset[str],
+                           horizon: datetime) -> None:
+        """`relist`'s second half for one deployment: its non-roots' runs of cycles open
+        although older than the window (the roots may run in another deployment)."""
+        assert self.desired is not None
+        graph = self.desired.graph
+        roots = {d for d, p in graph.pipelines.items() if not p.depends_on}
+        old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
+                             if r.logical_date is not None and r.logical_date < horizon
+                             and r.dag_id in roots})
+        others = sorted(d for d in group if graph.pipelines[d].depends_on)
+        fleet: Any = self.api
+        for cycle in old_cycles:
+            if others:
+                self.cache.absorb(fleet.iter_runs_of(deployment, others,
+                                                     logical_date_gte=cycle,
+                                                     logical_date_lte=cycle), group)
 
     def _listing(self, dag_ids: Iterable[str],
                  **filters: datetime) -> Iterable[dict[str, Any]]:
@@ -313,6 +399,17 @@ class Observer:
         rest = key[len(self.store.events_prefix()):] if key.startswith(
             self.store.events_prefix()) else ""
         dag_id, _, run_id = rest.partition("/")
+        name_of = getattr(self.api, "name_of", None)
+        if dag_id.startswith("@"):  # events/@<deployment>/<dag_id>/<run_id>
+            deployment = dag_id[1:]
+            dag_id, _, run_id = run_id.partition("/")
+            name = name_of(deployment, dag_id) if name_of is not None and dag_id else None
+            if name is None:
+                return
+            dag_id = name
+        elif name_of is not None and self.desired is not None:
+            default = self.desired.graph.default_deployment
+            dag_id = (name_of(default, dag_id) if default else None) or dag_id
         if not dag_id or not run_id:
             return
         try:

@@ -1,0 +1,250 @@
+"""One graph across two Airflow deployments (issue 18, item 3), against a real etcd and two
+fake Airflows: an Airflow 2 (API v1) and an Airflow 3 (API v2), each knowing only its own
+DAGs, so a call routed to the wrong one fails.
+
+The example graph is split so that dependencies cross back and forth: the root 01 and the
+join 06 run in af2, the fan-out 02-05 and the tail 07 in af3. The cycle's logical date
+(the root's, in af2) carries into af3. One deployment down (or refusing the credentials)
+holds back only its own pipelines: the pass goes on, the statuses say which deployment,
+and when it answers again nothing is lost and nothing runs twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters.airflow_fleet import AirflowFleet, DeploymentError
+from reconciler.adapters.store import EtcdStore
+from reconciler.cli.loop_cmds import airflow_fleet
+from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.state import State, run_id_for
+from reconciler.service.loop import Reconciler
+from reconciler.service.sync import sync
+from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow_v1 import FakeAirflowV1
+from tests.helpers import example_repo, git
+
+AF2_DAGS = ["01_pipeline_init", "06_pipeline"]
+AF3_DAGS = ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline", "07_pipeline"]
+FANOUT = ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"]
+CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+DOWN = 10_000  # requests that fail while a deployment is "down"
+
+
+@pytest.fixture
+def af2() -> Iterator[FakeAirflow]:
+    with FakeAirflowV1(AF2_DAGS, version="2.11.2") as fake:
+        yield fake
+
+
+@pytest.fixture
+def af3() -> Iterator[FakeAirflow]:
+    with FakeAirflow(AF3_DAGS) as fake:
+        yield fake
+
+
+def declare(repo: Path, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    """The two deployments in git, and 02-05 and 07 moved to af3 (one line each)."""
+    folder = repo / "airflow-deployments"
+    folder.mkdir()
+    for name, fake, api, default in (("af2", af2, "v1", True), ("af3", af3, "v2", False)):
+        (folder / f"{name}.yaml").write_text(
+            f"name: {name}\nurl: {fake.url}\napi: {api}\nauth:\n  kind: password\n"
+            f"  username: admin\n  password_env: {name.upper()}_PASSWORD\n"
+            + ("default: true\n" if default else ""))
+    for dag_id in AF3_DAGS:
+        path = repo / "pipelines" / f"{dag_id}.yaml"
+        path.write_text(path.read_text() + "deployment: af3\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "two deployments")
+
+
+@pytest.fixture
+def store(etcd_settings: EtcdSettings, tmp_path: Path, af2: FakeAirflow, af3: FakeAirflow,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[EtcdStore]:
+    monkeypatch.setenv("AF2_PASSWORD", "secret-pw")
+    monkeypatch.setenv("AF3_PASSWORD", "secret-pw")
+    repo = example_repo(tmp_path / "repo")
+    declare(repo, af2, af3)
+    s = EtcdStore(etcd_settings)
+    result = sync(repo, "HEAD", "pipelines", s, source="test",
+                  now=datetime.now(UTC) - timedelta(days=60))
+    assert result.ok, result
+    yield s
+    s.close()
+
+
+def fleet(af2: FakeAirflow) -> AirflowFleet:
+    """As `reconciler run` makes it: the settings' Airflow (here af2's) is only the
+    implicit default deployment, unused once deployments are declared."""
+    settings = AirflowSettings(url=af2.url, username="admin", password="secret-pw",
+                               timeout=2, retries=1)
+    made: AirflowFleet = airflow_fleet(settings, deadline=3.0)
+    return made
+
+
+def reconciler(store: EtcdStore, af2: FakeAirflow) -> Reconciler:
+    return Reconciler(store, fleet(af2), LoopSettings(interval=0.05, lease_ttl=6),
+                      holder="r1")
+
+
+def open_cycle(af2: FakeAirflow, cycle: datetime = CYCLE) -> None:
+    af2.add_run("01_pipeline_init", f"scheduled__{cycle.isoformat()}", cycle,
+                run_type="scheduled")
+    af2.finish_all()
+
+
+def converge(r: Reconciler, *fakes: FakeAirflow, passes: int = 15) -> None:
+    for _ in range(passes):
+        report = r.run_pass()
+        finished = sum(f.finish_all() for f in fakes)
+        if not report.actions and finished == 0:
+            return
+    raise AssertionError("did not converge")
+
+
+def run_ids(fake: FakeAirflow, dag_id: str) -> list[str]:
+    return sorted(r.run_id for r in fake.runs(dag_id))
+
+
+def statuses(r: Reconciler) -> dict[str, tuple[State, str]]:
+    assert r.observer.desired is not None
+    result = r.held_back(r.plan(r.observer.observe(refresh=False)))
+    return {s.dag_id: (s.state, s.message) for s in result.statuses if s.cycle == CYCLE}
+
+
+def test_one_graph_runs_each_pipeline_once_in_its_own_airflow(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    first = r.run_pass()
+    assert sorted(a.dag_id for a in first.actions) == FANOUT
+    # The fan-out went to af3 (Airflow 3), under the root's logical date from af2.
+    for dag_id in FANOUT:
+        (run,) = af3.runs(dag_id)
+        assert (run.run_id, run.logical_date) == (run_id_for(CYCLE), CYCLE)
+    af3.finish_all()
+    assert [a.dag_id for a in r.run_pass().actions] == ["06_pipeline"]
+    assert run_ids(af2, "06_pipeline") == [run_id_for(CYCLE)]  # the join, back in af2
+    af2.finish_all()
+    assert [a.dag_id for a in r.run_pass().actions] == ["07_pipeline"]
+    af3.finish_all()
+    assert r.run_pass().actions == []
+    for fake, dags in ((af2, AF2_DAGS[1:]), (af3, AF3_DAGS)):
+        for dag_id in dags:
+            assert run_ids(fake, dag_id) == [run_id_for(CYCLE)], dag_id
+        assert fake.duplicate_triggers() == {}
+    # Each Airflow was asked only about its own DAGs: nothing of af3's reached af2.
+    assert {q.dag_id for q in af2.log if q.dag_id} <= set(AF2_DAGS)
+    assert {q.dag_id for q in af3.log if q.dag_id} <= set(AF3_DAGS)
+    state = statuses(r)
+    assert all(s is State.DONE for s, _ in state.values()), state
+
+
+def test_a_deployment_down_holds_back_only_its_pipelines_and_nothing_runs_twice(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    assert sorted(a.dag_id for a in r.run_pass().actions) == FANOUT
+    af3.finish_all()
+    r.run_pass()  # sees 02-05 done: 06 triggered in af2
+    assert run_ids(af2, "06_pipeline") == [run_id_for(CYCLE)]
+    af3.fail_next(DOWN, "503")  # af3 goes down before 07 can be triggered
+    af2.finish_all()  # 06 ends: 07 (af3) is due
+    report = r.run_pass()  # no exception: af2 was listed, af3 is held back
+    assert report.actions == []
+    assert set(r.observer.unreachable) == {"af3"}
+    assert "deployment af3" in r.observer.unreachable["af3"]
+    state = statuses(r)
+    assert state["07_pipeline"][0] is State.WAITING
+    assert state["07_pipeline"][1].startswith("deployment af3 unreachable (")
+    assert state["06_pipeline"][0] is State.DONE  # what af2 ran stays as it is
+    # Meanwhile the other deployment goes on: a second cycle's root in af2 is seen.
+    later = CYCLE - timedelta(hours=1)
+    open_cycle(af2, later)
+    r.run_pass()
+    assert r.observer.unreachable.keys() == {"af3"}
+    before = len(af3.log)
+    for _ in range(3):
+        assert r.run_pass().actions == []
+    # Nothing is asked of af3 but its listing while it is down (no trigger piles up).
+    assert not [q for q in af3.log[before:] if q.route.startswith("POST")]
+    af3.clear_faults()  # af3 answers again
+    converge(r, af2, af3)
+    assert r.observer.unreachable == {}
+    for cycle in (CYCLE, later):
+        assert run_ids(af3, "07_pipeline").count(run_id_for(cycle)) == 1
+        for dag_id in FANOUT:
+            assert run_ids(af3, dag_id).count(run_id_for(cycle)) == 1
+        assert run_ids(af2, "06_pipeline").count(run_id_for(cycle)) == 1
+    assert af2.duplicate_triggers() == {}
+    assert af3.duplicate_triggers() == {}
+    assert af2.clear_count("06_pipeline", run_id_for(CYCLE)) == 0
+
+
+def test_credentials_refused_by_one_deployment_hold_back_only_its_pipelines(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AF3_PASSWORD")
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    report = r.run_pass()
+    assert report.actions == []
+    why = r.observer.unreachable["af3"]
+    assert "AF3_PASSWORD is not set" in why
+    assert "secret-pw" not in why
+    assert statuses(r)["02_pipeline"][1].startswith("deployment af3 unreachable (")
+    monkeypatch.setenv("AF3_PASSWORD", "secret-pw")
+    converge(r, af2, af3)
+    for dag_id in AF3_DAGS:
+        assert run_ids(af3, dag_id) == [run_id_for(CYCLE)]
+
+
+def test_every_deployment_down_fails_the_pass(store: EtcdStore, af2: FakeAirflow,
+                                              af3: FakeAirflow) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    r.run_pass()
+    af2.fail_next(DOWN, "503")
+    af3.fail_next(DOWN, "503")
+    with pytest.raises(DeploymentError):
+        r.run_pass()
+    assert r.api.last_failure is not None  # readiness: Airflow is down, as a whole
+
+
+def test_listener_events_of_each_deployment_reach_their_pipeline(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    r = reconciler(store, af2)
+    open_cycle(af2)
+    r.run_pass()
+    events = store.events_prefix()
+    r.observer.on_event(events + "@af3/05_pipeline/run-a", json.dumps({"kind": "task"}).encode())
+    r.observer.on_event(events + "06_pipeline/run-b", json.dumps({"kind": "task"}).encode())
+    r.observer.on_event(events + "@af3/01_pipeline_init/run-c", b"{}")  # not af3's DAG
+    r.observer.on_event(events + "@nowhere/05_pipeline/run-d", b"{}")
+    assert r.observer._task_events == {("05_pipeline", "run-a"), ("06_pipeline", "run-b")}
+
+
+def test_reconciler_plan_names_the_unreachable_deployment(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow, etcd_settings: EtcdSettings,
+        tmp_path: Path) -> None:
+    """`reconciler status --live` (and plan) go through the same fleet as the loop."""
+    import os
+    import sys
+
+    open_cycle(af2)
+    af3.fail_next(DOWN, "503")
+    env = {**os.environ, "RECONCILER_ETCD_ENDPOINTS": ",".join(etcd_settings.endpoints),
+           "RECONCILER_ETCD_PREFIX": etcd_settings.prefix,
+           "RECONCILER_NAMESPACE": etcd_settings.namespace,
+           "RECONCILER_AIRFLOW_URL": af2.url, "RECONCILER_AIRFLOW_USERNAME": "admin",
+           "RECONCILER_AIRFLOW_PASSWORD": "secret-pw"}
+    proc = subprocess.run([sys.executable, "-m", "reconciler", "plan", "-o", "json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "deployment af3" in proc.stdout + proc.stderr
