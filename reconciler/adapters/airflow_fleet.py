@@ -12,9 +12,8 @@ graph that declares nothing runs everything in the implicit `default` deployment
 client is the reconciler's own settings (RECONCILER_AIRFLOW_*): exactly as before.
 
 A deployment that cannot be reached, or refuses the credentials, must hold back only its
-own pipelines: calls name the deployment in their error (`DeploymentError`), and the
-observer lists one deployment at a time (`groups`, `iter_runs_of`) so it can go on with
-the others (observer.py).
+own pipelines: the observer lists one deployment at a time (`groups`, `iter_runs_of`) so
+it can go on with the others (observer.py).
 """
 
 from __future__ import annotations
@@ -26,22 +25,23 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from reconciler.core.errors import ReconcilerError
+from reconciler.core.errors import ConfigError
 from reconciler.core.graph import DEFAULT_DEPLOYMENT, Deployment, Graph
 from reconciler.core.settings import AirflowSettings
 
 Connect = Callable[[Deployment], Any]
-"""A client for a declared deployment (raises ReconcilerError when it cannot make one)."""
+"""A client for a declared deployment (raises a ReconcilerError when it cannot make one:
+DeploymentUnusable, or the AirflowUnavailable of a server that does not answer)."""
 
 
-class DeploymentError(ReconcilerError):
-    """A call to one deployment failed: its message names the deployment; `cause` is the
-    client's own error (its class decides retry and readiness, core/errors.py)."""
+class DeploymentUnusable(ConfigError):
+    """No client can be made for a deployment: it is not declared, or its credentials are
+    not where its declaration says. A human must act; its message names the deployment.
+    (A deployment that does not answer raises the client's own AirflowUnavailable.)"""
 
-    def __init__(self, deployment: str, cause: ReconcilerError) -> None:
-        super().__init__(f"deployment {deployment}: {cause}")
+    def __init__(self, deployment: str, why: str) -> None:
+        super().__init__(f"deployment {deployment}: {why}")
         self.deployment = deployment
-        self.cause = cause
 
 
 class AirflowFleet:
@@ -130,12 +130,9 @@ class AirflowFleet:
         if found is not None:
             return found
         if declaration is None or self.connect is None:
-            raise DeploymentError(deployment, ReconcilerError(
-                "not declared in the synced graph's airflow-deployments/"))
-        try:
-            made = self.connect(declaration)
-        except ReconcilerError as exc:
-            raise DeploymentError(deployment, exc) from exc
+            raise DeploymentUnusable(deployment, "not declared in the synced graph's "
+                                     "airflow-deployments/")
+        made = self.connect(declaration)
         with self._lock:
             if self._declared.get(deployment) is declaration:
                 return self._clients.setdefault(deployment, made)
@@ -144,12 +141,9 @@ class AirflowFleet:
     # --- the AirflowApi of the loop -----------------------------------------------------
 
     def _call(self, deployment: str, call: Callable[[Any], Any]) -> Any:
-        try:
-            return call(self.client(deployment))
-        except DeploymentError:
-            raise
-        except ReconcilerError as exc:
-            raise DeploymentError(deployment, exc) from exc
+        # The client's own errors pass through unwrapped: their class decides retry,
+        # backoff and readiness (core/errors.py); the observer names the deployment.
+        return call(self.client(deployment))
 
     def _named(self, deployment: str, item: Any) -> Any:
         """An answer of `deployment` with the pipeline's name as its dag_id."""
@@ -166,13 +160,8 @@ class AirflowFleet:
         client = self._call(deployment, lambda c: c)
         listing = (client.iter_runs(dag_ids, **filters) if hasattr(client, "iter_runs")
                    else client.list_runs(dag_ids, **filters))
-        try:
-            for item in listing:
-                yield self._named(deployment, item)
-        except DeploymentError:
-            raise
-        except ReconcilerError as exc:
-            raise DeploymentError(deployment, exc) from exc
+        for item in listing:
+            yield self._named(deployment, item)
 
     def iter_runs(self, dag_ids: Iterable[str] | None = None, **filters: datetime
                   ) -> Iterator[dict[str, Any]]:
@@ -212,6 +201,14 @@ class AirflowFleet:
         raw, sent = self._call(deployment,
                                lambda c: c.clear(real, run_id, cleared_end=cleared_end))
         return self._named(deployment, raw), sent
+
+    def list_dags(self, page_size: int | None = None) -> list[dict[str, Any]]:
+        """The DAGs of every deployment of the graph, a pipeline's under its name."""
+        out: list[dict[str, Any]] = []
+        for deployment in self.deployment_names() or [self.where("")[0]]:
+            dags = self._call(deployment, lambda c: c.list_dags(page_size))
+            out.extend(self._named(deployment, d) for d in dags)
+        return out
 
     @contextlib.contextmanager
     def deadline_of(self, seconds: float) -> Iterator[None]:
@@ -283,15 +280,15 @@ def settings_for(declaration: Deployment, base: AirflowSettings,
                  environ: Mapping[str, str]) -> AirflowSettings:
     """The reconciler's Airflow settings (timeouts, TLS, proxy, paging) with the
     declaration's URL, API and credentials, read from where it says. Raises
-    ReconcilerError naming the variable or file, never a value."""
+    DeploymentUnusable naming the variable or file, never a value."""
     auth = declaration.auth
     kind = declaration.auth_kind
 
     def env(key: str) -> str:
         value = environ.get(auth[key], "")
         if not value:
-            raise ReconcilerError(f"{auth[key]} is not set (auth.{key} of "
-                                  f"airflow-deployments/{declaration.name}.yaml)")
+            raise DeploymentUnusable(declaration.name, f"{auth[key]} is not set (auth.{key} "
+                                     f"of airflow-deployments/{declaration.name}.yaml)")
         return value
 
     def read(key: str) -> str:
@@ -299,8 +296,9 @@ def settings_for(declaration: Deployment, base: AirflowSettings,
             with open(auth[key], encoding="utf-8") as f:
                 return f.read(64 * 1024).strip()
         except OSError as exc:
-            raise ReconcilerError(f"cannot read {auth[key]} (auth.{key} of airflow-deployments/"
-                                  f"{declaration.name}.yaml): {exc.strerror}") from None
+            raise DeploymentUnusable(declaration.name, f"cannot read {auth[key]} (auth.{key} "
+                                     f"of airflow-deployments/{declaration.name}.yaml): "
+                                     f"{exc.strerror}") from None
 
     username = password = token = token_file = None
     if kind == "password":

@@ -331,7 +331,9 @@ class Observer:
                         deployment, names, updated_at_gte=watermark - WATERMARK_OVERLAP),
                         group)
             except ReconcilerError as exc:
-                failed[deployment] = str(exc)
+                text = str(exc)
+                failed[deployment] = text if text.startswith(f"deployment {deployment}:") \
+                    else f"deployment {deployment}: {text}"
                 last = exc
                 if stale:
                     self._watermarks.pop(deployment, None)  # relist it when it is back

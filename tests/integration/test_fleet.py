@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.airflow_fleet import AirflowFleet, DeploymentError
+from reconciler.adapters.airflow import AirflowUnavailable
+from reconciler.adapters.airflow_fleet import AirflowFleet
 from reconciler.adapters.store import EtcdStore
 from reconciler.cli.loop_cmds import airflow_fleet
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
@@ -212,7 +213,7 @@ def test_every_deployment_down_fails_the_pass(store: EtcdStore, af2: FakeAirflow
     r.run_pass()
     af2.fail_next(DOWN, "503")
     af3.fail_next(DOWN, "503")
-    with pytest.raises(DeploymentError):
+    with pytest.raises(AirflowUnavailable):
         r.run_pass()
     assert r.api.last_failure is not None  # readiness: Airflow is down, as a whole
 
