@@ -3,8 +3,7 @@
 The reconciler works without it (it polls Airflow every --interval); with it, Airflow writes
 `events/<dag_id>/<run_id>` (`events/@<deployment>/<dag_id>/<run_id>` when this Airflow is
 not the graph's default deployment: below) under the reconciler's namespace in etcd when a
-DAG run ends
-(`on_dag_run_success/failed`, in the scheduler) and when a task instance ends
+DAG run ends (`on_dag_run_success/failed`, in the scheduler) and when a task instance ends
 (`on_task_instance_success/failed/skipped`, where the task runs), the reconciler's etcd
 watch fires, and the downstream trigger follows at once instead of up to one interval
 later. The value is JSON: `{"kind": "run" | "task", "dag_id", "run_id", "task_id" (task
