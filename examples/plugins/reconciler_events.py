@@ -1,8 +1,9 @@
 """Airflow listener plugin: wake the reconciler the moment a run (or a task of it) ends.
 
 The reconciler works without it (it polls Airflow every --interval); with it, Airflow writes
-`events/<dag_id>/<run_id>` under the reconciler's namespace in etcd when a DAG run ends
-(`on_dag_run_success/failed`, in the scheduler) and when a task instance ends
+`events/<dag_id>/<run_id>` (`events/@<deployment>/<dag_id>/<run_id>` when this Airflow is
+not the graph's default deployment: below) under the reconciler's namespace in etcd when a
+DAG run ends (`on_dag_run_success/failed`, in the scheduler) and when a task instance ends
 (`on_task_instance_success/failed/skipped`, where the task runs), the reconciler's etcd
 watch fires, and the downstream trigger follows at once instead of up to one interval
 later. The value is JSON: `{"kind": "run" | "task", "dag_id", "run_id", "task_id" (task
@@ -29,9 +30,23 @@ HTTP timeouts are short. A task process flushes what it queued when it exits, fo
 never raises into Airflow.
 
 It writes only for DAGs of the synced graph: the thread reads `desired/head` and the graph
-blob it names (`desired/graphs/<commit>`, gzip JSON `{"pipelines": {dag_id: ...}}`), caches
-the DAG ids and reads them again every `RECONCILER_EVENTS_GRAPH_REFRESH` seconds (a large
-graph is a manifest and numbered parts `desired/graphs/<commit>/<n>`: joined, checked).
+blob it names (`desired/graphs/<commit>`, gzip JSON `{"pipelines": {name: {"dag_id", ...}},
+"deployments": {name: {..., "default"}}}`), caches what it lets this plugin write and reads
+it again every `RECONCILER_EVENTS_GRAPH_REFRESH` seconds (a large graph is a manifest and
+numbered parts `desired/graphs/<commit>/<n>`: joined, checked).
+
+Deployments (docs/design.md, section 13): one graph may span several Airflows. This plugin
+is deployment `RECONCILER_DEPLOYMENT` (unset: the graph's default deployment) and writes
+only for the dag_ids of that deployment's pipelines (a DAG with the same dag_id in another
+deployment is not this Airflow's business). A graph without `deployments` has one, the
+implicit `default`: every pipeline, as before. The default deployment's plugin (unset, or
+naming the graph's default: the declared one with `"default": true`, `default` when none is
+declared) writes `events/<dag_id>/<run_id>`, byte for byte as before; any other deployment
+D's writes `events/@<D>/<dag_id>/<run_id>`, with the dag_id as Airflow knows it (not the
+pipeline's name: the reconciler maps (D, dag_id) back to it). A deployment the graph does
+not have (or, unset, a graph that declares no default) writes nothing and says so in one
+warning line per graph. A value that is not a deployment name (letters, digits, _ -, at
+most 63) disables the plugin, in one warning line when it is loaded.
 
 Configuration, the reconciler's own variables (unset RECONCILER_ETCD_ENDPOINTS: the plugin
 does nothing):
@@ -41,6 +56,8 @@ does nothing):
     RECONCILER_ETCD_PREFIX, RECONCILER_NAMESPACE        default reconciler, default
     RECONCILER_ETCD_USER, RECONCILER_ETCD_PASSWORD      etcd auth (a token per process)
     RECONCILER_ETCD_CA, RECONCILER_ETCD_CERT, RECONCILER_ETCD_KEY   TLS (https to etcd)
+    RECONCILER_DEPLOYMENT       the deployment this Airflow is (a name of the graph's
+                                `deployments`); unset: the default deployment
 
 and its own: RECONCILER_EVENTS_TTL (600 s), RECONCILER_EVENTS_TIMEOUT (1 s per HTTP
 request), RECONCILER_EVENTS_QUEUE (1000 events), RECONCILER_EVENTS_GRAPH_REFRESH (30 s),
@@ -61,6 +78,7 @@ import json
 import logging
 import os
 import queue
+import re
 import ssl
 import threading
 import time
@@ -73,6 +91,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger("reconciler.plugin")
+
+DEFAULT_DEPLOYMENT = "default"
+"""The implicit deployment of a graph that declares none (core/graph.py)."""
+
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+"""A deployment's name (schemas/deployment.schema.json), for RECONCILER_DEPLOYMENT."""
 
 PARTS_MAGIC = b"reconciler-parts/1\n"
 """The first bytes of a graph value that is a manifest of parts (adapters/store.py)."""
@@ -112,10 +136,20 @@ class Config:
     """Seconds of failing etcd (or an unreadable graph) after which events are refused."""
     retry_max: float = 5.0
     """The longest wait between two retries."""
+    deployment: str | None = None
+    """The deployment this Airflow is (RECONCILER_DEPLOYMENT); None: the default one."""
 
     def __repr__(self) -> str:  # never the password
         return (f"Config(endpoints={self.endpoints!r}, root={self.root!r}, "
-                f"user={self.user!r}, tls={self.tls})")
+                f"user={self.user!r}, tls={self.tls}, deployment={self.deployment!r})")
+
+    @property
+    def problem(self) -> str | None:
+        """Why the listener cannot run with these settings (then it is disabled), or None."""
+        if self.deployment is not None and not DEPLOYMENT_NAME.fullmatch(self.deployment):
+            return (f"RECONCILER_DEPLOYMENT={self.deployment[:80]!r} is not a deployment "
+                    f"name (letters, digits, _ and -, at most 63)")
+        return None
 
     @property
     def tls(self) -> bool:
@@ -146,7 +180,8 @@ class Config:
             tasks=_flag(env.get("RECONCILER_EVENTS_TASKS", "true")),
             flush_timeout=float(env.get("RECONCILER_EVENTS_FLUSH_TIMEOUT", "2")),
             down_after=float(env.get("RECONCILER_EVENTS_DOWN_AFTER", "10")),
-            retry_max=float(env.get("RECONCILER_EVENTS_RETRY_MAX", "5")))
+            retry_max=float(env.get("RECONCILER_EVENTS_RETRY_MAX", "5")),
+            deployment=env.get("RECONCILER_DEPLOYMENT") or None)
 
 
 def _endpoint_url(text: str, *, tls: bool) -> str:
@@ -269,7 +304,9 @@ def prefix_end(prefix: str) -> str:
 
 
 def graph_dag_ids(gateway: Gateway, root: str) -> frozenset[str]:
-    """The DAG ids of the graph `desired/head` names (empty when nothing is synced).
+    """The pipelines of the graph `desired/head` names: the keys of its `pipelines` map,
+    their names, which are their DAG ids in a graph without deployments (empty when
+    nothing is synced). What this plugin writes for: event_scope.
 
     Raises GatewayError (etcd) or GraphUnreadable (whatever is wrong with the stored
     values: a truncated gzip, a bad deflate stream, JSON that is not a graph)."""
@@ -299,13 +336,22 @@ def read_graph(gateway: Gateway, root: str, head: dict[str, Any] | None = None,
 
     Raises GatewayError (etcd) or GraphUnreadable (whatever is wrong with the stored
     values: a truncated gzip, a bad deflate stream, JSON that is not a graph)."""
+    head, graph = read_graph_document(gateway, root, head)
+    return head, graph["pipelines"]
+
+
+def read_graph_document(gateway: Gateway, root: str, head: dict[str, Any] | None = None,
+                        ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The head record and the whole graph it names, `pipelines` ({name: pipeline}, each
+    a dict) and `deployments` ({name: declaration}, {} when the graph declares none):
+    (None, an empty graph) when nothing is synced. Raises what read_graph raises."""
     head = read_head(gateway, root) if head is None else head
     if head is None:
-        return None, {}
+        return None, {"pipelines": {}, "deployments": {}}
     commit = head["commit"]
     blob = gateway.get(f"{root}desired/graphs/{commit}")
     if blob is None:
-        return head, {}
+        return head, {"pipelines": {}, "deployments": {}}
     if blob.startswith(PARTS_MAGIC):  # a large graph: a manifest and numbered parts
         try:
             manifest = json.loads(blob[len(PARTS_MAGIC):])
@@ -327,7 +373,67 @@ def read_graph(gateway: Gateway, root: str, head: dict[str, Any] | None = None,
     pipelines = graph.get("pipelines") if isinstance(graph, dict) else None
     if not isinstance(pipelines, dict):
         raise GraphUnreadable(f"the graph of {commit} is not a graph (no pipelines mapping)")
-    return head, {str(d): p if isinstance(p, dict) else {} for d, p in pipelines.items()}
+    deployments = graph.get("deployments") or {}
+    if not isinstance(deployments, dict):
+        raise GraphUnreadable(f"the graph of {commit} is not a graph (its deployments are "
+                              f"not a mapping)")
+    return head, {
+        "pipelines": {str(d): p if isinstance(p, dict) else {} for d, p in pipelines.items()},
+        "deployments": {str(d): v if isinstance(v, dict) else {}
+                        for d, v in deployments.items()}}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What this plugin writes while one graph is synced: events of `dag_ids` only (the
+    DAG ids of this deployment's pipelines, as Airflow knows them), under
+    `<root><prefix><dag_id>/<run_id>`. `problem`: why nothing is written (logged once per
+    graph)."""
+
+    dag_ids: frozenset[str]
+    prefix: str = "events/"
+    problem: str | None = None
+
+
+def event_scope(graph: Mapping[str, Any], deployment: str | None,
+                commit: str | None = None) -> Scope:
+    """The scope of the plugin of `deployment` (None: RECONCILER_DEPLOYMENT unset, the
+    default deployment) in `graph` (as read_graph_document returns it).
+
+    A graph without deployments has one, the implicit DEFAULT_DEPLOYMENT: every pipeline
+    is in it, its dag_id is its name. With deployments, the default is the declared one
+    with `"default": true` (maybe none), and a pipeline's deployment is its resolved
+    `deployment` (missing: the default). The default deployment's plugin writes
+    `events/<dag_id>/<run_id>`; deployment D's, `events/@<D>/<dag_id>/<run_id>`. A
+    deployment the graph does not have (or, unset, a graph without a default) writes
+    nothing."""
+    pipelines: Mapping[str, Any] = graph.get("pipelines") or {}
+    declared: Mapping[str, Any] = graph.get("deployments") or {}
+    if declared:
+        default = next((name for name, d in sorted(declared.items())
+                        if isinstance(d, dict) and d.get("default") is True), None)
+    else:
+        default = DEFAULT_DEPLOYMENT
+    mine = default if deployment is None else deployment
+    where = f"the graph of {commit}" if commit else "the synced graph"
+    if mine is None:
+        return Scope(frozenset(), problem=(
+            f"RECONCILER_DEPLOYMENT is unset and {where} declares no default deployment: "
+            f"no events are written (set it to the deployment this Airflow is, one of "
+            f"{', '.join(sorted(declared))})"))
+    if mine not in (declared or {DEFAULT_DEPLOYMENT: {}}):
+        known = ", ".join(sorted(declared)) if declared else \
+            f"none declared, only the implicit {DEFAULT_DEPLOYMENT!r}"
+        return Scope(frozenset(), problem=(
+            f"RECONCILER_DEPLOYMENT={mine!r} is not a deployment of {where} ({known}): no "
+            f"events are written"))
+    dag_ids = set()
+    for name, pipeline in pipelines.items():
+        dag_id = pipeline.get("dag_id")
+        dag_id = dag_id if isinstance(dag_id, str) and dag_id else name
+        if (pipeline.get("deployment") or default) == mine:
+            dag_ids.add(dag_id)
+    return Scope(frozenset(dag_ids), "events/" if mine == default else f"events/@{mine}/")
 
 
 def _why(exc: BaseException) -> str:
@@ -379,8 +485,9 @@ class Sender:
         """Times the thread was found ended and started again."""
         self._last_drop_log: float | None = None
         self._last_error: str | None = None
-        self._dag_ids: frozenset[str] | None = None
-        self._dag_ids_at = 0.0
+        self._scope: Scope | None = None
+        """What the graph read last lets this plugin write (None: not read yet)."""
+        self._scope_at = 0.0
         self._lease: tuple[str, float] | None = None
         self._failing_since: float | None = None
         """clock() of the first failure since the last success (None: working)."""
@@ -550,17 +657,16 @@ class Sender:
     def _idle(self) -> None:
         if self._failing_since is not None:
             self._probe()
-        elif self._dag_ids is not None and self._graph_stale():
+        elif self._scope is not None and self._graph_stale():
             self._refresh_graph()
 
     def _probe(self) -> None:
         """While failing: one read of the graph; events are taken again once it works."""
         try:
-            self._dag_ids = graph_dag_ids(self.gateway, self.config.root)
+            self._read_scope()
         except (GatewayError, GraphUnreadable) as exc:
             self._fail(str(exc))
             return
-        self._dag_ids_at = self.clock()
         self._ok()
 
     def _delay(self) -> float:
@@ -583,19 +689,34 @@ class Sender:
         self._failures = 0
 
     def _graph_stale(self) -> bool:
-        return self.clock() - self._dag_ids_at >= self.config.graph_refresh
+        return self.clock() - self._scope_at >= self.config.graph_refresh
 
-    def _refresh_graph(self) -> frozenset[str]:
-        """The graph's DAG ids, read again. An unreadable graph keeps the last ids read
-        (logged once); without any, GatewayError or GraphUnreadable is raised."""
+    def _read_scope(self) -> Scope:
+        """Read the graph and keep what it lets this plugin write; a problem (this
+        deployment is not in it) is logged once per graph, never per event."""
+        head, graph = read_graph_document(self.gateway, self.config.root)
+        if head is None or not (graph["pipelines"] or graph["deployments"]):
+            scope = Scope(frozenset())  # nothing synced (yet): nothing to say
+        else:
+            scope = event_scope(graph, self.config.deployment, head["commit"])
+        previous = self._scope.problem if self._scope is not None else None
+        if scope.problem is not None and scope.problem != previous:
+            self._note_error(scope.problem)
+        self._scope, self._scope_at = scope, self.clock()
+        return scope
+
+    def _refresh_graph(self) -> Scope:
+        """What the graph lets this plugin write, read again. An unreadable graph keeps
+        the last one read (logged once); without any, GatewayError or GraphUnreadable is
+        raised."""
         try:
-            self._dag_ids = graph_dag_ids(self.gateway, self.config.root)
+            return self._read_scope()
         except (GatewayError, GraphUnreadable) as exc:
-            if self._dag_ids is None:
+            if self._scope is None:
                 raise
             self._note_error(f"cannot read the graph; the last one read is used: {exc}")
-        self._dag_ids_at = self.clock()
-        return self._dag_ids
+        self._scope_at = self.clock()
+        return self._scope
 
     def handle(self, event: dict[str, Any]) -> bool:
         """One attempt to write one event if its DAG is in the graph: True when written,
@@ -611,19 +732,19 @@ class Sender:
             return False
 
     def _send(self, event: dict[str, Any]) -> bool:
-        """Write one event; False when its DAG is not in the graph. Raises GatewayError or
-        GraphUnreadable (retried) and _BadEvent (not)."""
+        """Write one event; False when its DAG is not one of this deployment's in the
+        graph. Raises GatewayError or GraphUnreadable (retried) and _BadEvent (not)."""
         try:
             dag_id, run_id = str(event["dag_id"]), str(event["run_id"])
         except (KeyError, TypeError) as exc:
             raise _BadEvent(f"an event without dag_id and run_id was dropped ({_why(exc)})"
                             ) from None
-        dag_ids = self._dag_ids if self._dag_ids is not None and not self._graph_stale() \
+        scope = self._scope if self._scope is not None and not self._graph_stale() \
             else self._refresh_graph()
-        if dag_id not in dag_ids or "/" in dag_id or "/" in run_id:
+        if dag_id not in scope.dag_ids or "/" in dag_id or "/" in run_id:
             self.skipped += 1
             return False
-        key = f"{self.config.root}events/{dag_id}/{run_id}"
+        key = f"{self.config.root}{scope.prefix}{dag_id}/{run_id}"
         try:
             self.gateway.put(key, json.dumps(event, sort_keys=True).encode(), self._lease_id())
         except GatewayError:
@@ -669,19 +790,44 @@ def task_event(task_instance: Any, state: str) -> dict[str, Any]:
 
 _sender: Sender | None = None
 _sender_lock = threading.Lock()
+_disabled: str | None = None
+"""Why the plugin does nothing in this process: a bad setting (logged once, at load)."""
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config | None:
+    """The settings (Config.from_env), or None when not configured or when a setting is
+    bad: then the plugin is disabled in this process, said in one warning line, once."""
+    global _disabled
+    if _disabled is not None:
+        return None
+    try:
+        config = Config.from_env(env)
+        problem = config.problem if config is not None else None
+    except ValueError as exc:  # a number that is none
+        config, problem = None, f"a setting is not a number ({_why(exc)})"
+    if problem is not None:
+        _disabled = " ".join(problem.split())
+        log.warning("reconciler events: the plugin is disabled: %s", _disabled)
+        return None
+    return config
 
 
 def sender() -> Sender | None:
-    """The process's sender, made on first use from the environment (None: not set up)."""
+    """The process's sender, made on first use from the environment (None: not set up,
+    or disabled by a bad setting)."""
     global _sender
     if _sender is None:
         with _sender_lock:
             if _sender is None:
-                config = Config.from_env()
+                config = load_config()
                 if config is None:
                     return None
                 _sender = Sender(config)
     return _sender
+
+
+with contextlib.suppress(Exception):  # at load: a bad setting is said now, in one line
+    load_config()
 
 
 def _emit(make: Callable[[], dict[str, Any]], *, task: bool = False,
