@@ -60,6 +60,9 @@ class AirflowFleet:
         self._names: dict[tuple[str, str], str] = {}
         """(deployment, dag_id) -> pipeline name"""
         self._graph: Graph | None = None
+        self._seen_in: dict[tuple[str, str], tuple[str, str]] = {}
+        """(name, run_id) -> (deployment, dag_id) of a moved pipeline's run listed in the
+        deployment it left: a clear or a read of that run goes there."""
         self._lock = threading.Lock()
         self._retired_requests = 0
 
@@ -93,6 +96,16 @@ class AirflowFleet:
         client = self._clients.pop(deployment, None)
         if client is not None:
             self._retired_requests += getattr(client, "request_count", 0)
+
+    @property
+    def declares(self) -> bool:
+        """Whether the graph declares deployments (else all is the implicit default)."""
+        return bool(self._declared)
+
+    def where_run(self, name: str, run_id: str) -> tuple[str, str]:
+        """(deployment, dag_id) of one run: where it was listed, if the pipeline moved
+        since, else where the pipeline runs now."""
+        return self._seen_in.get((name, run_id)) or self.where(name)
 
     def where(self, name: str) -> tuple[str, str]:
         """(deployment, dag_id) of a pipeline; a name not in the graph is a dag_id of the
@@ -153,37 +166,69 @@ class AirflowFleet:
                 item["dag_id"] = name
         return item
 
-    def iter_runs_of(self, deployment: str, names: Iterable[str],
-                     **filters: datetime) -> Iterator[dict[str, Any]]:
-        """The runs of `names`, all in `deployment`, page by page when its client can."""
-        dag_ids = [self.where(n)[1] for n in names]
-        client = self._call(deployment, lambda c: c)
-        listing = (client.iter_runs(dag_ids, **filters) if hasattr(client, "iter_runs")
-                   else client.list_runs(dag_ids, **filters))
-        for item in listing:
-            yield self._named(deployment, item)
+    @staticmethod
+    def _as(name: str, item: Any) -> Any:
+        """An answer about pipeline `name`'s run, under that name."""
+        if isinstance(item, dict):
+            item["dag_id"] = name
+        return item
 
-    def iter_runs(self, dag_ids: Iterable[str] | None = None, **filters: datetime
-                  ) -> Iterator[dict[str, Any]]:
+    def iter_runs_of(self, deployment: str, names: Iterable[str], *, moved: bool = False,
+                     updated_at_gte: datetime | None = None,
+                     logical_date_gte: datetime | None = None,
+                     logical_date_lte: datetime | None = None) -> Iterator[dict[str, Any]]:
+        """The runs of `names`, all in `deployment`, page by page when its client can.
+        `moved`: the pipelines run elsewhere now and these are their earlier runs, which
+        later calls of the same run are routed back to (`where_run`)."""
+        aliases = {self.where(n)[1]: n for n in names}
+        given = {"updated_at_gte": updated_at_gte, "logical_date_gte": logical_date_gte,
+                 "logical_date_lte": logical_date_lte}
+        filters = {k: v for k, v in given.items() if v is not None}
+        client = self._call(deployment, lambda c: c)
+        listing = (client.iter_runs(list(aliases), **filters) if hasattr(client, "iter_runs")
+                   else client.list_runs(list(aliases), **filters))
+        for item in listing:
+            if not moved:
+                yield self._named(deployment, item)
+                continue
+            dag_id = str(item.get("dag_id"))
+            name = aliases.get(dag_id)
+            if name is not None:
+                item["dag_id"] = name
+                self._seen_in[(name, str(item.get("dag_run_id")))] = (deployment, dag_id)
+            yield item
+
+    def iter_runs(self, dag_ids: Iterable[str] | None = None, *,
+                  updated_at_gte: datetime | None = None,
+                  logical_date_gte: datetime | None = None,
+                  logical_date_lte: datetime | None = None) -> Iterator[dict[str, Any]]:
+        given = {"updated_at_gte": updated_at_gte, "logical_date_gte": logical_date_gte,
+                 "logical_date_lte": logical_date_lte}
+        filters = {k: v for k, v in given.items() if v is not None}
         if dag_ids is None:  # every DAG's runs: of the default deployment only
             deployment = self.where("")[0]
             for item in self._call(deployment, lambda c: c.list_runs(None, **filters)):
                 yield self._named(deployment, item)
             return
         for deployment, names in sorted(self.groups(dag_ids).items()):
-            yield from self.iter_runs_of(deployment, names, **filters)
+            yield from self.iter_runs_of(deployment, names, updated_at_gte=updated_at_gte,
+                                         logical_date_gte=logical_date_gte,
+                                         logical_date_lte=logical_date_lte)
 
-    def list_runs(self, dag_ids: Iterable[str] | None = None, **filters: datetime
-                  ) -> list[dict[str, Any]]:
-        return list(self.iter_runs(dag_ids, **filters))
+    def list_runs(self, dag_ids: Iterable[str] | None = None, *,
+                  updated_at_gte: datetime | None = None,
+                  logical_date_gte: datetime | None = None,
+                  logical_date_lte: datetime | None = None) -> list[dict[str, Any]]:
+        return list(self.iter_runs(dag_ids, updated_at_gte=updated_at_gte,
+                                   logical_date_gte=logical_date_gte,
+                                   logical_date_lte=logical_date_lte))
 
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
-        deployment, real = self.where(dag_id)
-        return self._named(deployment, self._call(deployment,
-                                                  lambda c: c.get_run(real, run_id)))
+        deployment, real = self.where_run(dag_id, run_id)
+        return self._as(dag_id, self._call(deployment, lambda c: c.get_run(real, run_id)))
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        deployment, real = self.where(dag_id)
+        deployment, real = self.where_run(dag_id, run_id)
         result: list[dict[str, Any]] = self._call(
             deployment, lambda c: c.task_instances(real, run_id))
         return result
@@ -193,14 +238,14 @@ class AirflowFleet:
         deployment, real = self.where(dag_id)
         raw, created = self._call(deployment,
                                   lambda c: c.trigger(real, run_id, logical_date, conf))
-        return self._named(deployment, raw), created
+        return self._as(dag_id, raw), created
 
     def clear(self, dag_id: str, run_id: str, *,
               cleared_end: datetime | None = None) -> tuple[dict[str, Any], bool]:
-        deployment, real = self.where(dag_id)
+        deployment, real = self.where_run(dag_id, run_id)
         raw, sent = self._call(deployment,
                                lambda c: c.clear(real, run_id, cleared_end=cleared_end))
-        return self._named(deployment, raw), sent
+        return self._as(dag_id, raw), sent
 
     def list_dags(self, page_size: int | None = None) -> list[dict[str, Any]]:
         """The DAGs of every deployment of the graph, a pipeline's under its name."""

@@ -232,12 +232,15 @@ def plan(
     actions: list[Action] = []
     statuses: list[PipelineStatus] = []
     triggered = _TriggeredOn(ledger)
+    # Where each pipeline runs now, when the graph declares deployments: a confirmed run
+    # recorded in another one is the run of a pipeline moved since (docs/design.md 13).
+    placed = {d: graph.deployment_of(d) for d in order} if graph.deployments else {}
     for cycle in cycles:
         _plan_cycle(
             cycle=cycle, opened_at=opened[cycle], bucket=by_date[cycle], order=order,
             pipelines=pipelines, upstreams=upstreams, ledger=ledger, since=since,
             commit=commit, actions=actions, statuses=statuses, suspended=suspended or {},
-            eager=eager, triggered=triggered,
+            eager=eager, triggered=triggered, placed=placed,
         )
     return Plan(actions=tuple(actions), statuses=tuple(statuses), cycles=tuple(cycles))
 
@@ -298,6 +301,7 @@ def _plan_cycle(
     commit: str,
     actions: list[Action],
     statuses: list[PipelineStatus],
+    placed: Mapping[str, str],
     suspended: Mapping[str, str],
     eager: bool,
     triggered: _TriggeredOn,
@@ -373,7 +377,7 @@ def _plan_cycle(
                 dag_id=dag_id, cycle=cycle, run=run, entry=entry, pipeline=pipeline,
                 inputs=inputs, items=items, outcome=outcome, deterministic=deterministic,
                 commit=commit, actions=actions, status=status, eager=eager,
-                triggered=triggered)
+                triggered=triggered, placed=placed.get(dag_id))
 
 
 def _unsatisfied(dag_id: str, run: DagRun | None, ups: tuple[str, ...], all_done: bool,
@@ -445,11 +449,19 @@ def _satisfied(*, dag_id: str, cycle: datetime, run: DagRun | None,
                entry: LedgerEntry | None, pipeline: Pipeline, inputs: list[DagRun],
                items: list[FingerprintItem], outcome: Mapping[str, _Outcome],
                deterministic: str, commit: str, actions: list[Action], status: _StatusFn,
-               eager: bool, triggered: _TriggeredOn) -> _Outcome:
+               eager: bool, triggered: _TriggeredOn, placed: str | None = None) -> _Outcome:
     """Every upstream is done: the table of DESIGN section 5."""
     all_done = pipeline.trigger_rule == "all_done"
     fingerprint = Fingerprint.presorted(items)  # `ups` is sorted
 
+    if run is None and entry is not None and entry.confirmed and placed is not None \
+            and entry.deployment is not None and entry.deployment != placed:
+        # Moved since it ran: its run is in the deployment it left, which cannot be
+        # seen now (down, or the run deleted there). Never a second run in the new one.
+        status(dag_id, State.DONE, Reason.DONE,
+               f"ran as {entry.run_id} in deployment {entry.deployment} before it moved "
+               f"to {placed}; that run cannot be seen now: not run again")
+        return _Outcome(_ABSENT, None, f"ran in deployment {entry.deployment}")
     if run is None:
         earlier = triggered.elsewhere(dag_id, items, cycle) if entry is None else None
         if earlier is not None:

@@ -275,6 +275,10 @@ class LedgerEntry:
     cleared_end: datetime | None = None
     """A clear: the end date of the run it re-runs. A retry whose run has another end
     date (or is queued or running again) knows the clear took effect already."""
+    deployment: str | None = None
+    """The deployment the run is in, when the graph declares deployments (None: the
+    implicit default; entries written before deployments read so). A pipeline moved
+    since has its earlier runs there (docs/design.md section 13)."""
 
     def __post_init__(self) -> None:
         _require_aware("LedgerEntry", "at", self.at)
@@ -301,6 +305,7 @@ class LedgerEntry:
             "state": self.state.value,
             "decided": self.decided,
             **({"cleared_end": iso(self.cleared_end)} if self.cleared_end else {}),
+            **({"deployment": self.deployment} if self.deployment else {}),
         }
 
     @property
@@ -333,6 +338,7 @@ class LedgerEntry:
             at=at,
             state=state,
             cleared_end=parse_time(cleared) if cleared else None,
+            deployment=_intern(str(data["deployment"])) if data.get("deployment") else None,
         )
 
 
@@ -363,6 +369,8 @@ class Action:
     commit: str = ""
     cleared_end: datetime | None = None
     """A clear: the end date of the run as observed when the clear was decided."""
+    deployment: str | None = None
+    """Where the call goes, when the graph declares deployments (recorded in the ledger)."""
 
     @property
     def logical_date(self) -> datetime:
@@ -376,7 +384,7 @@ class Action:
         """
         return LedgerEntry(run_id=self.run_id, action=self.kind, fingerprint=self.fingerprint,
                            commit=self.commit, at=at, state=state,
-                           cleared_end=self.cleared_end)
+                           cleared_end=self.cleared_end, deployment=self.deployment)
 
 
 class State(enum.StrEnum):

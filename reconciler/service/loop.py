@@ -28,7 +28,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from reconciler.adapters.clock import SystemClock
 from reconciler.core.errors import disposition
@@ -140,7 +140,7 @@ class Reconciler:
         if relisting:
             self._forget_closed(seen, result)
         if result.actions:
-            report.outcomes = self.executor.execute(result.actions)
+            report.outcomes = self.executor.execute(self._placed(result.actions))
             self._apply(report.outcomes)
             report.actions = [o.action for o in report.outcomes if o.took_effect]
             if report.actions:
@@ -166,6 +166,16 @@ class Reconciler:
                       eager=self.settings.eager)
         self._plan_key, self._plan = key, result
         return result
+
+    def _placed(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
+        """Each action with the deployment its call goes to (recorded in the ledger), when
+        the graph declares deployments: where the run was seen, else where the pipeline
+        runs now."""
+        if not getattr(self.api, "declares", False):
+            return actions
+        where_run = self.api.where_run  # type: ignore[attr-defined]
+        return tuple(replace(a, deployment=where_run(a.dag_id, a.run_id)[0])
+                     for a in actions)
 
     def held_back(self, result: Plan) -> Plan:
         """Several deployments: nothing is asked of one that cannot be reached, and the

@@ -195,6 +195,8 @@ class Observer:
         self.unreachable: dict[str, str] = {}
         """Deployment -> why its last listing failed (several deployments: the others
         go on, and the loop holds back the actions of these)."""
+        self._moved: tuple[tuple[Any, int], dict[str, set[str]]] | None = None
+        """(graph, ledger version) -> deployment left -> pipelines moved from it."""
         self._watermarks: dict[str, datetime] = {}
         """Per deployment: Airflow's clock when its last listing started."""
 
@@ -294,8 +296,14 @@ class Observer:
         by_deployment = groups(dag_ids) if groups is not None else {}
         if len(by_deployment) > 1:
             self._observe_deployments(by_deployment, horizon, now, mono, stale)
-            return
-        self.unreachable = {}
+        else:
+            self.unreachable = {}
+            self._observe_all(dag_ids, horizon, now, mono, stale)
+        if getattr(self.api, "declares", False):
+            self._observe_moved(horizon)
+
+    def _observe_all(self, dag_ids: frozenset[str], horizon: datetime, now: datetime,
+                     mono: float, stale: bool) -> None:
         if stale:
             self.relist(dag_ids, horizon, now, mono)
         else:
@@ -350,6 +358,33 @@ class Observer:
         self.cache.watermark = now
         if stale:
             self.cache.listed_at = mono
+
+    def _observe_moved(self, horizon: datetime) -> None:
+        """The earlier runs of pipelines moved to another deployment, from the one they
+        left (the ledger records where each run is): a cycle a pipeline already ran there
+        is seen as run, so it is not run again where it runs now. A deployment left that
+        cannot be reached is logged; the plan then counts a confirmed entry of it as done
+        (core/plan.py), never runs it twice."""
+        fleet: Any = self.api
+        entries = self.ledger.entries()
+        key = (self.desired, self.ledger.version)
+        if self._moved is None or self._moved[0] != key:  # a quiet pass scans nothing
+            moved: dict[str, set[str]] = {}
+            names_now = self._dag_ids()
+            for (_, name), entry in entries.items():
+                if entry.deployment and name in names_now \
+                        and entry.deployment != fleet.where(name)[0]:
+                    moved.setdefault(entry.deployment, set()).add(name)
+            self._moved = (key, moved)
+        for deployment, names in sorted(self._moved[1].items()):
+            try:
+                self.cache.absorb(fleet.iter_runs_of(deployment, sorted(names), moved=True,
+                                                     updated_at_gte=horizon),
+                                  frozenset(names))
+            except ReconcilerError as exc:
+                event("runs of pipelines moved away cannot be read", logging.WARNING,
+                      deployment=deployment, pipelines=",".join(sorted(names)),
+                      error=str(exc))
 
     def _relist_old_cycles(self, deployment: str, group: frozenset[str],
                            horizon: datetime) -> None:

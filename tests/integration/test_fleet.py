@@ -23,7 +23,7 @@ from reconciler.adapters.airflow_fleet import AirflowFleet
 from reconciler.adapters.store import EtcdStore
 from reconciler.cli.loop_cmds import airflow_fleet
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
-from reconciler.core.state import State, run_id_for
+from reconciler.core.state import State, iso, run_id_for
 from reconciler.service.loop import Reconciler
 from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
@@ -39,7 +39,8 @@ DOWN = 10_000  # requests that fail while a deployment is "down"
 
 @pytest.fixture
 def af2() -> Iterator[FakeAirflow]:
-    with FakeAirflowV1(AF2_DAGS, version="2.11.2") as fake:
+    # 05 is deployed in both, as during a migration (the move test moves it to af3).
+    with FakeAirflowV1([*AF2_DAGS, "05_pipeline"], version="2.11.2") as fake:
         yield fake
 
 
@@ -66,12 +67,17 @@ def declare(repo: Path, af2: FakeAirflow, af3: FakeAirflow) -> None:
 
 
 @pytest.fixture
-def store(etcd_settings: EtcdSettings, tmp_path: Path, af2: FakeAirflow, af3: FakeAirflow,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[EtcdStore]:
+def repo(tmp_path: Path, af2: FakeAirflow, af3: FakeAirflow,
+         monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("AF2_PASSWORD", "secret-pw")
     monkeypatch.setenv("AF3_PASSWORD", "secret-pw")
-    repo = example_repo(tmp_path / "repo")
-    declare(repo, af2, af3)
+    made = example_repo(tmp_path / "repo")
+    declare(made, af2, af3)
+    return made
+
+
+@pytest.fixture
+def store(etcd_settings: EtcdSettings, repo: Path) -> Iterator[EtcdStore]:
     s = EtcdStore(etcd_settings)
     result = sync(repo, "HEAD", "pipelines", s, source="test",
                   now=datetime.now(UTC) - timedelta(days=60))
@@ -249,3 +255,60 @@ def test_reconciler_plan_names_the_unreachable_deployment(
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "deployment af3" in proc.stdout + proc.stderr
+
+
+def move_05(repo: Path, store: EtcdStore, to: str) -> None:
+    """The migration PR: 05_pipeline's `deployment:` line, merged and synced."""
+    path = repo / "pipelines" / "05_pipeline.yaml"
+    text = path.read_text().replace("deployment: af3\n", "")
+    path.write_text(text + ("deployment: af3\n" if to == "af3" else ""))
+    git(repo, "commit", "-qam", f"05_pipeline to {to}")
+    result = sync(repo, "HEAD", "pipelines", store, source="test", now=datetime.now(UTC))
+    assert result.ok, result
+
+
+def test_a_pipeline_moved_mid_cycle_is_not_run_again_and_runs_once_in_its_new_deployment(
+        repo: Path, store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    c1, c2, c3 = CYCLE - timedelta(hours=2), CYCLE - timedelta(hours=1), CYCLE
+    move_05(repo, store, "af2")  # 05 starts in af2
+    r = reconciler(store, af2)
+    open_cycle(af2, c1)
+    converge(r, af2, af3)  # c1 ran whole: 05 in af2
+    open_cycle(af2, c2)
+    r.run_pass()  # c2: 02-04 triggered in af3, 05 in af2, all still queued
+    assert run_ids(af2, "05_pipeline") == sorted([run_id_for(c1), run_id_for(c2)])
+    move_05(repo, store, "af3")  # merged mid-cycle
+    r.observer.head_dirty.set()  # what the watch on desired/head does
+    converge(r, af2, af3)  # 05's c2 run ends in af2: 06 follows on it
+    open_cycle(af2, c3)  # the first cycle after the move
+    converge(r, af2, af3)
+    # The cycles 05 ran in af2 are not run again in af3; the next runs once, in af3.
+    assert run_ids(af2, "05_pipeline") == sorted([run_id_for(c1), run_id_for(c2)])
+    assert run_ids(af3, "05_pipeline") == [run_id_for(c3)]
+    for fake, dag_id in ((af2, "06_pipeline"), (af3, "07_pipeline"), (af3, "02_pipeline")):
+        assert run_ids(fake, dag_id) == sorted(run_id_for(c) for c in (c1, c2, c3)), dag_id
+    assert af2.duplicate_triggers() == {}
+    assert af3.duplicate_triggers() == {}
+    ledger = store.read_ledger()
+    assert ledger[(iso(c2), "05_pipeline")]["deployment"] == "af2"
+    assert ledger[(iso(c3), "05_pipeline")]["deployment"] == "af3"
+    assert ledger[(iso(c3), "06_pipeline")]["deployment"] == "af2"
+
+
+def test_a_moved_pipeline_is_not_run_again_while_the_deployment_it_left_is_down(
+        repo: Path, store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    move_05(repo, store, "af2")
+    r = reconciler(store, af2)
+    open_cycle(af2, CYCLE)
+    converge(r, af2, af3)  # 05 ran in af2
+    move_05(repo, store, "af3")
+    r.observer.head_dirty.set()
+    af2.fail_next(DOWN, "503")  # the deployment it left cannot show that run now
+    r.observer.cache.listed_at = None  # a relist: af3 is asked for 05's runs, has none
+    for _ in range(3):
+        r.run_pass()
+        af3.finish_all()
+    assert af3.runs("05_pipeline") == []
+    state = statuses(r)["05_pipeline"]
+    assert state[0] is State.DONE
+    assert "before it moved to af3" in state[1]
