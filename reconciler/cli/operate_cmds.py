@@ -212,6 +212,7 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
             nothing_synced(etcd)
         rows = (_live(store, etcd, airflow, window, unreadable) if live
                 else _from_mirror(store, unreadable))
+        _with_deployments(store, rows)
     except (StoreError, ReconcilerError) as exc:
         fail(str(exc))
     finally:
@@ -232,6 +233,24 @@ def status(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         raise SystemExit(EXIT_FAILED)
 
 
+def _with_deployments(store: Any, rows: list[dict[str, Any]]) -> None:
+    """Each row names its pipeline's deployment when the synced graph declares some."""
+    from reconciler.adapters.store import StoreCorrupt, StoreNotFound
+    from reconciler.service.sync import read_synced_graph
+
+    if not rows:
+        return
+    try:
+        _, graph = read_synced_graph(store)
+    except (StoreCorrupt, StoreNotFound):
+        return  # already said (the header's unreadable values)
+    if graph is None or not graph.deployments:
+        return
+    for r in rows:
+        if r["dag_id"] in graph.pipelines:
+            r["deployment"] = graph.deployment_of(r["dag_id"])
+
+
 def _print_status(header: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
     # Every value from Airflow or etcd is escaped (printable): a run id or reason holding a
     # newline, an ANSI escape or U+202E cannot forge a line of this table.
@@ -250,13 +269,16 @@ def _print_status(header: Mapping[str, Any], rows: list[dict[str, Any]]) -> None
         click.echo("no pipeline matches" if header["commit"] else "no open cycle")
         return
     width = max(len(printable(r["dag_id"])) for r in rows)
+    places = max((len(printable(r.get("deployment", ""))) for r in rows), default=0)
     current = None
     for r in sorted(rows, key=lambda r: r["cycle"], reverse=True):
         if r["cycle"] != current:
             current = r["cycle"]
             click.echo(f"cycle {printable(current)}")
         state = click.style(f"{printable(r['state']):12}", fg=COLOURS.get(r["state"]))
-        click.echo(f"  {printable(r['dag_id']):{width}}  {state}  {printable(r['message'])}")
+        place = f"{printable(r.get('deployment', '')):{places}}  " if places else ""
+        click.echo(f"  {printable(r['dag_id']):{width}}  {place}{state}  "
+                   f"{printable(r['message'])}")
 
 
 # --- suspend / resume / reconcile ------------------------------------------------------------
@@ -525,6 +547,67 @@ def diagnose(graph: Any, dags: Iterable[Mapping[str, Any]],
     return findings
 
 
+def doctor_deployments(fleet: Any, graph: Any, window: timedelta,
+                       max_clock_skew: float) -> list[dict[str, Any]]:
+    """`doctor` for a graph that declares deployments: each deployment is asked for its
+    DAGs and its roots' runs on its own (one that cannot be reached is one finding, and
+    its pipelines are not reported as missing); each pipeline is checked in the
+    deployment it runs in, and a root also unpaused in another deployment (a migration
+    half done: it would be scheduled twice) is named."""
+    from reconciler.adapters.airflow import AirflowAuthError
+    from reconciler.core.graph import Graph
+
+    findings: list[dict[str, Any]] = []
+    by_deployment = fleet.groups(sorted(graph.pipelines))
+    raw_dags: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for deployment in sorted(set(by_deployment) | set(graph.deployments)):
+        names = by_deployment.get(deployment, [])
+        try:
+            client = fleet.client(deployment)
+            dags = client.list_dags()
+            raw_dags[deployment] = {d["dag_id"]: d for d in dags if "dag_id" in d}
+            server = client.server_now()
+            local = datetime.now(UTC)
+            roots = [n for n in names if not graph.pipelines[n].depends_on]
+            runs = list(fleet.iter_runs_of(deployment, roots,
+                                           updated_at_gte=(server or local) - window)
+                        ) if roots else []
+        except AirflowAuthError as exc:
+            explain = getattr(fleet.client(deployment), "explain_refusal", None)
+            findings.append({"deployment": deployment, "problem": "unreachable",
+                             "message": f"refuses the credentials: "
+                                        f"{explain() if explain is not None else exc}"})
+            continue
+        except ReconcilerError as exc:
+            findings.append({"deployment": deployment, "problem": "unreachable",
+                             "message": f"cannot be reached or used: {exc}"})
+            continue
+        sub = Graph([graph.pipelines[n] for n in names])
+        named = [{**d, "dag_id": n} for n in names
+                 if (d := raw_dags[deployment].get(graph.pipelines[n].dag_id)) is not None]
+        for finding in diagnose(sub, named, {r["dag_id"] for r in runs}):
+            findings.append({**finding, "deployment": deployment})
+        skew = None if server is None else (local - server).total_seconds()
+        clock = clock_finding(skew, max_clock_skew)
+        if clock is not None:
+            findings.append({**clock, "deployment": deployment})
+    for name, pipeline in sorted(graph.pipelines.items()):
+        if pipeline.depends_on:
+            continue
+        home = graph.deployment_of(name)
+        for other, dags in sorted(raw_dags.items()):
+            dag = dags.get(pipeline.dag_id)
+            owned = any(graph.deployment_of(n) == other and p.dag_id == pipeline.dag_id
+                        for n, p in graph.pipelines.items())
+            if other != home and dag is not None and not dag.get("is_paused") and not owned:
+                findings.append({"dag_id": name, "deployment": other,
+                                 "problem": "root-elsewhere",
+                                 "message": f"the root runs in {home}, but its DAG is also "
+                                            f"unpaused in {other}: it would be scheduled "
+                                            f"twice; pause it in {other}"})
+    return findings
+
+
 def clock_finding(skew: float | None, threshold: float) -> dict[str, Any] | None:
     """A finding when this machine's clock is `skew` seconds off Airflow's, beyond
     `threshold` (None: Airflow's clock is not known)."""
@@ -578,7 +661,11 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
             if not findings:
                 raise
             graph = None  # already a finding: Airflow cannot be checked against no graph
-        if graph is not None:
+        if graph is not None and graph.deployments:
+            api = airflow_fleet(airflow, deadline=ONE_SHOT_DEADLINE)
+            api.configure(graph)
+            findings += doctor_deployments(api, graph, window, max_clock_skew)
+        elif graph is not None:
             api = _airflow_client(airflow, deadline=ONE_SHOT_DEADLINE)
             dags = api.list_dags()
             # The window on Airflow's clock (its Date header), like the loop's.
@@ -604,8 +691,10 @@ def doctor(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta,
         click.echo(json_answer("Diagnosis", commit=commit, findings=findings), nl=False)
     else:
         for f in findings:
-            name = f.get("dag_id") or f.get("key") or "clock"
-            click.echo(f"{printable(name)}: {printable(f['message'])}")
+            name = f.get("dag_id") or f.get("key") or (
+                f"deployment {f['deployment']}" if f.get("deployment") else "clock")
+            where = f" ({f['deployment']})" if f.get("dag_id") and f.get("deployment") else ""
+            click.echo(f"{printable(name)}{printable(where)}: {printable(f['message'])}")
         if not findings and graph is not None and commit is not None:
             click.echo(f"no finding: {counted(len(graph), 'pipeline')} of {commit[:12]}, each "
                        "in Airflow, unpaused, and scheduled the way the graph expects")

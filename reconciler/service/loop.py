@@ -134,6 +134,7 @@ class Reconciler:
         seen = self.observer.observe()
         if seen.desired is None:
             return
+        self._note_deployments()
         commit = seen.desired.commit
         result = self.held_back(self.plan(seen))
         report.plan = result
@@ -166,6 +167,14 @@ class Reconciler:
                       eager=self.settings.eager)
         self._plan_key, self._plan = key, result
         return result
+
+    def _note_deployments(self) -> None:
+        if not getattr(self.api, "declares", False):
+            return
+        names = self.api.deployment_names()  # type: ignore[attr-defined]
+        for deployment in names:
+            self.metrics.deployment_reachable.labels(deployment).set(
+                0 if deployment in self.observer.unreachable else 1)
 
     def _placed(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
         """Each action with the deployment its call goes to (recorded in the ledger), when

@@ -100,6 +100,10 @@ class Metrics:
         self.pass_running = Gauge("reconciler_pass_running_seconds",
                                   "Seconds the pass under way has been running (0 between "
                                   "passes)", registry=r)
+        self.deployment_reachable = Gauge(
+            "reconciler_deployment_reachable", "1 while the deployment's runs were listed on "
+            "the last pass, 0 while it cannot be reached (its pipelines are held back); "
+            "only when the graph declares deployments", ["deployment"], registry=r)
 
 
 class Health:

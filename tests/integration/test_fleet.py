@@ -46,7 +46,9 @@ def af2() -> Iterator[FakeAirflow]:
 
 @pytest.fixture
 def af3() -> Iterator[FakeAirflow]:
-    with FakeAirflow(AF3_DAGS) as fake:
+    # The root's DAG file is deployed in af3 too, paused (doctor's root-elsewhere check).
+    with FakeAirflow([*AF3_DAGS, "01_pipeline_init"]) as fake:
+        fake.paused["01_pipeline_init"] = True
         yield fake
 
 
@@ -235,6 +237,63 @@ def test_listener_events_of_each_deployment_reach_their_pipeline(
     r.observer.on_event(events + "@af3/01_pipeline_init/run-c", b"{}")  # not af3's DAG
     r.observer.on_event(events + "@nowhere/05_pipeline/run-d", b"{}")
     assert r.observer._task_events == {("05_pipeline", "run-a"), ("06_pipeline", "run-b")}
+
+
+def cli(etcd_settings: EtcdSettings, af2: FakeAirflow, *args: str
+        ) -> subprocess.CompletedProcess[str]:
+    import os
+    import sys
+
+    env = {**os.environ, "RECONCILER_ETCD_ENDPOINTS": ",".join(etcd_settings.endpoints),
+           "RECONCILER_ETCD_PREFIX": etcd_settings.prefix,
+           "RECONCILER_NAMESPACE": etcd_settings.namespace,
+           "RECONCILER_AIRFLOW_URL": af2.url, "RECONCILER_AIRFLOW_USERNAME": "admin",
+           "RECONCILER_AIRFLOW_PASSWORD": "secret-pw"}
+    return subprocess.run([sys.executable, "-m", "reconciler", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_doctor_checks_each_deployment_on_its_own(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow,
+        etcd_settings: EtcdSettings) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    converge(r, af2, af3)
+    healthy = cli(etcd_settings, af2, "doctor", "-o", "json")
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert json.loads(healthy.stdout)["findings"] == []
+    # A migration half done: the root's DAG unpaused in the deployment it does not run in.
+    af3.paused["01_pipeline_init"] = False
+    twice = cli(etcd_settings, af2, "doctor")
+    assert twice.returncode == 1
+    assert ("01_pipeline_init (af3): the root runs in af2, but its DAG is also unpaused in "
+            "af3") in twice.stdout
+    af3.paused["01_pipeline_init"] = True
+    af3.paused["07_pipeline"] = True  # a finding in af3 names its deployment
+    af3.fail_next(DOWN, "503", route="GET /api/v2/dags")
+    down = cli(etcd_settings, af2, "doctor", "-o", "json")
+    assert down.returncode == 1
+    findings = json.loads(down.stdout)["findings"]
+    assert [(f.get("deployment"), f["problem"]) for f in findings] == [("af3", "unreachable")]
+    af3.clear_faults()
+    paused = cli(etcd_settings, af2, "doctor")
+    assert "07_pipeline (af3): paused in Airflow" in paused.stdout
+
+
+def test_status_names_each_pipelines_deployment(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow,
+        etcd_settings: EtcdSettings) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    converge(r, af2, af3)
+    proc = cli(etcd_settings, af2, "status", "--from-etcd", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["dag_id"]: row["deployment"] for row in json.loads(proc.stdout)["statuses"]}
+    assert rows == {"01_pipeline_init": "af2", "02_pipeline": "af3", "03_pipeline": "af3",
+                    "04_pipeline": "af3", "05_pipeline": "af3", "06_pipeline": "af2",
+                    "07_pipeline": "af3"}
+    text = cli(etcd_settings, af2, "status", "--from-etcd").stdout
+    assert any(line.split()[:2] == ["07_pipeline", "af3"] for line in text.splitlines())
 
 
 def test_reconciler_plan_names_the_unreachable_deployment(
