@@ -1,11 +1,15 @@
 """The pacer's rules (core/pacing.py), answer by answer: slow start, additive increase,
-one halving per window, patience before a level that failed, the ceiling."""
+one halving per window, patience before a level that failed, the ceiling; and the gate
+that holds calls to its limit across threads (service/pacing.py)."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
 from reconciler.core.pacing import Change, Pacer
+from reconciler.service.pacing import Gate
 
 FAST = 0.05
 
@@ -109,3 +113,37 @@ def test_a_level_that_works_again_is_no_longer_probed_with_patience() -> None:
     assert (p.limit, p.failed_at, p.patience) == (5, None, 1)
     answer(p, 5)
     assert p.limit == 6
+
+
+# --- the gate (service/pacing.py): the limit, held across threads -----------------------
+
+
+def test_the_gate_holds_a_call_until_a_slot_is_free() -> None:
+    gate = Gate(Pacer(4, start=1))
+    first = gate.slot()
+    through = threading.Event()
+
+    def second() -> None:
+        gate.slot().release()
+        through.set()
+
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    assert not through.wait(0.2)  # the limit is 1 and the first call is in flight
+    first.answered(0.01)  # a prompt answer: the slot frees (and the limit grows to 2)
+    waiting.join(5)
+    assert through.is_set()
+    assert (gate.limit, gate.in_flight, gate.peak) == (2, 0, 1)
+
+
+def test_a_slot_ends_once_and_a_release_teaches_nothing() -> None:
+    changes: list[Change] = []
+    gate = Gate(Pacer(4, start=4), changes.append)
+    slot = gate.slot()
+    slot.congested("timed out")
+    slot.release()
+    slot.congested("timed out")
+    assert changes == [Change(4, 2, "timed out")]
+    assert gate.in_flight == 0
+    gate.slot().release()  # not sent: no answer, no change
+    assert (gate.limit, gate.pacer.baseline, len(changes)) == (2, None, 1)
