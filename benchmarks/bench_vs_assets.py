@@ -335,12 +335,12 @@ def main() -> None:
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                         help="Airflow's metadata database (sqlite: standalone's default)")
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="the reconciler's --concurrency (default: 1 on sqlite, as the "
-                             "README advises for an Airflow on SQLite; else the reconciler's 8)")
+                        help="the reconciler's --concurrency, its ceiling (default: the "
+                             "reconciler's, which adapts to the database)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.concurrency is None:
-        args.concurrency = 1 if args.database == "sqlite" else LoopSettings.concurrency
+        args.concurrency = LoopSettings.concurrency
     signal.signal(signal.SIGTERM, _interrupt)  # so that every finally below runs
     work = Path(tempfile.mkdtemp(prefix="bench-vs-assets-"))
     etcd: EtcdServer | None = None

@@ -131,11 +131,10 @@ def main() -> int:
     etcd_port = port_or_free(2379, "etcd")
     airflow_port = port_or_free(8080, "Airflow")
     metrics_port = port_or_free(9102, "the reconciler's metrics")
-    # The playground's Airflow keeps SQLite: one write to it at a time (README, "Airflow on
-    # SQLite": concurrent POSTs stall its API server for the lock timeout).
+    # The playground's Airflow keeps SQLite, whose API server stalls on concurrent writes:
+    # the reconciler's default concurrency adapts to it (README, "An Airflow on SQLite").
     env = dict(os.environ, RECONCILER_ETCD_ENDPOINTS=f"127.0.0.1:{etcd_port}",
-               RECONCILER_INTERVAL=os.environ.get("RECONCILER_INTERVAL", "2"),
-               RECONCILER_CONCURRENCY=os.environ.get("RECONCILER_CONCURRENCY", "1"))
+               RECONCILER_INTERVAL=os.environ.get("RECONCILER_INTERVAL", "2"))
     etcd = airflow = reconciler = None
     stopping = False
 

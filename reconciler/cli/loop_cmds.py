@@ -210,9 +210,10 @@ def loop_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      "warning (the loop follows Airflow's clock either way) "
                      "[RECONCILER_MAX_CLOCK_SKEW]."),
         click.option("--concurrency", envvar="RECONCILER_CONCURRENCY", type=int, default=8,
-                     show_default=True, help="Actions of one pass in flight at once; 1 "
-                     "for an Airflow on SQLite, whose API server stalls on concurrent "
-                     "writes [RECONCILER_CONCURRENCY]."),
+                     show_default=True, help="The most Airflow calls in flight at once: "
+                     "the limit starts at 1 and adapts below this ceiling to how promptly "
+                     "Airflow answers (an Airflow on SQLite gets 1) "
+                     "[RECONCILER_CONCURRENCY]."),
         click.option("--eager/--no-eager", envvar="RECONCILER_EAGER", default=True,
                      show_default=True, help="Trigger a downstream once every task of its "
                      "upstream run is done (the listener plugin's task events), before "

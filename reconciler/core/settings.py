@@ -120,7 +120,9 @@ class LoopSettings:
     http_host: str = "127.0.0.1"
     log_format: str = "text"
     concurrency: int = 8
-    """Actions of one pass in flight at once (a fan-out is one round trip, not N)."""
+    """The most Airflow calls of one pass in flight at once (a fan-out is one round trip,
+    not N). The ceiling: the limit in use adapts below it to how Airflow answers
+    (core/pacing.py), from 1 up; 1 makes it a hard cap."""
     call_deadline: float | None = None
     """Seconds one action's Airflow call may take in all, retries included. Default: half
     the lease, so an action that starts with enough lease ends while we still lead."""

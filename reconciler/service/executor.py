@@ -21,24 +21,32 @@ never drops the other outcomes of a pass.
 A crash anywhere in between is repaired by the next pass: the plan decides again from
 Airflow's state and the intent. Independent actions of one pass (a plan's actions never
 depend on each other: a downstream waits while a trigger of its upstream is planned) go
-out concurrently, at most `concurrency` at a time, so a fan-out to N downstreams costs
-one round trip, not N.
+out concurrently, so a fan-out to N downstreams costs one round trip, not N: as many at
+a time as Airflow answers promptly (the pacer, core/pacing.py, behind a gate,
+service/pacing.py), at most `concurrency` (--concurrency, the ceiling).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from reconciler.adapters.airflow import AirflowRejected, AirflowUnavailable, restarted
+from reconciler.adapters.airflow import (
+    AirflowError,
+    AirflowRejected,
+    AirflowUnavailable,
+    restarted,
+)
 from reconciler.adapters.store import StoreError
 from reconciler.core.errors import LostLeadership, ReconcilerError, disposition
+from reconciler.core.pacing import Change, Pacer
 from reconciler.core.state import (
     Action,
     ActionKind,
@@ -50,6 +58,7 @@ from reconciler.core.state import (
 from reconciler.service.leadership import Leadership
 from reconciler.service.ledger import Ledger
 from reconciler.service.observability import Metrics, event
+from reconciler.service.pacing import Gate, Slot
 from reconciler.service.ports import AirflowApi, Clock
 
 FAILPOINT_ENV = "RECONCILER_FAILPOINT"
@@ -94,6 +103,11 @@ class Executor:
         self._retry_after: dict[tuple[datetime, str], tuple[float, int]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._stall_hinted = False
+        self.pacer = Pacer(self.concurrency)
+        """How many Airflow calls to keep in flight; `concurrency` is its ceiling."""
+        self.gate = Gate(self.pacer, self._limit_moved)
+        if metrics is not None:
+            metrics.airflow_concurrency.set_function(lambda: float(self.pacer.limit))
 
     @property
     def holder(self) -> str:
@@ -109,6 +123,7 @@ class Executor:
         # What the ledger held when the pass planned, before this pass's intents.
         ledger = self.ledger.entries()
         previous = [ledger.get((a.cycle, a.dag_id)) for a in actions]
+        limit = self.pacer.limit
         if len(actions) == 1 or self.concurrency == 1:
             outcomes = [self._guarded(a, p) for a, p in zip(actions, previous, strict=True)]
         else:
@@ -117,25 +132,31 @@ class Executor:
             futures = [self._pool.submit(self._guarded, a, p)
                        for a, p in zip(actions, previous, strict=True)]
             outcomes = [f.result() for f in futures]
-            self._hint_if_stalled(outcomes)
+        self._hint_if_stalled(outcomes, limit)
         lost = next((o.error for o in outcomes if isinstance(o.error, LostLeadership)), None)
         if lost is not None:
             raise lost
         return outcomes
 
-    def _hint_if_stalled(self, outcomes: Sequence[Outcome]) -> None:
-        """Say once when every call of a concurrent batch went unanswered: an Airflow on
-        SQLite does that (its API server can wait out the database lock while it commits
-        its action log on the event loop), and one write at a time avoids it."""
+    def _hint_if_stalled(self, outcomes: Sequence[Outcome], limit: int) -> None:
+        """Say once when the calls went unanswered one at a time: the pacer backs off
+        from a stall of concurrent calls (an Airflow on SQLite), but at 1 there is nothing
+        left to give back, and Airflow itself (its API server, its database) is stuck."""
         sent = [o for o in outcomes if o.result != "deferred"]
-        if self._stall_hinted or len(sent) < 2 or not all(
+        if self._stall_hinted or limit > 1 or len(sent) < 2 or not all(
                 isinstance(o.error, AirflowUnavailable) and o.error.no_answer for o in sent):
             return
         self._stall_hinted = True
-        event("every concurrent Airflow call of this pass went unanswered", logging.WARNING,
-              calls=len(sent), concurrency=self.concurrency,
-              hint="an Airflow on SQLite stalls on concurrent writes: run with "
-                   "--concurrency 1 (RECONCILER_CONCURRENCY=1)")
+        event("Airflow left every call of this pass unanswered, one at a time",
+              logging.WARNING, calls=len(sent),
+              hint="check Airflow's API server and its database (on SQLite: is another "
+                   "process holding its lock?)")
+
+    def _limit_moved(self, change: Change) -> None:
+        """Log a halving (once per change, not per call); growth shows in the gauge."""
+        level = logging.INFO if change.new < change.old else logging.DEBUG
+        event("Airflow calls in flight: limit changed", level, limit=change.new,
+              was=change.old, why=change.why, ceiling=self.concurrency)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -162,6 +183,16 @@ class Executor:
         retry = self._retry_after.get(key)
         if retry is not None and retry[0] > mono:
             return Outcome(action, "deferred")
+        if action.kind is ActionKind.ADOPT:
+            return self._act(action, previous, None)  # nothing is sent to Airflow
+        slot = self.gate.slot()  # before the lease check: waiting for it takes time
+        try:
+            return self._act(action, previous, slot)
+        finally:
+            slot.release()  # unless the call already gave it back with what it saw
+
+    def _act(self, action: Action, previous: LedgerEntry | None,
+             slot: Slot | None) -> Outcome:
         left = self.leadership.remaining()
         if left < self.min_lease:
             # Not enough lease to finish the call: the next pass, after a renewal, will.
@@ -178,7 +209,7 @@ class Executor:
             os.kill(os.getpid(), signal.SIGKILL)  # the crash tests: die right here
         budget = min(self.call_deadline, self.leadership.remaining() - self.margin)
         try:
-            with self.api.deadline_of(max(0.1, budget)):
+            with self.api.deadline_of(max(0.1, budget)), self._paced(slot):
                 result, raw = self._call(action, previous)
             run = _run_of(action, raw)
         except ReconcilerError as exc:
@@ -198,12 +229,30 @@ class Executor:
             # The call took effect; the intent stays (in etcd and in memory, unconfirmed)
             # and the next pass adopts the run.
             return Outcome(action, "failed", run=run, error=exc)
-        self._retry_after.pop(key, None)
+        self._retry_after.pop((action.cycle, action.dag_id), None)
         if self.metrics is not None:
             self.metrics.actions.labels(action.kind.value, "ok").inc()
         event(result, action=action.kind.value, dag_id=action.dag_id, cycle=iso(action.cycle),
               run_id=action.run_id, reason=action.reason)
         return Outcome(action, result, entry=entry, run=run)
+
+    @contextlib.contextmanager
+    def _paced(self, slot: Slot | None) -> Iterator[None]:
+        """Give the slot back, once the call ended, with what it says of Airflow's load."""
+        if slot is None:
+            yield
+            return
+        started = self.clock.monotonic()
+        try:
+            yield
+        except AirflowError as exc:
+            why = _congestion(exc)
+            if why is not None:
+                slot.congested(why)
+            else:
+                slot.answered(self.clock.monotonic() - started)
+            raise
+        slot.answered(self.clock.monotonic() - started)
 
     def _call(self, action: Action, previous: LedgerEntry | None
               ) -> tuple[str, dict[str, Any] | None]:
@@ -244,6 +293,17 @@ class Executor:
             except StoreError:
                 entry = None  # the intent stays: the next pass decides from Airflow's state
         return Outcome(action, "failed", entry=entry, error=exc)
+
+
+def _congestion(exc: AirflowError) -> str | None:
+    """What a failed call says of Airflow's load; None: it answered (a 404, a 409, ...).
+    An Airflow that cannot be reached at all brings the limit down too: it grows back
+    once Airflow answers."""
+    if isinstance(exc, AirflowUnavailable):
+        return "no answer in time" if exc.no_answer else "unavailable"
+    if isinstance(exc, AirflowRejected) and " answered 429" in str(exc):
+        return "429 Too Many Requests"
+    return None
 
 
 def _run_of(action: Action, raw: Any) -> DagRun | None:

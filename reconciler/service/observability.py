@@ -97,6 +97,10 @@ class Metrics:
         self.clock_skew = Gauge("reconciler_clock_skew_seconds",
                                 "Seconds this machine's clock is ahead of Airflow's (its "
                                 "Date header; negative: behind)", registry=r)
+        self.airflow_concurrency = Gauge("reconciler_airflow_concurrency_limit",
+                                         "Airflow calls let in flight at once: adapts to "
+                                         "Airflow's answers, at most --concurrency",
+                                         registry=r)
         self.pass_running = Gauge("reconciler_pass_running_seconds",
                                   "Seconds the pass under way has been running (0 between "
                                   "passes)", registry=r)

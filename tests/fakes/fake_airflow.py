@@ -63,7 +63,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -218,6 +218,14 @@ class FakeAirflow:
         before the answer is sent; it runs in the request's thread and may block."""
         self._scheduler: threading.Thread | None = None
         self._scheduling = threading.Event()
+        self.stall_concurrent_writes = 0.0
+        """Seconds a write (a POST or PATCH that changes something) waits before it is
+        handled when it arrives while another write is in flight, as an Airflow 3 API
+        server on SQLite waits out the database lock; it takes effect after. 0: off."""
+        self.writes_in_flight = 0
+        self.max_writes_in_flight = 0
+        """The most writes ever handled at once."""
+        self.stalled_writes = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -444,7 +452,7 @@ class FakeAirflow:
         arrived = time.monotonic()
         # A client that timed out has closed its socket: nothing to answer, no traceback.
         try:
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError), self._counted_write(h, method):
                 self._handle(h, method)
         finally:
             parts = [unquote(p) for p in urlparse(h.path).path.strip("/").split("/")]
@@ -454,6 +462,26 @@ class FakeAirflow:
                                         parts[3] if named else None,
                                         parts[5] if named and len(parts) >= 6 else None,
                                         getattr(h, "_status", 0)))
+
+    @contextlib.contextmanager
+    def _counted_write(self, h: BaseHTTPRequestHandler, method: str) -> Iterator[None]:
+        """Count the writes in flight; stall one that finds another (stall mode)."""
+        path = urlparse(h.path).path
+        if method == "GET" or path.endswith(("/auth/token", "/dagRuns/list", "/login")):
+            yield
+            return
+        with self._lock:
+            self.writes_in_flight += 1
+            self.max_writes_in_flight = max(self.max_writes_in_flight, self.writes_in_flight)
+            stall = self.stall_concurrent_writes if self.writes_in_flight > 1 else 0.0
+            self.stalled_writes += bool(stall)
+        try:
+            if stall:
+                time.sleep(stall)
+            yield
+        finally:
+            with self._lock:
+                self.writes_in_flight -= 1
 
     def _reply(self, h: BaseHTTPRequestHandler, status: int, body: Any,
                content_type: str = "application/json") -> None:
