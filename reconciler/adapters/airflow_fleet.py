@@ -60,6 +60,7 @@ class AirflowFleet:
         self._names: dict[tuple[str, str], str] = {}
         """(deployment, dag_id) -> pipeline name"""
         self._graph: Graph | None = None
+        self._in_use: tuple[str, ...] = ()
         self._seen_in: dict[tuple[str, str], tuple[str, str]] = {}
         """(name, run_id) -> (deployment, dag_id) of a moved pipeline's run listed in the
         deployment it left: a clear or a read of that run goes there."""
@@ -91,6 +92,7 @@ class AirflowFleet:
                 # `default` is now a name like any other: no longer the settings' Airflow.
                 self._retire(DEFAULT_DEPLOYMENT)
             self._route, self._names, self._graph = route, names, graph
+            self._in_use = tuple(sorted({d for d, _ in route.values()}))
 
     def _retire(self, deployment: str) -> None:
         client = self._clients.pop(deployment, None)
@@ -126,7 +128,7 @@ class AirflowFleet:
 
     def deployment_names(self) -> list[str]:
         """Every deployment the graph runs pipelines in."""
-        return sorted({d for d, _ in self._route.values()})
+        return list(self._in_use)
 
     def groups(self, names: Iterable[str]) -> dict[str, list[str]]:
         """`names` by the deployment each runs in."""
@@ -297,9 +299,9 @@ class AirflowFleet:
         return self._retired_requests + sum(getattr(c, "request_count", 0) for c in clients)
 
     def _contacts(self) -> list[tuple[float | None, tuple[float, str] | None]]:
+        in_use = self._in_use
         with self._lock:
-            clients = [c for d, c in self._clients.items()
-                       if d in self.deployment_names() or not self._route]
+            clients = [c for d, c in self._clients.items() if d in in_use or not in_use]
         return [(getattr(c, "last_contact", None), getattr(c, "last_failure", None))
                 for c in clients]
 
