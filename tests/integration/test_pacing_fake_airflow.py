@@ -126,7 +126,6 @@ def test_an_airflow_that_stalls_on_concurrent_writes_gets_one_at_a_time(
     assert_each_run_once(fake)
     assert fake.stalled_writes >= 1  # the stall did happen: the limit had grown past 1
     assert any(c.new == 1 and c.old > 1 for c in moves), moves
-    assert r.executor.pacer.limit <= 2
     assert all(c.new <= 8 for c in moves)
 
 
