@@ -115,6 +115,9 @@ class Reconciler:
             # A new term: another leader may have written the ledger and the mirror.
             self._term = self.leadership.term
             self.ledger.reset()
+            # The head too: a standby's watch may have missed a sync (etcd cut off, the
+            # watch re-made), and a graph from before a move routes to the wrong Airflow.
+            self.observer.head_dirty.set()
             self.observer.suspended = None
             self.observer.cache.listed_at = None
             self.recorder.reset()

@@ -74,6 +74,9 @@ class Runner:
                 observer.cache.listed_at = None  # `reconciler reconcile`: relist as well
                 wake.set()
 
+        # A watch (re)made now has missed whatever changed while there was none.
+        observer.head_dirty.set()
+        observer.suspended_dirty.set()
         store = self.r.store
         self._watches = [store.watch([store.head_key()], _HeadChanged()),
                          store.watch([store.events_prefix()], wake,

@@ -371,3 +371,30 @@ def test_a_moved_pipeline_is_not_run_again_while_the_deployment_it_left_is_down(
     state = statuses(r)["05_pipeline"]
     assert state[0] is State.DONE
     assert "before it moved to af3" in state[1]
+
+
+def test_a_new_term_reads_the_head_again_when_the_watch_missed_a_move(
+        repo: Path, store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    """A replica that missed the watch event of a sync (etcd cut it off, its watch was
+    made again) must not lead on the graph from before a move: it would route 05 to the
+    Airflow it left. A new term reads the head again."""
+    move_05(repo, store, "af2")
+    r = reconciler(store, af2)
+    r.run_pass()
+    before = r.observer.desired
+    move_05(repo, store, "af3")  # synced; this replica's watch never said so
+    r.run_pass()
+    assert r.observer.desired is before  # the missed event: still the old graph
+    lease, term = r.leadership.lease, r.leadership.term
+    r.leadership.lost("another replica took the lease meanwhile")
+    store.resign(lease)  # ... and has let it go since
+    r.run_pass()  # elected again: a new term
+    assert r.leadership.term == term + 1
+    head, _ = store.read_head()
+    assert head is not None
+    assert r.observer.desired is not None
+    assert r.observer.desired.commit == head.commit
+    open_cycle(af2)
+    converge(r, af2, af3)
+    assert run_ids(af3, "05_pipeline") == [run_id_for(CYCLE)]
+    assert run_ids(af2, "05_pipeline") == []
