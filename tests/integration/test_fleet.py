@@ -398,3 +398,26 @@ def test_a_new_term_reads_the_head_again_when_the_watch_missed_a_move(
     converge(r, af2, af3)
     assert run_ids(af3, "05_pipeline") == [run_id_for(CYCLE)]
     assert run_ids(af2, "05_pipeline") == []
+
+
+def test_a_watch_made_again_marks_the_head_and_the_suspensions_to_be_read(
+        store: EtcdStore, af2: FakeAirflow) -> None:
+    """What changed while a replica had no watch (etcd cut it off) is read on the next
+    pass: making the watch again marks both as dirty."""
+    from reconciler.service.observability import Health
+    from reconciler.service.runner import Runner
+
+    r = reconciler(store, af2)
+    r.run_pass()
+    assert not r.observer.head_dirty.is_set()
+    runner = Runner(r, Health())
+    try:
+        runner._ensure_watch()
+        assert r.observer.head_dirty.is_set()
+        assert r.observer.suspended_dirty.is_set()
+        r.run_pass()
+        assert not r.observer.head_dirty.is_set()
+        runner._ensure_watch()  # the watches stand: nothing to mark
+        assert not r.observer.head_dirty.is_set()
+    finally:
+        runner._drop_watch()
