@@ -112,8 +112,9 @@ def main() -> int:
                     for kind, detail in result.violations:
                         print(f"  {kind}: {detail}", flush=True)
                     if not result.ok:
-                        print(f"  replay: {replay_command(seed, single=args.single)}",
-                              flush=True)
+                        replay = replay_command(seed, single=args.single,
+                                                two=bool(result.deployments))
+                        print(f"  replay: {replay}", flush=True)
         finally:
             if cluster is not None:
                 cluster.stop()
@@ -165,8 +166,10 @@ def summarize(results: list[SeedResult], wall: float, single: bool) -> None:
     print("actions taken: " + ", ".join(f"{k} {n}" for k, n in sorted(actions.items())))
     bad = [r for r in results if not r.ok]
     print(f"violations: {sum(len(r.violations) for r in bad)} in {len(bad)} seed(s)")
+    two_of = {r.seed: bool(r.deployments) for r in results}
     for kind, seeds in sorted(kinds.items()):
-        print(f"  {kind}: {len(seeds)} seed(s), e.g. {replay_command(seeds[0], single=single)}"
+        print(f"  {kind}: {len(seeds)} seed(s), e.g. "
+              f"{replay_command(seeds[0], single=single, two=two_of[seeds[0]])}"
               f"  (seeds {', '.join(map(str, seeds[:12]))}{' ...' if len(seeds) > 12 else ''})")
 
 

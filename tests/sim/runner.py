@@ -55,9 +55,12 @@ action (core/errors.py MAX_BACKOFF, 60 s), so a deferred action gets its retry."
 REPLAY = ".venv/bin/python benchmarks/bench_sim.py --seed {seed}"
 
 
-def replay_command(seed: int, *, single: bool = False) -> str:
-    """The one command that runs `seed` again (`single`: it ran on one etcd server)."""
-    return REPLAY.format(seed=seed) + (" --single" if single else "")
+def replay_command(seed: int, *, single: bool = False, two: bool | None = None) -> str:
+    """The one command that runs `seed` again (`single`: it ran on one etcd server;
+    `two`: it ran with two deployments, or with one, when that is not its own)."""
+    forced = "" if two is None or two == bool(deployments_of(seed)) else (
+        " --deployments two" if two else " --deployments one")
+    return REPLAY.format(seed=seed) + (" --single" if single else "") + forced
 
 
 @dataclass
@@ -104,7 +107,7 @@ class SeedResult:
     def report(self) -> str:
         lines = [f"seed {self.seed}: {len(self.violations)} violation(s) in {self.steps} "
                  f"steps (Airflow {self.airflow}; {self.faults}); replay: "
-                 f"{replay_command(self.seed, single=self.single)}"]
+                 f"{replay_command(self.seed, single=self.single, two=bool(self.deployments))}"]
         lines += [f"  {kind}: {detail}" for kind, detail in self.violations]
         return "\n".join(lines)
 
