@@ -155,11 +155,14 @@ class Checker:
             self.violation("root-touched", event, "roots are Airflow's to schedule")
             return
         if action == "trigger" and self.workload.placement:
-            homes = {v.graph.deployment_of(event.dag_id) for v in self._versions(event.step)
+            versions = self._versions(event.step)
+            homes = {v.graph.deployment_of(event.dag_id) for v in versions
                      if event.dag_id in v.graph.pipelines}
             if homes and event.deployment not in homes:
                 self.violation("wrong-deployment", event,
-                               f"it runs in {'/'.join(sorted(homes))}")
+                               f"it runs in {'/'.join(sorted(homes))} (its sender planned "
+                               f"with commit {event.commit or '-'}; the graph then: "
+                               f"{', '.join(v.commit[:12] for v in versions)})")
         cycle = event.logical_date
         for up in sorted(self._ups_both(event.dag_id, event.step)):
             run = self._upstream_run(up, cycle)

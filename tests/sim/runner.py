@@ -253,7 +253,13 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
             f"{e.deployment + ':' if e.deployment else ''}{e.dag_id} "
             f"{e.run_id} by={e.by}{' state=' + e.state if e.state else ''}"
             f"{' duplicate' if e.duplicate else ''} leader={e.leader}"
+            f"{' commit=' + e.commit if e.commit else ''}"
             for e in world.events]
+        result.history += [
+            f"graph {v.commit[:12]} synced at step {v.step} (announced {v.announced})"
+            + (": " + " ".join(f"{n}@{v.graph.deployment_of(n)}" for n in v.graph.pipelines)
+               if deployments else "")
+            for v in workload.versions]
     result.seconds = time.monotonic() - started
     return result
 

@@ -75,6 +75,9 @@ class Event:
     step: int = 0
     deployment: str = ""
     """The deployment whose Airflow changed ("": the seed runs one, the implicit one)."""
+    commit: str = ""
+    """The reconciler's writes: the graph commit its sender planned with (what to read
+    when a write went to the wrong deployment)."""
 
 
 REAL_LEASE_FACTOR = 60
@@ -421,20 +424,24 @@ class World:
                      deployment: str = "") -> None:
         parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
         dag_id = parts[3]
+        r = replica.reconciler
+        desired = r.observer.desired if r is not None else None
+        commit = desired.commit[:12] if desired is not None else ""
         if route == TRIGGER:
             data = json.loads(body)
             # v1 sends the date as `execution_date`
             when = data.get("logical_date") or data.get("execution_date")
             self.add(Event(self.time.airflow(), "create", dag_id, data["dag_run_id"],
                            parse_time(when), by=replica.holder,
-                           duplicate=duplicate, leader=leader, deployment=deployment))
+                           duplicate=duplicate, leader=leader, deployment=deployment,
+                           commit=commit))
             self.actions["trigger"] += 0 if duplicate else 1
         elif route == CLEAR:
             run = self.fake_of(deployment).run(dag_id, parts[5])
             self.add(Event(self.time.airflow(), "clear", dag_id, parts[5],
                            run.logical_date if run else None, by=replica.holder,
                            state=before[0] if before else "", duplicate=duplicate,
-                           leader=leader, deployment=deployment))
+                           leader=leader, deployment=deployment, commit=commit))
             self.actions["clear"] += 0 if duplicate else 1
 
     def violation(self, kind: str, detail: str) -> None:
