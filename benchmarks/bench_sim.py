@@ -4,11 +4,11 @@ Starts a real 3-member etcd cluster (tests/fixtures/etcd.py; `--single`: one ser
 etcd faults but the in-process partition), runs seeds `--start` .. `--start + --seeds - 1`
 (or the one `--seed`), each in a fresh namespace, and prints: seeds run, faults injected
 by kind, actions taken, violations by kind with each violating seed's replay command,
-the seeds per Airflow API generation (v2, v1 of 2.11, v1 of 2.5) and the time per
-seed. Exit 1 when any seed violated an invariant.
+the seeds per Airflow API generation (v2, v1 of 2.11, v1 of 2.5) and with one or two
+deployments, and the time per seed. Exit 1 when any seed violated an invariant.
 
 Usage: python benchmarks/bench_sim.py --seeds 1000 [--start N] [--seed N] [--verbose]
-       [--generation v2|v1|v1-2.5]
+       [--generation v2|v1|v1-2.5] [--deployments one|two]
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.fixtures.etcd import EtcdCluster, EtcdServer  # noqa: E402
-from tests.sim.runner import SeedResult, SimEnv, replay_command, run_seed  # noqa: E402
+from tests.sim.runner import (  # noqa: E402
+    SeedResult,
+    SimEnv,
+    deployments_of,
+    replay_command,
+    run_seed,
+)
 from tests.sim.world import GENERATIONS  # noqa: E402
 
 
@@ -45,6 +51,9 @@ def main() -> int:
                         help="one etcd server instead of a 3-member cluster (no etcd faults)")
     parser.add_argument("--generation", choices=sorted(GENERATIONS), default=None,
                         help="run against this Airflow instead of each seed's own")
+    parser.add_argument("--deployments", choices=["one", "two"], default=None,
+                        help="every seed with one Airflow, or with two deployments, "
+                             "instead of each seed's own (a third have two)")
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="for each seed with a violation, write its history and the "
@@ -80,7 +89,11 @@ def main() -> int:
                 if trace is not None:
                     trace.lines.clear()
                 try:
-                    result = run_seed(seed, env, generation=args.generation)
+                    deployments = (None if args.deployments is None else {}
+                                   if args.deployments == "one" else
+                                   deployments_of(seed, args.generation, two=True))
+                    result = run_seed(seed, env, generation=args.generation,
+                                      deployments=deployments)
                 except (KeyboardInterrupt, SystemExit):
                     print(f"interrupted during seed {seed}", flush=True)
                     break
@@ -92,15 +105,16 @@ def main() -> int:
                 if args.verbose or args.seed is not None or not result.ok:
                     status = "ok" if result.ok else f"{len(result.violations)} VIOLATION(S)"
                     print(f"seed {seed}: {status}, {result.seconds:.1f} s, "
-                          f"API {result.generation}, "
+                          f"{result.airflow}, "
                           f"{result.steps} steps, {result.replicas} replica(s), "
                           f"{sum(result.actions.values())} actions; {result.faults}",
                           flush=True)
                     for kind, detail in result.violations:
                         print(f"  {kind}: {detail}", flush=True)
                     if not result.ok:
-                        print(f"  replay: {replay_command(seed, single=args.single)}",
-                              flush=True)
+                        replay = replay_command(seed, single=args.single,
+                                                two=bool(result.deployments))
+                        print(f"  replay: {replay}", flush=True)
         finally:
             if cluster is not None:
                 cluster.stop()
@@ -146,11 +160,16 @@ def summarize(results: list[SeedResult], wall: float, single: bool) -> None:
                                    if k.startswith("workload:")))
     generations = Counter(r.generation for r in results)
     print("Airflow generations: " + ", ".join(f"{k} {n}" for k, n in sorted(generations.items())))
+    two = [r for r in results if r.deployments]
+    print(f"deployments: one Airflow {len(results) - len(two)}, two {len(two)} "
+          f"({', '.join(f'{k} {n}' for k, n in sorted(Counter(r.airflow for r in two).items()))})")
     print("actions taken: " + ", ".join(f"{k} {n}" for k, n in sorted(actions.items())))
     bad = [r for r in results if not r.ok]
     print(f"violations: {sum(len(r.violations) for r in bad)} in {len(bad)} seed(s)")
+    two_of = {r.seed: bool(r.deployments) for r in results}
     for kind, seeds in sorted(kinds.items()):
-        print(f"  {kind}: {len(seeds)} seed(s), e.g. {replay_command(seeds[0], single=single)}"
+        print(f"  {kind}: {len(seeds)} seed(s), e.g. "
+              f"{replay_command(seeds[0], single=single, two=two_of[seeds[0]])}"
               f"  (seeds {', '.join(map(str, seeds[:12]))}{' ...' if len(seeds) > 12 else ''})")
 
 

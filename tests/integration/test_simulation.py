@@ -27,14 +27,17 @@ from reconciler.core.state import Plan, run_id_for
 from reconciler.service import loop
 from reconciler.service.leadership import Leadership
 from tests.fixtures.etcd import EtcdBinaryMissing, EtcdCluster
-from tests.sim.runner import SeedResult, SimEnv, generation_of, run_seed
+from tests.sim.faults import DEPLOYMENT_FAULTS, FaultPlan
+from tests.sim.runner import SeedResult, SimEnv, deployments_of, generation_of, run_seed
 from tests.sim.world import GENERATIONS
 
 pytestmark = pytest.mark.real_clock  # etcd faults: gRPC deadlines are wall-clock ones
 
 FIXED_SEEDS = list(range(24))
 """What CI runs (about 3 s a seed), on every Airflow generation (`generation_of`: 13 on
-API v2, 4 on v1 of 2.11, 7 on v1 of 2.5). Change them only with the README's figures."""
+API v2, 4 on v1 of 2.11, 7 on v1 of 2.5), 8 of them with two deployments
+(`deployments_of`: 1, 2, 6, 7, 8, 12, 16, 17; seed 2 moves a pipeline between them).
+Change them only with the README's figures."""
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,55 @@ def test_seed_keeps_every_invariant(sim_env: SimEnv, seed: int) -> None:
 # --- the checker catches what it is there to catch ---------------------------------------
 
 def test_the_fixed_seeds_search_every_airflow_generation() -> None:
-    """API v2, v1 of 2.11 and v1 of 2.5 (no updated_at filter) are each some fixed seeds'."""
+    """API v2, v1 of 2.11 and v1 of 2.5 (no updated_at filter) are each some fixed seeds';
+    and some run two deployments (each generation among them, a v1 beside a v2), with
+    every way a deployment fails drawn in their schedules, and a pipeline moved."""
+    import random
+
+    from tests.sim.transport import stable_random
+
     assert {generation_of(seed) for seed in FIXED_SEEDS} == set(GENERATIONS)
+    two = {seed: deployments_of(seed) for seed in FIXED_SEEDS if deployments_of(seed)}
+    assert 4 <= len(two) <= len(FIXED_SEEDS) // 2, two
+    assert {g for d in two.values() for g in d.values()} == set(GENERATIONS)
+    assert any(sorted(d.values()) in (["v1", "v2"], ["v1-2.5", "v2"]) for d in two.values())
+    ways = set()
+    for seed, deployments in two.items():
+        plan = FaultPlan.draw(seed, random.Random(seed), 24, etcd_faults=True,
+                              deployments=tuple(deployments))
+        mine = [s for s in plan.scheduled if s.kind in DEPLOYMENT_FAULTS]
+        assert mine, f"seed {seed}: two deployments and no deployment fault"
+        ways |= {(s.kind, s.how) for s in mine}
+    assert ways == {(k, how) for k, hows in DEPLOYMENT_FAULTS.items() for how in hows}
+    assert any(stable_random(seed, "move").random() < 0.5 for seed in two)
+
+
+def test_a_seed_with_one_airflow_draws_as_before_deployments() -> None:
+    """The deployments, their placement, move and faults are drawn from generators of
+    their own: the seed's generator draws the same workload and the same other faults
+    with two deployments as with one, so a one-Airflow seed is the one it was before."""
+    import random
+
+    from reconciler.core.settings import LoopSettings
+    from tests.sim.workload import Workload
+    from tests.sim.world import World
+
+    for seed in (1, 2, 6):
+        deployments = tuple(deployments_of(seed))
+        assert deployments
+        drawn = []
+        for given in ({}, deployments_of(seed)):
+            rng = random.Random(seed)
+            world = World(seed, None, None, Workload.universe(seed),  # type: ignore[arg-type]
+                          LoopSettings(interval=5.0), deployments=given)
+            workload = Workload.draw(world, rng)
+            drawn.append((workload.pipelines, workload.fail_rate, rng.getstate()))
+        assert drawn[0] == drawn[1]
+        one = FaultPlan.draw(seed, random.Random(seed), 24, etcd_faults=True)
+        two = FaultPlan.draw(seed, random.Random(seed), 24, etcd_faults=True,
+                             deployments=deployments)
+        assert (one.airflow_kinds, one.airflow_rate) == (two.airflow_kinds, two.airflow_rate)
+        assert one.scheduled == [s for s in two.scheduled if s.kind not in DEPLOYMENT_FAULTS]
 
 
 PLANTED_SEED = 16
@@ -86,6 +136,89 @@ def test_a_calm_seed_has_no_violation(sim_env: SimEnv, seed: int,
     assert result.actions["trigger"] > 0, result.actions
     assert result.actions["clear"] > 0, result.actions
     assert result.ok, result.report()
+
+
+def test_a_calm_seed_with_two_deployments_has_no_violation(sim_env: SimEnv) -> None:
+    """The control with two deployments, an Airflow 3 and an Airflow 2: every action went
+    to its pipeline's deployment (the v1 fake answers 404 to API v2), none ran twice."""
+    result = run_seed(PLANTED_SEED, sim_env, calm=True, replicas=2,
+                      deployments={"af1": "v2", "af2": "v1"})
+    assert result.actions["trigger"] > 0, result.actions
+    assert result.ok, result.report()
+
+
+def test_a_pipeline_run_in_both_deployments_is_reported(
+        sim_env: SimEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet that, once, also triggers a cycle in the deployment the pipeline does not
+    run in (say, the one it left): the same pipeline and cycle run in both."""
+    from reconciler.adapters.airflow_fleet import AirflowFleet
+
+    real_trigger = AirflowFleet.trigger
+    doubled: list[str] = []
+
+    def both(self: AirflowFleet, dag_id: str, *args: Any, **kwargs: Any) -> Any:
+        answer = real_trigger(self, dag_id, *args, **kwargs)
+        if not doubled:
+            doubled.append(dag_id)
+            here = self.where(dag_id)[0]
+            other = next(d for d in ("af1", "af2") if d != here)
+            self._call(other, lambda c: c.trigger(dag_id, *args, **kwargs))
+        return answer
+
+    monkeypatch.setattr(AirflowFleet, "trigger", both)
+    result = run_seed(PLANTED_SEED, sim_env, calm=True, replicas=2,
+                      deployments={"af1": "v2", "af2": "v1"})
+    assert doubled
+    assert {"run-in-two-deployments", "wrong-deployment"} <= kinds(result), result.report()
+    assert all(doubled[0] in d for k, d in result.violations
+               if k in ("run-in-two-deployments", "wrong-deployment")), result.report()
+
+
+def test_the_checker_keys_runs_by_deployment() -> None:
+    """The history alone (no etcd): a cycle of one pipeline created in each deployment is
+    reported, naming both; a trigger in the deployment it does not run in is
+    `wrong-deployment`; the same run ids in two deployments are two runs, not one."""
+    import random
+    from datetime import UTC, datetime
+
+    from reconciler.core.graph import Graph
+    from reconciler.core.settings import LoopSettings
+    from tests.sim.invariants import Checker
+    from tests.sim.workload import Version, Workload
+    from tests.sim.world import Event, World
+
+    world = World(7, None, None, Workload.universe(7),  # type: ignore[arg-type]
+                  LoopSettings(interval=5.0), deployments={"af1": "v2", "af2": "v1"})
+    workload = Workload.draw(world, random.Random(7))
+    graph = Graph([dataclasses.replace(p, deployment=workload.placement[d])
+                   for d, p in workload.pipelines.items()],
+                  deployments=world.declarations())
+    workload.versions.append(Version(0, "c0", graph, {}))
+    down = next(d for d in workload.order if d in workload.pipelines
+                and d not in workload.roots
+                and set(workload.pipelines[d].depends_on) <= set(workload.roots))
+    home = workload.placement[down]
+    away = next(d for d in world.deployments if d != home)
+    cycle = datetime(2026, 1, 1, tzinfo=UTC)
+    root_run = f"scheduled__{cycle.isoformat()}"
+    for root in workload.roots:
+        where = workload.placement[root]
+        world.add(Event(cycle, "root", root, root_run, cycle, by="scheduler",
+                        deployment=where))
+        world.add(Event(cycle, "end", root, root_run, cycle, by="scheduler",
+                        state="success", deployment=where))
+    world.step = 3
+    world.add(Event(cycle, "create", down, run_id_for(cycle), cycle, by="r1", leader="r1",
+                    deployment=home))
+    Checker(world, workload).replay()
+    assert world.violations == []
+    world.add(Event(cycle, "create", down, run_id_for(cycle), cycle, by="r1", leader="r1",
+                    deployment=away))
+    Checker(world, workload).replay()
+    assert sorted(k for k, _ in world.violations) == ["run-in-two-deployments",
+                                                      "wrong-deployment"], world.violations
+    assert all(f"{away}:{down}" in d for _, d in world.violations), world.violations
+    assert any(f"created in {home}" in d for _, d in world.violations), world.violations
 
 
 def test_a_clear_sent_twice_is_reported(sim_env: SimEnv,

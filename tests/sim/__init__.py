@@ -12,6 +12,9 @@
 - runner.py: one seed start to verdict (`run_seed`), and its replay command.
 
 Run by tests/integration/test_simulation.py (fixed seeds) and benchmarks/bench_sim.py (as
-many as asked). To extend (another Airflow API, several deployments): a new transport or
-world option, new fault kinds in faults.py, new checks in invariants.py.
+many as asked). A third of the seeds run two Airflow deployments (runner.py
+`deployments_of`): a fake and a transport each, replicas on an `AirflowFleet`, deployment
+faults in faults.py, runs keyed by deployment in invariants.py. To extend (another Airflow
+API, more deployments): a new transport or world option, new fault kinds in faults.py,
+new checks in invariants.py.
 """

@@ -10,6 +10,13 @@ Two kinds of faults:
   killed (-9, at a random call of its next pass), the reconciler's clock stepped, skew
   between its clock and Airflow's. Each has a heal step; `heal_all` ends every fault.
 
+- Per deployment (a seed with several, runner.py `deployments_of`): one deployment down
+  for a while (every request refused, answered 503, or hanging past the client's
+  timeout: `deployment-down`) or refusing the credentials (401 or 403:
+  `deployment-auth`), the others answering; then it comes back. Drawn from a generator
+  of their own (`stable_random(seed, "deployments")`), so the rest of the schedule is
+  the one the seed had before deployments (the per-request faults too, per deployment).
+
 All faults are injected during the first `fault_steps` steps; then everything heals and
 the quiet steps begin (runner.py).
 """
@@ -30,6 +37,9 @@ if TYPE_CHECKING:
 STEP_FAULTS = ("etcd-pause", "etcd-pause-member", "etcd-kill-member", "etcd-leader-loss",
                "replica-cut", "replica-kill", "clock-jump", "clock-skew")
 ETCD_FAULTS = {"etcd-pause", "etcd-pause-member", "etcd-kill-member", "etcd-leader-loss"}
+DEPLOYMENT_FAULTS = {"deployment-down": ("refused", "503", "hang"),
+                     "deployment-auth": ("401", "403")}
+"""Kind -> how its requests fail."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,10 @@ class Scheduled:
     """Steps until it heals."""
     amount: float = 0.0
     """clock-jump / clock-skew: seconds."""
+    target: str = ""
+    """deployment-*: the deployment."""
+    how: str = ""
+    """deployment-*: how its requests fail (DEPLOYMENT_FAULTS)."""
 
 
 @dataclass
@@ -54,7 +68,7 @@ class FaultPlan:
 
     @classmethod
     def draw(cls, seed: int, rng: random.Random, fault_steps: int, *,
-             etcd_faults: bool) -> FaultPlan:
+             etcd_faults: bool, deployments: tuple[str, ...] = ()) -> FaultPlan:
         kinds = tuple(sorted(rng.sample(AIRFLOW_FAULTS, rng.randint(2, 6))))
         rate = rng.choice([0.03, 0.06, 0.1, 0.2])
         allowed = [k for k in STEP_FAULTS if etcd_faults or k not in ETCD_FAULTS]
@@ -71,7 +85,9 @@ class FaultPlan:
             step = rng.randint(1, max(1, fault_steps - 2))
             lasts = rng.randint(1, 3) if kind in ETCD_FAULTS else rng.randint(1, 6)
             scheduled.append(Scheduled(step, kind, lasts, amount))
-        scheduled.sort(key=lambda s: (s.step, s.kind))
+        if deployments:
+            scheduled += draw_deployment_faults(seed, fault_steps, deployments)
+        scheduled.sort(key=lambda s: (s.step, s.kind, s.target))
         return cls(seed, fault_steps, kinds, rate, scheduled)
 
     def airflow_fault(self, holder: str, route: str, path: str, n: int, is_write: bool,
@@ -91,9 +107,24 @@ class FaultPlan:
         return stable_random(self.seed, "kill", holder, step, where, n).random() < 0.2
 
     def describe(self) -> str:
-        steps = ", ".join(f"{s.kind}@{s.step}+{s.lasts}" for s in self.scheduled)
+        steps = ", ".join(f"{s.kind}{f'({s.target} {s.how})' if s.target else ''}"
+                          f"@{s.step}+{s.lasts}" for s in self.scheduled)
         return (f"airflow {'/'.join(self.airflow_kinds)} at {self.airflow_rate:.0%}; "
                 f"{steps or 'no step faults'}")
+
+
+def draw_deployment_faults(seed: int, fault_steps: int, deployments: tuple[str, ...]
+                           ) -> list[Scheduled]:
+    """1-3 deployment faults, each on one deployment for 2-8 steps (sometimes both down
+    at once), from a generator of their own."""
+    rng = stable_random(seed, "deployment-faults")
+    out = []
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(sorted(DEPLOYMENT_FAULTS))
+        out.append(Scheduled(rng.randint(1, max(1, fault_steps - 2)), kind,
+                             rng.randint(2, 8), target=rng.choice(deployments),
+                             how=rng.choice(DEPLOYMENT_FAULTS[kind])))
+    return out
 
 
 class Injector:
@@ -151,6 +182,9 @@ class Injector:
                            and r.reconciler.leadership.is_leader()]
                 replica = self.rng.choice(leading or live)
                 replica.kill_pending = True
+        elif kind in DEPLOYMENT_FAULTS:
+            world.down[fault.target] = fault.how
+            self.healing.append((heal_at, kind, (fault.target, fault.how)))
         elif kind == "clock-jump":
             world.time.jump += fault.amount
         elif kind == "clock-skew":
@@ -166,7 +200,11 @@ class Injector:
                 continue
             self._heal(kind, what)
         self.healing = keep
+        # A deployment is back when none of its faults holds it down any more.
+        world.down = {target: how for _, kind, (target, how) in  # type: ignore[misc]
+                      ((a, k, w) for a, k, w in keep if k in DEPLOYMENT_FAULTS)}
         if everything:
+            world.down.clear()
             for replica in world.replicas:
                 replica.kill_pending = False
             # NTP sets the reconciler's clock right again (one more step).
@@ -204,6 +242,7 @@ class Injector:
                 r.observer.suspended_dirty.set()
         elif kind == "clock-skew":
             self.world.time.skew -= float(what)  # type: ignore[arg-type]
+
 
     def _cluster_whole(self) -> None:
         """Every member running and unpaused, and a leader elected."""

@@ -13,6 +13,15 @@ previous graph for one pass):
 - `unneeded-clear`: a clear of a run whose execution started after every upstream's
   last end: it already ran on these upstream executions (a second one on the same).
 
+With several deployments (a pipeline's runs are keyed by (deployment, dag_id, run_id),
+its cycles by (dag_id, cycle) across deployments):
+
+- `run-in-two-deployments`: a pipeline's cycle was created in a second deployment (the
+  same pipeline and cycle ran, or would run, twice: not exactly once);
+- `wrong-deployment`: a trigger sent to a deployment the pipeline does not run in by the
+  graph of the moment (nor by the one before, while a replica may still act on it);
+- the order checks above look for an upstream's run in whichever deployment it ran.
+
 Once the faults have healed and the quiet steps ran, the end state (`check_final`):
 
 - `never-triggered`: a pipeline due in a cycle (enabled, not suspended, every upstream
@@ -60,14 +69,17 @@ class _Run:
 class Checker:
     world: World
     workload: Workload
-    runs: dict[tuple[str, str], _Run] = field(default_factory=dict)
-    by_cycle: dict[tuple[str, datetime], str] = field(default_factory=dict)
+    runs: dict[tuple[str, str, str], _Run] = field(default_factory=dict)
+    """(deployment, dag_id, run_id) -> the run."""
+    by_cycle: dict[tuple[str, datetime], tuple[str, str]] = field(default_factory=dict)
+    """(dag_id, cycle) -> (deployment, run_id) of its run (the first, if two)."""
     started_on: dict[tuple[str, datetime], dict[str, datetime | None]] = field(
         default_factory=dict)
     """(dag, cycle) -> upstream end dates when the reconciler last started it."""
 
     def violation(self, kind: str, event: Event, why: str) -> None:
-        self.world.violation(kind, f"step {event.step}: {event.kind} {event.dag_id} "
+        where = f"{event.deployment}:" if event.deployment else ""
+        self.world.violation(kind, f"step {event.step}: {event.kind} {where}{event.dag_id} "
                                    f"{event.run_id} by {event.by}: {why}")
 
     # --- the graph at a step ------------------------------------------------------------
@@ -92,14 +104,14 @@ class Checker:
     def _upstream_run(self, up: str, cycle: datetime | None) -> _Run | None:
         if cycle is None:
             return None
-        run_id = self.by_cycle.get((up, cycle))
-        return self.runs.get((up, run_id)) if run_id is not None else None
+        found = self.by_cycle.get((up, cycle))
+        return self.runs.get((found[0], up, found[1])) if found is not None else None
 
     # --- the replay ---------------------------------------------------------------------
 
     def replay(self) -> None:
         for event in self.world.events:
-            key = (event.dag_id, event.run_id)
+            key = (event.deployment, event.dag_id, event.run_id)
             if event.kind in ("root", "create"):
                 if event.kind == "create" and not event.duplicate:
                     self._judge(event, "trigger")
@@ -107,7 +119,14 @@ class Checker:
                     self.runs[key] = _Run(event.dag_id, event.run_id, event.logical_date,
                                           queued=event.at)
                     if event.logical_date is not None:
-                        self.by_cycle[(event.dag_id, event.logical_date)] = event.run_id
+                        cycle = (event.dag_id, event.logical_date)
+                        other = self.by_cycle.setdefault(cycle, (event.deployment,
+                                                                 event.run_id))
+                        if other[0] != event.deployment:
+                            self.violation("run-in-two-deployments", event,
+                                           f"its cycle {event.logical_date.isoformat()} "
+                                           f"was created in {other[0]} already "
+                                           f"({other[1]})")
             elif event.kind == "start":
                 started = self.runs[key]
                 started.state, started.start, started.tasks_done = "running", event.at, None
@@ -135,6 +154,15 @@ class Checker:
         if event.dag_id in self.workload.roots:
             self.violation("root-touched", event, "roots are Airflow's to schedule")
             return
+        if action == "trigger" and self.workload.placement:
+            versions = self._versions(event.step)
+            homes = {v.graph.deployment_of(event.dag_id) for v in versions
+                     if event.dag_id in v.graph.pipelines}
+            if homes and event.deployment not in homes:
+                self.violation("wrong-deployment", event,
+                               f"it runs in {'/'.join(sorted(homes))} (its sender planned "
+                               f"with commit {event.commit or '-'}; the graph then: "
+                               f"{', '.join(v.commit[:12] for v in versions)})")
         cycle = event.logical_date
         for up in sorted(self._ups_both(event.dag_id, event.step)):
             run = self._upstream_run(up, cycle)
@@ -196,15 +224,16 @@ class Checker:
         final = workload.versions[-1]
         graph, since = final.graph, final.since
         everything = "*" in workload.suspended
-        for active in world.fake.runs():
+        every = [r for _, r in world.all_runs()]
+        for active in every:
             if active.state in ("queued", "running"):
                 world.violation("unfinished", f"{active.dag_id} {active.run_id} is "
                                               f"{active.state}")
-        cycles = sorted({r.logical_date for r in world.fake.runs()
+        cycles = sorted({r.logical_date for r in every
                          if r.dag_id in workload.roots and r.dag_id in graph.pipelines
                          and r.logical_date is not None})
         for cycle in cycles:
-            roots = [r for r in world.fake.runs()
+            roots = [r for r in every
                      if r.logical_date == cycle and r.dag_id in workload.roots
                      and r.dag_id in graph.pipelines]
             opened = min(r.queued_at or r.start_date or cycle for r in roots)
@@ -213,7 +242,8 @@ class Checker:
                 p = graph.pipelines.get(dag_id)
                 if p is None:
                     continue
-                run = world.fake.run(dag_id, run_id_for(cycle)) if p.depends_on else next(
+                found = world.find_run(dag_id, run_id_for(cycle))
+                run = (found[1] if found else None) if p.depends_on else next(
                     (r for r in roots if r.dag_id == dag_id), None)
                 if not p.depends_on:
                     outcome[dag_id] = "absent" if run is None else _state(run.state)

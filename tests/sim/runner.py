@@ -1,7 +1,8 @@
 """One seed of the fault simulation, start to verdict: `run_seed(seed, env)`.
 
 A seed draws everything from `random.Random(seed)`: the Airflow it runs against (API v2,
-or v1 of Airflow 2.11 or 2.5: `generation_of`), the workload (workload.py), the fault
+or v1 of Airflow 2.11 or 2.5: `generation_of`; a third of the seeds two deployments,
+`deployments_of`), the workload (workload.py), the fault
 schedule (faults.py), the loop's settings (1-3 replicas, concurrency 1 or 4, relist
 interval). Then, step by step (one step = one loop interval of simulated time):
 
@@ -40,7 +41,7 @@ from tests.sim.faults import FaultPlan, Injector
 from tests.sim.invariants import Checker
 from tests.sim.transport import Killed, Runaway, stable_random
 from tests.sim.workload import Workload
-from tests.sim.world import LogWatch, Replica, World
+from tests.sim.world import GENERATIONS, LogWatch, Replica, World
 
 if TYPE_CHECKING:
     from tests.fixtures.etcd import EtcdCluster
@@ -54,9 +55,12 @@ action (core/errors.py MAX_BACKOFF, 60 s), so a deferred action gets its retry."
 REPLAY = ".venv/bin/python benchmarks/bench_sim.py --seed {seed}"
 
 
-def replay_command(seed: int, *, single: bool = False) -> str:
-    """The one command that runs `seed` again (`single`: it ran on one etcd server)."""
-    return REPLAY.format(seed=seed) + (" --single" if single else "")
+def replay_command(seed: int, *, single: bool = False, two: bool | None = None) -> str:
+    """The one command that runs `seed` again (`single`: it ran on one etcd server;
+    `two`: it ran with two deployments, or with one, when that is not its own)."""
+    forced = "" if two is None or two == bool(deployments_of(seed)) else (
+        " --deployments two" if two else " --deployments one")
+    return REPLAY.format(seed=seed) + (" --single" if single else "") + forced
 
 
 @dataclass
@@ -83,6 +87,8 @@ class SeedResult:
     """Ran on one etcd server (no etcd faults), not on the 3-member cluster."""
     generation: str = "v2"
     """The Airflow it ran against (world.GENERATIONS)."""
+    deployments: dict[str, str] = field(default_factory=dict)
+    """Two deployments (name -> generation), or none: one Airflow (`generation`)."""
     history: list[str] = field(default_factory=list)
     """Airflow's history, one line an event (a seed with violations only): what to read
     when a violation does not replay (the real etcd's timing differed)."""
@@ -91,10 +97,17 @@ class SeedResult:
     def ok(self) -> bool:
         return not self.violations
 
+    @property
+    def airflow(self) -> str:
+        """`API v2`, or the deployments: `af1 v1 + af2 v2`."""
+        if not self.deployments:
+            return f"API {self.generation}"
+        return " + ".join(f"{n} {g}" for n, g in self.deployments.items())
+
     def report(self) -> str:
         lines = [f"seed {self.seed}: {len(self.violations)} violation(s) in {self.steps} "
-                 f"steps (Airflow API {self.generation}; {self.faults}); replay: "
-                 f"{replay_command(self.seed, single=self.single)}"]
+                 f"steps (Airflow {self.airflow}; {self.faults}); replay: "
+                 f"{replay_command(self.seed, single=self.single, two=bool(self.deployments))}"]
         lines += [f"  {kind}: {detail}" for kind, detail in self.violations]
         return "\n".join(lines)
 
@@ -106,14 +119,35 @@ def generation_of(seed: int) -> str:
     return stable_random(seed, "generation").choice(["v2", "v2", "v1", "v1-2.5"])
 
 
+DEPLOYMENT_SHARE = 3
+"""One seed in this many runs with two deployments."""
+
+
+def deployments_of(seed: int, generation: str | None = None, *,
+                   two: bool = False) -> dict[str, str]:
+    """Two deployments for one seed in DEPLOYMENT_SHARE (`two`: for this one anyway;
+    name -> generation: the seed's own first, the graph's default, then another
+    generation), else none (one Airflow). Drawn on its own, as `generation_of`: a seed
+    with one Airflow draws as it did before deployments were simulated."""
+    rng = stable_random(seed, "deployments")
+    if rng.randrange(DEPLOYMENT_SHARE) and not two:
+        return {}
+    first = generation or generation_of(seed)
+    return {"af1": first, "af2": rng.choice(sorted(g for g in GENERATIONS if g != first))}
+
+
 def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
              calm: bool = False, replicas: int | None = None,
-             generation: str | None = None) -> SeedResult:
+             generation: str | None = None,
+             deployments: dict[str, str] | None = None) -> SeedResult:
     """Run one seed; `calm`: the same workload without any fault (the checker's control
     case); `replicas`: that many instead of the seed's 1-3; `generation`: that Airflow
-    instead of the seed's (`generation_of`)."""
+    instead of the seed's (`generation_of`); `deployments`: these instead of the seed's
+    (`deployments_of`; `{}`: one Airflow)."""
     started = time.monotonic()
     generation = generation or generation_of(seed)
+    if deployments is None:
+        deployments = deployments_of(seed, generation)
     rng = random.Random(seed)
     settings = LoopSettings(interval=INTERVAL, lease_ttl=10,
                             relist_interval=rng.choice([60.0, 120.0]),
@@ -127,15 +161,16 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
     etcd = EtcdSettings(**{**env.etcd.__dict__, "namespace": namespace})
     store, probe = EtcdStore(etcd), EtcdStore(etcd)
     world = World(seed, store, probe, Workload.universe(seed), settings,
-                  generation=generation)
+                  generation=generation, deployments=dict(deployments))
     workload = Workload.draw(world, rng)
-    plan = FaultPlan.draw(seed, rng, fault_steps, etcd_faults=env.cluster is not None)
+    plan = FaultPlan.draw(seed, rng, fault_steps, etcd_faults=env.cluster is not None,
+                          deployments=tuple(deployments))
     if calm:
         plan = FaultPlan(seed, fault_steps, (), 0.0, [])
     world.faults = plan
     injector = Injector(world, env.cluster, rng)
     result = SeedResult(seed, faults=plan.describe(), single=env.cluster is None,
-                        generation=generation)
+                        generation=world.generation, deployments=dict(deployments))
     watch = LogWatch()
     logging.getLogger().addHandler(watch)
     try:
@@ -182,7 +217,7 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
                     world.replicas.remove(replica)
                     world.new_replica()
             if quiet_since is not None:
-                busy = any(r.state in ("queued", "running") for r in world.fake.runs())
+                busy = any(r.state in ("queued", "running") for _, r in world.all_runs())
                 acted = sum(world.actions.values()) != actions_before
                 idle = not (busy or acted or world.later or workload.unsynced
                             or workload.suspend_unsure)
@@ -214,10 +249,17 @@ def run_seed(seed: int, env: SimEnv, *, fault_steps: int = FAULT_STEPS,
     result.violations = _dedupe(world.violations)
     if result.violations:
         result.history = [
-            f"step {e.step} {world.relative(e.at.isoformat())} {e.kind} {e.dag_id} "
+            f"step {e.step} {world.relative(e.at.isoformat())} {e.kind} "
+            f"{e.deployment + ':' if e.deployment else ''}{e.dag_id} "
             f"{e.run_id} by={e.by}{' state=' + e.state if e.state else ''}"
             f"{' duplicate' if e.duplicate else ''} leader={e.leader}"
+            f"{' commit=' + e.commit if e.commit else ''}"
             for e in world.events]
+        result.history += [
+            f"graph {v.commit[:12]} synced at step {v.step} (announced {v.announced})"
+            + (": " + " ".join(f"{n}@{v.graph.deployment_of(n)}" for n in v.graph.pipelines)
+               if deployments else "")
+            for v in workload.versions]
     result.seconds = time.monotonic() - started
     return result
 

@@ -27,6 +27,13 @@ deterministically:
 Which request gets which fault is drawn from a hash of (seed, step, replica, route, the
 request's index among the same ones of that step), never from the order threads run in.
 A request to a replica that was killed raises `Killed`.
+
+With several deployments each replica has one session per deployment (its fleet's client
+of that deployment), to that deployment's fake; the faults above are drawn per deployment
+too. And a deployment can fail as a whole for a while (faults.py `deployment-down`,
+`deployment-auth`), the others answering: every request to it is refused (connection
+refused), answered 503, hangs past the client's timeout, or its credentials are refused
+(401, 403; the token endpoint too).
 """
 
 from __future__ import annotations
@@ -117,11 +124,14 @@ LISTINGS = {"GET /api/v2/dags/~/dagRuns", "POST /api/v2/dags/~/dagRuns/list"}
 
 
 class SimSession(requests.Session):
-    def __init__(self, world: World, replica: Replica) -> None:
+    def __init__(self, world: World, replica: Replica, deployment: str = "") -> None:
         super().__init__()
         self.trust_env = False
         self.world = world
         self.replica = replica
+        self.deployment = deployment
+        self.generation = world.generation_of(deployment)
+        self.fake = world.fake_of(deployment)
         self._lock = threading.Lock()
         self._seen: dict[tuple[int, str], int] = {}
         self._stuck: set[tuple[int, str, str]] = set()
@@ -155,9 +165,16 @@ class SimSession(requests.Session):
         if route in LISTINGS and n > MAX_SAME_LISTING:
             raise Runaway(f"{self.replica.holder}: {n} requests of {route} in one step")
         is_write = route in (TRIGGER, CLEAR)
-        fault = self.world.faults.airflow_fault(self.replica.holder, route, where, n,
-                                                is_write, step)
+        # One deployment's session draws as one Airflow's did (a one-Airflow seed as ever).
+        holder = (f"{self.replica.holder}@{self.deployment}" if self.deployment
+                  else self.replica.holder)
+        fault = self.world.faults.airflow_fault(holder, route, where, n, is_write, step)
         self.world.crash_point(self.replica, f"before {route}")
+        down = self.world.down.get(self.deployment) if self.deployment else None
+        if down is not None:
+            response = self._down(down, path, url)
+            self.world.crash_point(self.replica, f"after {route}")
+            return response
         leader = self.world.leader_now() if is_write else None
 
         def deliver(dup: bool = False) -> requests.Response:
@@ -165,7 +182,7 @@ class SimSession(requests.Session):
 
         if (step, route, self.replica.holder) in self._stuck and "offset=" in path:
             fault = "paging-stuck"
-        if fault == "expired-token" and self.world.generation != "v2":
+        if fault == "expired-token" and self.generation != "v2":
             fault = None  # basic auth (v1): no token to expire
         if fault is None or route == "POST /auth/token":
             response = deliver()
@@ -175,6 +192,24 @@ class SimSession(requests.Session):
         return response
 
     # --- faults -----------------------------------------------------------------------
+
+    def _down(self, how: str, path: str, url: str) -> requests.Response:
+        """A request to a deployment that is down, or refuses the credentials: it never
+        reaches the fake."""
+        world = self.world
+        world.count_fault(f"deployment:{how}")
+        if how == "refused":
+            raise requests.ConnectionError(f"injected: connection refused by "
+                                           f"{self.deployment} ({path})")
+        if how == "hang":
+            # The server accepted and never answered: the client waited its timeout out.
+            world.time.advance(2.0)
+            raise requests.ReadTimeout(f"injected: {self.deployment} never answered {path}")
+        if how == "503":
+            return self._answer(503, {"detail": "Service Unavailable"}, url)
+        if how == "401":
+            return self._answer(401, {"detail": "Invalid credentials"}, url)
+        return self._answer(403, {"detail": "Forbidden"}, url)
 
     def _faulty(self, fault: str, deliver: Callable[..., requests.Response], method: str,
                 path: str, route: str, url: str, headers: dict[str, str]
@@ -189,7 +224,7 @@ class SimSession(requests.Session):
             return self._answer(200, b"<!DOCTYPE html><html><body><form>Sign in</form>"
                                      b"</body></html>", url, "text/html; charset=utf-8")
         if fault == "expired-token":
-            world.fake.expire_tokens()
+            self.fake.expire_tokens()
             return deliver()
         if fault == "delayed":
             world.later.append(deliver)
@@ -205,7 +240,7 @@ class SimSession(requests.Session):
         if fault == "duplicated":
             return deliver(dup=True)
         if fault == "409":
-            if world.generation != "v2":  # Airflow 2's problem JSON
+            if self.generation != "v2":  # Airflow 2's problem JSON
                 return self._answer(409, {"detail": "DAGRun already exists", "status": 409,
                                           "title": "Conflict", "type": "about:blank"}, url,
                                     "application/problem+json")
@@ -266,19 +301,20 @@ class SimSession(requests.Session):
         world = self.world
         before = None
         if route == CLEAR:
-            before = world.run_state_before_clear(path)
+            before = world.run_state_before_clear(path, self.deployment)
         handler = _Handler(path, headers, body)
         if route == TASKS:
             # The fake Airflow has no task instances: the simulation's scheduler has.
             parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
-            handler.status, answer = world.task_instances(parts[3], parts[5])
+            handler.status, answer = world.task_instances(parts[3], parts[5],
+                                                          self.deployment)
             handler.wfile.write(json.dumps(answer).encode())
         else:
-            world.fake._serve(handler, method)  # type: ignore[arg-type]
+            self.fake._serve(handler, method)  # type: ignore[arg-type]
         data = handler.wfile.getvalue()
         if route in (TRIGGER, CLEAR) and handler.status == 200:
             world.record_write(self.replica, route, path, body, data, duplicate, before,
-                               leader)
+                               leader, self.deployment)
         response = requests.Response()
         response.status_code = handler.status
         response.headers = CaseInsensitiveDict(handler.reply_headers)

@@ -11,6 +11,11 @@ and the users.
 - Roots open cycles (scheduled runs; two roots sometimes on the same logical date).
 - Airflow's scheduler starts queued runs and ends running ones, some failed.
 - Users clear finished runs (re-runs, upstreams included) and retry failed ones.
+- Several deployments (a seed with them, runner.py `deployments_of`): each pipeline is
+  placed in one (`placement`, drawn per pipeline, so edges cross back and forth), the
+  graph declares them; half such seeds move one pipeline to the other deployment
+  mid-seed (a new commit synced). Drawn from generators of their own: the rest of the
+  workload is the one the seed had before deployments.
 
 Every change of Airflow's state is recorded in the world's history.
 """
@@ -25,6 +30,7 @@ from datetime import datetime, timedelta
 from reconciler.adapters.store import StoreError
 from reconciler.core.graph import Graph, Pipeline
 from reconciler.service.sync import build_head, carry_since
+from tests.sim.transport import stable_random
 from tests.sim.world import Event, World
 
 
@@ -64,6 +70,10 @@ class Workload:
     (etcd resumes and commits it), so the next attempt looks before writing again."""
     suspend_unsure: bool = False
     """A suspend or resume write met an etcd fault: applied or not, etcd will tell."""
+    placement: dict[str, str] = field(default_factory=dict)
+    """Several deployments: pipeline -> the deployment it runs in (empty: one Airflow)."""
+    move_at: int | None = None
+    """The step a pipeline moves to the other deployment at (None: none moves)."""
 
     @classmethod
     def draw(cls, world: World, rng: random.Random) -> Workload:
@@ -77,6 +87,16 @@ class Workload:
                                        else "all_success", conf={"n": i})
         w = cls(world, rng, roots, roots + nodes + spare, pipelines)
         w.fail_rate = {d: rng.choice([0.0, 0.0, 0.1, 0.3]) for d in w.order}
+        names = list(world.deployments)
+        if names:
+            split = stable_random(world.seed, "placement")
+            w.placement = {d: split.choice(names) for d in w.order}
+            if len({w.placement[d] for d in pipelines}) < 2:  # each runs something
+                w.placement[nodes[-1]] = next(n for n in names
+                                              if n != w.placement[nodes[-1]])
+            moving = stable_random(world.seed, "move")
+            if moving.random() < 0.5:
+                w.move_at = moving.randint(3, 18)
         return w
 
     @staticmethod
@@ -89,7 +109,9 @@ class Workload:
     def sync(self, *, at: datetime | None = None) -> bool:
         """Sync the current graph as a new commit; False when etcd refused (retried)."""
         world = self.world
-        graph = Graph(self.pipelines.values())
+        graph = Graph((replace(p, deployment=self.placement[d])
+                       for d, p in self.pipelines.items()) if self.placement
+                      else self.pipelines.values(), deployments=world.declarations())
         now = at or world.time.true_now()
         try:
             head, mod_revision = world.store.read_head()
@@ -161,6 +183,22 @@ class Workload:
         self.world.injected[f"workload:graph-{what}"] += 1
         self.sync()
 
+    def move(self) -> None:
+        """One pipeline (not a root: Airflow schedules those) moves to the other
+        deployment, as a migration moves it: one line of its YAML, a new commit synced.
+        Both deployments have its DAG."""
+        present = [d for d in self.order if d in self.pipelines and d not in self.roots]
+        if not present:
+            return
+        name = stable_random(self.world.seed, "moved").choice(present)
+        self.placement[name] = next(n for n in self.world.deployments
+                                    if n != self.placement[name])
+        self.world.injected["workload:graph-move"] += 1
+        self.sync()
+
+    def deployment_of(self, dag_id: str) -> str:
+        return self.placement.get(dag_id, "")
+
     def suspend_or_resume(self) -> None:
         world, rng = self.world, self.rng
         try:
@@ -205,53 +243,55 @@ class Workload:
         which = [r for r in self.roots if rng.random() < 0.5] or [rng.choice(self.roots)]
         for root in which:
             run_id = f"scheduled__{logical.isoformat()}"
-            if world.fake.run(root, run_id) is not None:
+            deployment = self.deployment_of(root)
+            fake = world.fake_of(deployment)
+            if fake.run(root, run_id) is not None:
                 continue
-            world.fake.add_run(root, run_id, logical, run_type="scheduled", queued_at=now,
-                               run_after=now)
-            world.add(Event(now, "root", root, run_id, logical, by="scheduler"))
+            fake.add_run(root, run_id, logical, run_type="scheduled", queued_at=now,
+                         run_after=now)
+            world.add(Event(now, "root", root, run_id, logical, by="scheduler",
+                            deployment=deployment))
             world.injected["workload:root-run"] += 1
 
     def schedule(self, *, finish: bool = False) -> None:
         """Airflow's scheduler: queued runs start, running ones end (some failed)."""
         world, rng = self.world, self.rng
         now = world.time.airflow()
-        # In a fixed order (not the fake's ids: concurrent triggers get them in thread
-        # order), so a seed draws the same numbers every time.
-        for run in sorted(world.fake.runs(), key=lambda r: (r.dag_id, r.run_id)):
-            key = (run.dag_id, run.run_id)
+        # In a fixed order (world.all_runs), so a seed draws the same numbers every time.
+        for deployment, run in world.all_runs():
+            fake = world.fake_of(deployment)
+            key = (deployment, run.dag_id, run.run_id)
             if run.state == "queued" and (finish or rng.random() < 0.7):
                 world.tasks_done.pop(key, None)
-                world.fake.advance(run.dag_id, run.run_id, "running", at=now)
+                fake.advance(run.dag_id, run.run_id, "running", at=now)
                 world.add(Event(now, "start", run.dag_id, run.run_id, run.logical_date,
-                                by="scheduler"))
+                                by="scheduler", deployment=deployment))
             elif run.state == "running" and key not in world.tasks_done \
                     and (finish or rng.random() < 0.5):
                 if rng.random() < self.fail_rate.get(run.dag_id, 0):
-                    world.fake.advance(run.dag_id, run.run_id, "failed", at=now)
+                    fake.advance(run.dag_id, run.run_id, "failed", at=now)
                     world.add(Event(now, "end", run.dag_id, run.run_id, run.logical_date,
-                                    by="scheduler", state="failed"))
+                                    by="scheduler", state="failed", deployment=deployment))
                 elif rng.random() < 0.5:
-                    world.all_tasks_done(run.dag_id, run.run_id)  # closed on a later step
+                    world.all_tasks_done(run.dag_id, run.run_id, deployment)  # closed later
                 else:
-                    self._close(run.dag_id, run.run_id, now)
+                    self._close(deployment, run.dag_id, run.run_id, now)
             elif run.state == "running" and (finish or rng.random() < 0.6):
-                self._close(run.dag_id, run.run_id, now)
+                self._close(deployment, run.dag_id, run.run_id, now)
 
-    def _close(self, dag_id: str, run_id: str, now: datetime) -> None:
+    def _close(self, deployment: str, dag_id: str, run_id: str, now: datetime) -> None:
         """The scheduler closes a run whose tasks all succeeded."""
         world = self.world
-        run = world.fake.advance(dag_id, run_id, "success", at=now)
-        world.tasks_done.pop((dag_id, run_id), None)
+        run = world.fake_of(deployment).advance(dag_id, run_id, "success", at=now)
+        world.tasks_done.pop((deployment, dag_id, run_id), None)
         world.add(Event(now, "end", dag_id, run_id, run.logical_date, by="scheduler",
-                        state="success"))
+                        state="success", deployment=deployment))
 
     def user_clears(self) -> None:
         """A user re-runs a finished run, or retries a failed one."""
         world, rng = self.world, self.rng
-        finished = [r for r in sorted(world.fake.runs(), key=lambda r: (r.dag_id, r.run_id))
-                    if r.state in ("success", "failed")]
-        failed = [r for r in finished if r.state == "failed"]
+        finished = [(d, r) for d, r in world.all_runs() if r.state in ("success", "failed")]
+        failed = [(d, r) for d, r in finished if r.state == "failed"]
         pick = None
         if failed and rng.random() < 0.3:
             pick = rng.choice(failed)
@@ -259,12 +299,13 @@ class Workload:
             pick = rng.choice(finished)
         if pick is None:
             return
+        deployment, run = pick
         now = world.time.airflow()
-        before = pick.state
-        world.tasks_done.pop((pick.dag_id, pick.run_id), None)
-        world.fake.advance(pick.dag_id, pick.run_id, "queued", at=now)
-        world.add(Event(now, "user-clear", pick.dag_id, pick.run_id, pick.logical_date,
-                        by="user", state=before))
+        before = run.state
+        world.tasks_done.pop((deployment, run.dag_id, run.run_id), None)
+        world.fake_of(deployment).advance(run.dag_id, run.run_id, "queued", at=now)
+        world.add(Event(now, "user-clear", run.dag_id, run.run_id, run.logical_date,
+                        by="user", state=before, deployment=deployment))
         world.injected["workload:user-clear"] += 1
 
     def step(self) -> None:
@@ -277,6 +318,8 @@ class Workload:
             self.change_graph()
         if rng.random() < 0.04:
             self.suspend_or_resume()
+        if self.world.step == self.move_at:
+            self.move()
 
 
 def _upstreams(rng: random.Random, roots: list[str], earlier: list[str]) -> tuple[str, ...]:

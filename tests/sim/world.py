@@ -31,9 +31,11 @@ from typing import Any
 from urllib.parse import unquote
 
 from reconciler.adapters.airflow import AirflowClient
+from reconciler.adapters.airflow_fleet import AirflowFleet
 from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.bounded_http import Watchdog
 from reconciler.adapters.store import EtcdStore, StoreError, StoreUnavailable
+from reconciler.core.graph import Deployment
 from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import parse_time
 from reconciler.service.loop import Reconciler
@@ -71,6 +73,11 @@ class Event:
     leader: str | None = None
     """Who held the leader key when the request was sent (None: etcd did not answer)."""
     step: int = 0
+    deployment: str = ""
+    """The deployment whose Airflow changed ("": the seed runs one, the implicit one)."""
+    commit: str = ""
+    """The reconciler's writes: the graph commit its sender planned with (what to read
+    when a write went to the wrong deployment)."""
 
 
 REAL_LEASE_FACTOR = 60
@@ -185,7 +192,7 @@ class World:
     later: list[Callable[[], Any]] = field(default_factory=list)
     """Requests that reach Airflow after their client gave up (the `delayed` fault)."""
     leases: Leases = field(default_factory=lambda: Leases())
-    tasks_done: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    tasks_done: dict[tuple[str, str, str], datetime] = field(default_factory=dict)
     """Runs still running whose every task has succeeded (the eager path), and when."""
     injected: Counter[str] = field(default_factory=Counter)
     actions: Counter[str] = field(default_factory=Counter)
@@ -195,14 +202,64 @@ class World:
 
     generation: str = "v2"
     """Which Airflow the seed runs against (GENERATIONS): its fake and its client."""
+    deployments: dict[str, str] = field(default_factory=dict)
+    """Several deployments (name -> its generation), the first the graph's default: one
+    fake Airflow each (every DAG of the universe deployed in each, as during a
+    migration), replicas on an `AirflowFleet`. Empty: one Airflow (`generation`), the
+    implicit deployment, as before deployments were declared."""
+    down: dict[str, str] = field(default_factory=dict)
+    """Deployments failing every request now (faults.py): name -> how (refused, 503,
+    hang, 401, 403)."""
 
     def __post_init__(self) -> None:
-        if self.generation not in GENERATIONS:
-            raise ValueError(f"unknown generation {self.generation!r}")
-        version = GENERATIONS[self.generation]
-        self.fake: FakeAirflow = (
-            FakeAirflow(self.dag_ids, now=self.time.airflow) if version is None
-            else FakeAirflowV1(self.dag_ids, now=self.time.airflow, version=version))
+        for generation in (self.generation, *self.deployments.values()):
+            if generation not in GENERATIONS:
+                raise ValueError(f"unknown generation {generation!r}")
+        if self.deployments:
+            self.generation = next(iter(self.deployments.values()))
+        names = list(self.deployments) or [""]
+        self.fakes: dict[str, FakeAirflow] = {
+            name: self._make_fake(self.deployments.get(name, self.generation))
+            for name in names}
+        self.fake: FakeAirflow = self.fakes[names[0]]
+        """The (first) deployment's fake Airflow."""
+
+    def _make_fake(self, generation: str) -> FakeAirflow:
+        version = GENERATIONS[generation]
+        return (FakeAirflow(self.dag_ids, now=self.time.airflow) if version is None
+                else FakeAirflowV1(self.dag_ids, now=self.time.airflow, version=version))
+
+    # --- deployments ----------------------------------------------------------------------
+
+    def declarations(self) -> list[Deployment]:
+        """The deployments as the graph declares them (none for a one-Airflow seed)."""
+        return [Deployment(name, f"http://{name}.sim",
+                           api="v2" if GENERATIONS[gen] is None else "v1",
+                           auth={"kind": "password", "username": "admin",
+                                 "password_env": f"{name.upper()}_PASSWORD"},
+                           default=i == 0)
+                for i, (name, gen) in enumerate(self.deployments.items())]
+
+    def generation_of(self, deployment: str) -> str:
+        return self.deployments.get(deployment, self.generation)
+
+    def fake_of(self, deployment: str) -> FakeAirflow:
+        return self.fakes[deployment]
+
+    def all_runs(self) -> list[tuple[str, Any]]:
+        """(deployment, run) of every deployment's fake, in a fixed order (not the fakes'
+        ids: concurrent triggers get them in thread order)."""
+        return sorted(((d, r) for d, fake in self.fakes.items() for r in fake.runs()),
+                      key=lambda dr: (dr[1].dag_id, dr[1].run_id, dr[0]))
+
+    def find_run(self, dag_id: str, run_id: str) -> tuple[str, Any] | None:
+        """The run in whichever deployment has it (the first, if two have: a violation
+        invariants.py reports on its own)."""
+        for deployment, fake in self.fakes.items():
+            run = fake.run(dag_id, run_id)
+            if run is not None:
+                return deployment, run
+        return None
 
     # --- replicas -----------------------------------------------------------------------
 
@@ -214,15 +271,27 @@ class World:
         # thread (no socket to shut): real time, and so the machine's load, never reaches
         # a seed's decisions.
         clock = self.time.reconciler
-        settings = AirflowSettings(url="http://airflow.sim", username="admin",
-                                   password="secret-pw", timeout=2, retries=3)
-        wiring: dict[str, Any] = {
-            "session": SimSession(self, replica), "backoff_initial": 0.2,
-            "backoff_max": 2.0, "clock": clock,
-            "watchdog": Watchdog(clock.monotonic, threaded=False)}
-        version = GENERATIONS[self.generation]
-        api = (AirflowClient(settings, **wiring) if version is None
-               else AirflowV1Client(settings, airflow_version=version, **wiring))
+
+        def client(deployment: str) -> Any:
+            settings = AirflowSettings(url=f"http://{deployment or 'airflow'}.sim",
+                                       username="admin", password="secret-pw", timeout=2,
+                                       retries=3)
+            wiring: dict[str, Any] = {
+                "session": SimSession(self, replica, deployment), "backoff_initial": 0.2,
+                "backoff_max": 2.0, "clock": clock,
+                "watchdog": Watchdog(clock.monotonic, threaded=False)}
+            version = GENERATIONS[self.generation_of(deployment)]
+            return (AirflowClient(settings, **wiring) if version is None
+                    else AirflowV1Client(settings, airflow_version=version, **wiring))
+
+        api: Any
+        if self.deployments:
+            # As `reconciler loop` wires it (cli/loop_cmds.py airflow_fleet): the default
+            # client first, a client per declared deployment made on its first call.
+            api = AirflowFleet(client(next(iter(self.deployments))),
+                               lambda declaration: client(declaration.name))
+        else:
+            api = client("")
         replica.reconciler = Reconciler(SimStore(self.store, self, replica),  # type: ignore[arg-type]
                                         api, self.settings, holder=replica.holder,
                                         clock=self.time.reconciler)
@@ -286,15 +355,18 @@ class World:
 
     # --- the eager path: task-level events and task instances ------------------------
 
-    def all_tasks_done(self, dag_id: str, run_id: str) -> None:
+    def all_tasks_done(self, dag_id: str, run_id: str, deployment: str = "") -> None:
         """Every task of a running run succeeded; the scheduler has not closed it yet.
-        The listener plugin writes a task-level event to etcd; the watch delivers it."""
+        The listener plugin writes a task-level event to etcd (under `@<deployment>/`
+        when several are declared); the watch delivers it."""
         now = self.time.airflow()
-        self.tasks_done[(dag_id, run_id)] = now
-        run = self.fake.run(dag_id, run_id)
+        self.tasks_done[(deployment, dag_id, run_id)] = now
+        run = self.fake_of(deployment).run(dag_id, run_id)
         self.add(Event(now, "tasks-done", dag_id, run_id,
-                       run.logical_date if run else None, by="scheduler"))
-        key = self.store.event_key(dag_id, run_id)
+                       run.logical_date if run else None, by="scheduler",
+                       deployment=deployment))
+        key = (self.store.key("events", f"@{deployment}", dag_id, run_id) if deployment
+               else self.store.event_key(dag_id, run_id))
         value = json.dumps({"kind": "task", "dag_id": dag_id, "run_id": run_id,
                             "task_id": "work", "state": "success"}).encode()
         try:
@@ -306,12 +378,13 @@ class World:
             if not replica.dead and not replica.cut and r is not None:
                 r.observer.on_event(key, value)
 
-    def task_instances(self, dag_id: str, run_id: str) -> tuple[int, dict[str, Any]]:
+    def task_instances(self, dag_id: str, run_id: str, deployment: str = ""
+                       ) -> tuple[int, dict[str, Any]]:
         """The answer of GET .../taskInstances: one task, done or not."""
-        run = self.fake.run(dag_id, run_id)
+        run = self.fake_of(deployment).run(dag_id, run_id)
         if run is None:
             return 404, {"detail": "not found"}
-        done = self.tasks_done.get((dag_id, run_id))
+        done = self.tasks_done.get((deployment, dag_id, run_id))
         if run.state == "success":
             state, end = "success", run.end_date
         elif done is not None and run.state == "running":
@@ -340,30 +413,35 @@ class World:
             event.step = self.step
             self.events.append(event)
 
-    def run_state_before_clear(self, path: str) -> tuple[str, datetime | None] | None:
+    def run_state_before_clear(self, path: str, deployment: str = ""
+                               ) -> tuple[str, datetime | None] | None:
         parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
-        run = self.fake.run(parts[3], parts[5]) if len(parts) >= 6 else None
+        run = self.fake_of(deployment).run(parts[3], parts[5]) if len(parts) >= 6 else None
         return None if run is None else (run.state, run.end_date)
 
     def record_write(self, replica: Replica, route: str, path: str, body: bytes,
-                     answer: bytes, duplicate: bool, before: Any, leader: str | None
-                     ) -> None:
+                     answer: bytes, duplicate: bool, before: Any, leader: str | None,
+                     deployment: str = "") -> None:
         parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
         dag_id = parts[3]
+        r = replica.reconciler
+        desired = r.observer.desired if r is not None else None
+        commit = desired.commit[:12] if desired is not None else ""
         if route == TRIGGER:
             data = json.loads(body)
             # v1 sends the date as `execution_date`
             when = data.get("logical_date") or data.get("execution_date")
             self.add(Event(self.time.airflow(), "create", dag_id, data["dag_run_id"],
                            parse_time(when), by=replica.holder,
-                           duplicate=duplicate, leader=leader))
+                           duplicate=duplicate, leader=leader, deployment=deployment,
+                           commit=commit))
             self.actions["trigger"] += 0 if duplicate else 1
         elif route == CLEAR:
-            run = self.fake.run(dag_id, parts[5])
+            run = self.fake_of(deployment).run(dag_id, parts[5])
             self.add(Event(self.time.airflow(), "clear", dag_id, parts[5],
                            run.logical_date if run else None, by=replica.holder,
                            state=before[0] if before else "", duplicate=duplicate,
-                           leader=leader))
+                           leader=leader, deployment=deployment, commit=commit))
             self.actions["clear"] += 0 if duplicate else 1
 
     def violation(self, kind: str, detail: str) -> None:
