@@ -249,10 +249,15 @@ class AirflowFleet:
                                lambda c: c.clear(real, run_id, cleared_end=cleared_end))
         return self._as(dag_id, raw), sent
 
-    def list_dags(self, page_size: int | None = None) -> list[dict[str, Any]]:
-        """The DAGs of every deployment of the graph, a pipeline's under its name."""
+    def list_dags(self, page_size: int | None = None, *,
+                  skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """The DAGs of every deployment of the graph (but those in `skip`: known to be
+        unreachable), a pipeline's under its name."""
         out: list[dict[str, Any]] = []
+        skipped = set(skip)
         for deployment in self.deployment_names() or [self.where("")[0]]:
+            if deployment in skipped:
+                continue
             dags = self._call(deployment, lambda c: c.list_dags(page_size))
             out.extend(self._named(deployment, d) for d in dags)
         return out

@@ -151,7 +151,8 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
                             seen.now, window=window, since=seen.desired.since,
                             commit=seen.desired.commit, suspended=seen.suspended),
                        observer.unreachable, api)
-    paused = {d["dag_id"] for d in api.list_dags() if d.get("is_paused")}
+    paused = {d["dag_id"] for d in api.list_dags(skip=observer.unreachable)
+              if d.get("is_paused")}
     out = []
     for s in result.statuses:
         data = s.to_json()

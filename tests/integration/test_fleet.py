@@ -421,3 +421,17 @@ def test_a_watch_made_again_marks_the_head_and_the_suspensions_to_be_read(
         assert not r.observer.head_dirty.is_set()
     finally:
         runner._drop_watch()
+
+
+def test_status_live_with_one_deployment_down_shows_its_pipelines_held_back(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow,
+        etcd_settings: EtcdSettings) -> None:
+    open_cycle(af2)
+    af3.fail_next(DOWN, "503")
+    proc = cli(etcd_settings, af2, "status", "--live", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert "deployment af3" in proc.stderr
+    rows = {r["dag_id"]: r for r in json.loads(proc.stdout)["statuses"]}
+    assert rows["02_pipeline"]["message"].startswith("deployment af3 unreachable (")
+    assert rows["02_pipeline"]["deployment"] == "af3"
+    assert rows["01_pipeline_init"]["state"] == "done"
