@@ -265,9 +265,10 @@ def test_scenario_4_af3_down_mid_cycle_holds_back_only_its_pipelines(
     def held_back() -> dict[str, dict[str, Any]] | None:
         rows = two.status(cycle, "--from-etcd")  # what the leader mirrored on its pass
         return rows if rows["07_pipeline"]["message"].startswith(
-            "deployment af3 unreachable (") else None
+            "deployment af3 unreachable (") and rows["06_pipeline"]["state"] == "done" \
+            else None
 
-    rows = eventually(held_back, 60, "the leader to say af3 is unreachable")
+    rows = eventually(held_back, 60, "the leader to see 06 done and af3 unreachable", 1.0)
     assert rows["07_pipeline"]["state"] == "waiting", rows["07_pipeline"]
     assert rows["06_pipeline"]["state"] == "done", rows["06_pipeline"]
     assert rows["01_pipeline_init"]["state"] == "done", rows["01_pipeline_init"]
