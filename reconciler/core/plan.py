@@ -703,13 +703,14 @@ def hold_back(result: Plan, unreachable: Mapping[str, str],
     for st in result.statuses:
         if st.dag_id in held and st.state in _HELD_STATES:
             deployment = deployment_of(st.dag_id)
+            why = unreachable[deployment].removeprefix(f"deployment {deployment}: ")
             was = st.message if st.state not in (State.TRIGGERING, State.RERUNNING) else (
                 f"then: {st.message}")
             state = State.WAITING if st.state in (State.TRIGGERING, State.RERUNNING) \
                 else st.state
             reason = Reason.WAITING_FOR if state is State.WAITING else st.reason
             st = PipelineStatus(st.dag_id, st.cycle, state, reason,
-                                f"deployment {deployment} unreachable ({unreachable[deployment]}); "
+                                f"deployment {deployment} unreachable ({why}); "
                                 f"{was}", st.run_id, st.waiting_for, st.blocked_by, st.commit)
         elif st.state is State.WAITING and any(w in held for w in st.waiting_for):
             where = sorted({deployment_of(w) for w in st.waiting_for if w in held})

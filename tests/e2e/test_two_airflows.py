@@ -324,10 +324,6 @@ def test_scenario_5_a_pipeline_moved_mid_cycle_is_not_run_again_and_runs_once_af
     assert ledger[(iso(c3), "06_pipeline")]["deployment"] == "af2"
 
 
-@pytest.mark.xfail(strict=True, reason="`status --live` asks every deployment for its DAGs "
-                   "(reconciler/cli/operate_cmds.py `_live`: api.list_dags()) after the "
-                   "observer held the unreachable one back: one deployment down fails the "
-                   "whole command (exit 2) instead of showing its pipelines held back")
 def test_status_live_while_af3_is_down_shows_its_pipelines_held_back(
         two: TwoAirflows) -> None:
     two.proxy.refuse()

@@ -82,7 +82,7 @@ def test_hold_back_drops_the_actions_of_an_unreachable_deployment_and_says_why()
     b = held.status("b", CYCLE)
     assert b is not None
     assert b.state is State.WAITING
-    assert b.message.startswith("deployment af3 unreachable (deployment af3: 503")
+    assert b.message.startswith("deployment af3 unreachable (503 Service Unavailable); ")
     c = held.status("c", CYCLE)
     assert c is not None
     assert c.message.endswith("(deployment af3 unreachable)")
