@@ -116,6 +116,7 @@ def passes(r: Reconciler, n: int) -> list[tuple[str, str]]:
     return done
 
 
+@pytest.mark.real_clock  # etcd paused: only a request timeout (gRPC's: wall-clock) ends it
 def test_an_eager_trigger_whose_result_write_fails_is_adopted_not_cleared(
         etcd: EtcdServer, store: EtcdStore, fake: AnsweringFake) -> None:
     """The probe's case. 05's tasks all succeed, 06 is triggered on the eager path; etcd
@@ -166,6 +167,7 @@ def test_an_eager_trigger_whose_result_write_fails_is_adopted_not_cleared(
     assert store.read_ledger()[(CYCLE.isoformat(), "06_pipeline")]["state"] == "done"
 
 
+@pytest.mark.real_clock  # etcd paused: only a request timeout (gRPC's: wall-clock) ends it
 def test_an_intent_etcd_did_not_take_is_remembered_and_no_call_is_made(
         etcd: EtcdServer, store: EtcdStore, fake: AnsweringFake) -> None:
     """etcd hangs on the intent write itself: Airflow is not called, memory holds the
@@ -260,6 +262,7 @@ def finish(fake: FakeAirflow, *dag_ids: str) -> None:
         fake.advance(dag_id, RUN, "success")
 
 
+@pytest.mark.real_clock  # etcd paused: only a request timeout (gRPC's: wall-clock) ends it
 def test_a_rerun_whose_result_write_fails_is_not_cleared_twice(
         etcd: EtcdServer, store: EtcdStore, fake: AnsweringFake) -> None:
     """Scenario 2 with an etcd outage: 03 re-ran, so 06 is cleared; etcd hangs while
