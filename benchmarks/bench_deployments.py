@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from bench_loop import (  # noqa: E402
     quiet_passes,
     timed,
     wait_leader,
+    write_steady_ledger,
 )
 from synthetic import layered_graph, write_pipelines  # noqa: E402
 
@@ -51,9 +51,8 @@ from reconciler.adapters.airflow import AirflowClient  # noqa: E402
 from reconciler.adapters.airflow_fleet import AirflowFleet  # noqa: E402
 from reconciler.adapters.store import EtcdStore  # noqa: E402
 from reconciler.core.graph import Deployment  # noqa: E402
-from reconciler.core.plan import plan  # noqa: E402
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings  # noqa: E402
-from reconciler.core.state import LedgerState, iso  # noqa: E402
+from reconciler.core.state import iso  # noqa: E402
 from reconciler.service.loop import Reconciler  # noqa: E402
 from reconciler.service.sync import sync  # noqa: E402
 from tests.fixtures.etcd import EtcdServer, free_port  # noqa: E402
@@ -148,18 +147,7 @@ def measure(work: Path, etcd: EtcdServer, spec: dict[str, list[str]], deployment
         r = Reconciler(store, fleet_of(fakes, page), loop, holder="bench")
         r.leadership.start()
         wait_leader(r)
-        # The ledger the loop would have written, in bulk: a steady state to start from.
-        seen = r.observer.observe(with_ledger=False)
-        assert seen.desired is not None
-        result = plan(seen.desired.graph, seen.runs.values(), {}, now,
-                      window=timedelta(days=2), since=seen.desired.since,
-                      commit=seen.desired.commit)
-        puts = [(store.ledger_key(iso(a.cycle), a.dag_id),
-                 json.dumps(a.ledger_entry(at=now, state=LedgerState.DONE).to_json())
-                 .encode()) for a in result.actions]
-        for i in range(0, len(puts), 100):
-            store.put_if_revision(store.key("bench-marker", str(i)), 0, b"1",
-                                  also=puts[i:i + 100])
+        write_steady_ledger(r, store, now)
         r.observer.cache.listed_at = None
         r.run_pass()  # records every status once
         r.leadership.stop()

@@ -131,6 +131,23 @@ class IndexedFake(FakeAirflow):
         return found
 
 
+def write_steady_ledger(r: Reconciler, store: EtcdStore, now: datetime
+                        ) -> list[tuple[str, bytes]]:
+    """The ledger the loop would have written for every run Airflow has (adopt: no Airflow
+    call), in bulk, so that a benchmark starts from a steady state; the entries written."""
+    seen = r.observer.observe(with_ledger=False)
+    assert seen.desired is not None
+    result = plan(seen.desired.graph, seen.runs.values(), {}, now, window=timedelta(days=2),
+                  since=seen.desired.since, commit=seen.desired.commit)
+    puts = [(store.ledger_key(iso(a.cycle), a.dag_id),
+             json.dumps(a.ledger_entry(at=now, state=LedgerState.DONE).to_json()).encode())
+            for a in result.actions]
+    for i in range(0, len(puts), 100):
+        store.put_if_revision(store.key("bench-marker", str(i)), 0, b"1",
+                              also=puts[i:i + 100])
+    return puts
+
+
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     result = fn()
@@ -283,18 +300,9 @@ def main() -> None:
                 wait_leader(r)
                 # Record the ledger the loop would have written (adopt = no Airflow call),
                 # in bulk, so the benchmark starts from a steady state.
-                seen = r.observer.observe(with_ledger=False)
-                desired = seen.desired
+                puts = write_steady_ledger(r, store, now)
+                desired = r.observer.desired
                 assert desired is not None
-                result = plan(desired.graph, seen.runs.values(), {}, now,
-                              window=timedelta(days=2), since=desired.since,
-                              commit=desired.commit)
-                puts = [(store.ledger_key(iso(a.cycle), a.dag_id),
-                         json.dumps(a.ledger_entry(at=now, state=LedgerState.DONE).to_json())
-                         .encode()) for a in result.actions]
-                for i in range(0, len(puts), 100):
-                    store.put_if_revision(store.key("bench-marker", str(i)), 0, b"1",
-                                          also=puts[i:i + 100])
                 r.observer.cache.listed_at = None  # the first pass lists again
                 fresh_s, fresh = timed(r.run_pass)
                 quiet_times, quiet = quiet_passes(r, args.quiet)

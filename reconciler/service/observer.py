@@ -197,6 +197,7 @@ class Observer:
         go on, and the loop holds back the actions of these)."""
         self._moved: tuple[tuple[Any, int], dict[str, set[str]]] | None = None
         """(graph, ledger version) -> deployment left -> pipelines moved from it."""
+        self._groups: tuple[frozenset[str], dict[str, list[str]]] | None = None
         self._watermarks: dict[str, datetime] = {}
         """Per deployment: Airflow's clock when its last listing started."""
 
@@ -292,8 +293,7 @@ class Observer:
         mono = self.clock.monotonic()
         stale = (self.cache.listed_at is None
                  or mono - self.cache.listed_at >= self.settings.relist_interval)
-        groups = getattr(self.api, "groups", None)
-        by_deployment = groups(dag_ids) if groups is not None else {}
+        by_deployment = self._by_deployment(dag_ids)
         if len(by_deployment) > 1:
             self._observe_deployments(by_deployment, horizon, now, mono, stale)
         else:
@@ -301,6 +301,15 @@ class Observer:
             self._observe_all(dag_ids, horizon, now, mono, stale)
         if getattr(self.api, "declares", False):
             self._observe_moved(horizon)
+
+    def _by_deployment(self, dag_ids: frozenset[str]) -> Mapping[str, list[str]]:
+        """The graph's pipelines by deployment, built once per graph (not on every quiet
+        pass); nothing when the graph declares no deployments (all in one)."""
+        if not getattr(self.api, "declares", False):
+            return {}
+        if self._groups is None or self._groups[0] is not dag_ids:
+            self._groups = (dag_ids, self.api.groups(dag_ids))  # type: ignore[attr-defined]
+        return self._groups[1]
 
     def _observe_all(self, dag_ids: frozenset[str], horizon: datetime, now: datetime,
                      mono: float, stale: bool) -> None:
