@@ -277,17 +277,20 @@ def main() -> None:
             now = datetime.now(UTC)
             sync(repo, "HEAD", "pipelines", store, source="bench", now=now - timedelta(days=1))
             with IndexedFake(list(graph_spec), max_page, not args.fake_encodes) as fake:
-                # every pipeline ran in every cycle, layer after layer
-                cycles = [now.replace(microsecond=0) - timedelta(hours=h)
+                # Every pipeline ran in every cycle, layer after layer, and all of it
+                # ended (and was last updated) before now: a run updated in the future,
+                # or in the last seconds, comes back in every incremental listing.
+                cycles = [now.replace(microsecond=0) - timedelta(hours=h + 1)
                           for h in range(args.cycles)]
                 order = list(graph_spec)  # layered_graph lists ids layer by layer
                 for cycle in cycles:
                     for i, dag_id in enumerate(order):
-                        start = cycle + timedelta(seconds=i)
+                        start = cycle + timedelta(milliseconds=10 * i)
                         run = fake.add_run(dag_id, f"reconciler__{iso(cycle)}", cycle,
                                            state="success", start_date=start,
-                                           end_date=start + timedelta(milliseconds=500))
+                                           end_date=start + timedelta(milliseconds=5))
                         run.queued_at = start
+                        run.updated_at = start + timedelta(milliseconds=5)
                 api_settings = AirflowSettings(url=fake.url, username="admin",
                                                password="secret-pw", page_size=args.page_size)
                 loop_settings = LoopSettings(interval=1)

@@ -12,8 +12,8 @@ graph that declares nothing runs everything in the implicit `default` deployment
 client is the reconciler's own settings (RECONCILER_AIRFLOW_*): exactly as before.
 
 A deployment that cannot be reached, or refuses the credentials, must hold back only its
-own pipelines: the observer lists one deployment at a time (`groups`, `iter_runs_of`) so
-it can go on with the others (observer.py).
+own pipelines: the observer lists each deployment on its own (`groups`, `iter_runs_of`),
+all at once, so it can go on with the others (observer.py).
 """
 
 from __future__ import annotations

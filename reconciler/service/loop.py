@@ -29,6 +29,7 @@ import secrets
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from reconciler.adapters.clock import SystemClock
 from reconciler.core.errors import disposition
@@ -75,6 +76,9 @@ class Reconciler:
         self.metrics = metrics or Metrics()
         self.leadership = Leadership(store, self.holder, settings.lease_ttl, self.clock)
         self.observer = Observer(store, api, settings, self.clock)
+        self.observer.leave_behind = True  # a slow deployment must not slow the others
+        self._held: tuple[Plan, tuple[Any, ...], Plan] | None = None
+        """(plan, what held it back, the plan held back): see held_back."""
         self.ledger = self.observer.ledger
         """The run ledger: the observer reads it, the executor writes it through."""
         self.executor = Executor(self.ledger, api, self.leadership, self.clock,
@@ -191,11 +195,28 @@ class Reconciler:
 
     def held_back(self, result: Plan) -> Plan:
         """Several deployments: nothing is asked of one that cannot be reached, and the
-        statuses of its pipelines (and of what waits on them) say so."""
+        statuses of its pipelines (and of what waits on them) say so. The actions of one
+        whose listing is still under way wait for it, silently (its runs are as last
+        seen, and a slow deployment's calls would only hold the executor's threads)."""
         where = getattr(self.api, "where", None)
-        if where is None or not self.observer.unreachable:
+        late, unreachable = self.observer.late, self.observer.unreachable
+        if where is None or not (late or unreachable):
             return result
-        return hold_back(result, self.observer.unreachable, lambda name: where(name)[0])
+        held = result
+        if unreachable:
+            inputs = tuple(sorted(unreachable.items()))
+            if self._held is not None and self._held[0] is result \
+                    and self._held[1] == inputs:
+                # The same plan held back the same way: the same statuses, so the
+                # recorder skips them (not 50,000 compared on every pass while one is down).
+                held = self._held[2]
+            else:
+                held = hold_back(result, unreachable, lambda name: where(name)[0])
+                self._held = (result, inputs, held)
+        if late:  # the statuses stay the same object (the recorder sees no change)
+            held = replace(held, actions=tuple(
+                a for a in held.actions if where(a.dag_id)[0] not in late))
+        return held
 
     def _apply(self, outcomes: list[Outcome]) -> None:
         # The ledger needs nothing here: the executor wrote it through (ledger.py).
@@ -211,6 +232,7 @@ class Reconciler:
         self.observer.cache.prune(horizon, result.cycles)
 
     def close(self) -> None:
+        self.observer.close()
         self.executor.close()
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -46,6 +48,14 @@ WATERMARK_OVERLAP = timedelta(seconds=3)
 updated in the same instant as the previous answer is never missed. The watermark is
 Airflow's clock read from its `Date` header, truncated to the second (up to 1 s early)
 and moved on locally since: the overlap covers both."""
+
+MAX_LISTING_THREADS = 16
+"""Deployments listed at once (more wait for a thread)."""
+
+LEAVE_BEHIND_AFTER = 0.02
+"""Seconds the loop waits for the other listings once the first has ended, at least (and
+as long again as that first one took): a listing still running then is left behind. Too
+short costs little: a listing left behind is merged on the next pass."""
 
 
 @runtime_checkable
@@ -83,6 +93,37 @@ class Observation:
     suspended_version: int = 0
 
 
+def parse_runs(raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> Iterator[DagRun]:
+    """The runs of `dag_ids` in an API listing; one with unreadable fields is logged and
+    skipped."""
+    for item in raw:
+        if item.get("dag_id") not in dag_ids:
+            continue
+        try:
+            yield DagRun.from_api(item)
+        except (KeyError, TypeError, ValueError) as exc:
+            event("run with unreadable fields ignored", logging.WARNING,
+                  dag_id=item.get("dag_id"), run_id=item.get("dag_run_id"), error=str(exc))
+
+
+@dataclass(slots=True)
+class Listed:
+    """What one deployment's listing found, parsed on a thread of its own: the main
+    thread merges it into the cache (nothing else touches the cache concurrently)."""
+
+    deployment: str
+    group: frozenset[str]
+    kind: str
+    """"relist" (the group's runs become these), "since" (changes since the watermark)
+    or "old-cycles" (the runs of cycles open although older than the window)."""
+    start: datetime
+    """The deployment's clock when the listing started: its next watermark."""
+    desired: Any
+    """The graph it was asked for: a listing that outlived its graph is dropped."""
+    runs: list[DagRun] = field(default_factory=list)
+    error: ReconcilerError | None = None
+
+
 class RunCache:
     """The runs of the graph's DAGs that matter: updated inside the window, or belonging
     to an open cycle."""
@@ -107,29 +148,19 @@ class RunCache:
         self.watermark = now
         self.listed_at = mono
 
-    def replace_some(self, raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> None:
-        """The runs of `dag_ids` become what `raw` lists; the others stay (one deployment
-        relisted). If the listing fails midway the cache is left as it was."""
-        previous = self.runs
-        self.runs = {k: r for k, r in previous.items() if k[0] not in dag_ids}
-        try:
-            self.absorb(raw, dag_ids)
-        except BaseException:
-            self.runs = previous
-            raise
+    def replace_group(self, runs: Iterable[DagRun], group: Set[str]) -> None:
+        """The runs of `group` (one deployment's pipelines) become `runs`, already listed
+        and parsed; the others stay."""
+        self.runs = {k: r for k, r in self.runs.items() if k[0] not in group}
+        self.absorb_runs(runs)
         self.version += 1
 
     def absorb(self, raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> int:
+        return self.absorb_runs(parse_runs(raw, dag_ids))
+
+    def absorb_runs(self, runs: Iterable[DagRun]) -> int:
         changed = 0
-        for item in raw:
-            if item.get("dag_id") not in dag_ids:
-                continue
-            try:
-                run = DagRun.from_api(item)
-            except (KeyError, TypeError, ValueError) as exc:
-                event("run with unreadable fields ignored", logging.WARNING,
-                      dag_id=item.get("dag_id"), run_id=item.get("dag_run_id"), error=str(exc))
-                continue
+        for run in runs:
             key = (run.dag_id, run.run_id)
             old = self.runs.get(key)
             if (old is not None and old.tasks_done_at is not None and run.state == "running"
@@ -200,6 +231,15 @@ class Observer:
         self._groups: tuple[frozenset[str], dict[str, list[str]]] | None = None
         self._watermarks: dict[str, datetime] = {}
         """Per deployment: Airflow's clock when its last listing started."""
+        self.concurrent_listing = True
+        """Several deployments are listed at once, a thread each (the simulation lists
+        them in turn: its replay must not depend on thread timing)."""
+        self.leave_behind = False
+        """The loop does not wait for a deployment's listing much slower than the others'
+        (a one-shot command waits for every one)."""
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[str, Future[Listed]] = {}
+        self._last_failure: ReconcilerError | None = None
 
     # --- desired state ---
 
@@ -298,6 +338,7 @@ class Observer:
             self._observe_deployments(by_deployment, horizon, now, mono, stale)
         else:
             self.unreachable = {}
+            self._inflight.clear()  # left behind under a graph of several deployments
             self._observe_all(dag_ids, horizon, now, mono, stale)
         if getattr(self.api, "declares", False):
             self._observe_moved(horizon)
@@ -327,46 +368,172 @@ class Observer:
     def _observe_deployments(self, by_deployment: Mapping[str, list[str]],
                              horizon: datetime, now: datetime, mono: float,
                              stale: bool) -> None:
-        """One deployment at a time: one that fails keeps its runs as last seen, is
-        named in `unreachable`, and the others go on. When it answers again it is listed
-        from its own watermark (or relisted), so nothing it did meanwhile is missed.
-        Raises only when every deployment failed (the runner then backs off)."""
+        """Every deployment at once, each listed on a thread of its own and parsed there;
+        the main thread merges. One that fails keeps its runs as last seen, is named in
+        `unreachable`, and the others go on; when it answers again it is listed from its
+        own watermark (or relisted), so nothing it did meanwhile is missed. In the loop
+        (`leave_behind`) a listing much slower than the others' is not waited for: the
+        pass goes on with that deployment's runs as last seen and defers its actions
+        (`late`), and merges the listing on the pass it has ended. Raises only when every
+        deployment failed (the runner then backs off)."""
         fleet: Any = self.api
-        failed: dict[str, str] = {}
-        last: ReconcilerError | None = None
+        jobs: dict[str, Callable[[], Listed]] = {}
         for deployment, names in sorted(by_deployment.items()):
-            group = frozenset(names)
-            start = fleet.server_now_of(deployment) or now
+            if deployment in self._inflight:
+                continue  # still listing since an earlier pass
             watermark = self._watermarks.get(deployment)
-            try:
-                if stale or watermark is None:
-                    self.cache.replace_some(
-                        fleet.iter_runs_of(deployment, names, updated_at_gte=horizon), group)
-                    self._relist_old_cycles(deployment, group, horizon)
-                else:
-                    self.cache.absorb(fleet.iter_runs_of(
-                        deployment, names, updated_at_gte=watermark - WATERMARK_OVERLAP),
-                        group)
-            except ReconcilerError as exc:
-                text = str(exc)
-                failed[deployment] = text if text.startswith(f"deployment {deployment}:") \
-                    else f"deployment {deployment}: {text}"
-                last = exc
-                if stale:
-                    self._watermarks.pop(deployment, None)  # relist it when it is back
-                continue
-            self._watermarks[deployment] = start
-        for deployment in sorted(set(failed) - set(self.unreachable)):
-            event("deployment unreachable: its pipelines wait, the others go on",
-                  logging.WARNING, deployment=deployment, error=failed[deployment])
-        for deployment in sorted(set(self.unreachable) - set(failed)):
-            event("deployment answers again", deployment=deployment)
-        self.unreachable = failed
-        if last is not None and len(failed) == len(by_deployment):
-            raise last
+            start = fleet.server_now_of(deployment) or now
+            if stale or watermark is None:
+                jobs[deployment] = self._list_job(deployment, names, "relist", start,
+                                                  updated_at_gte=horizon)
+            else:
+                jobs[deployment] = self._list_job(
+                    deployment, names, "since", start,
+                    updated_at_gte=watermark - WATERMARK_OVERLAP)
+        self._last_failure = None
+        merged = self._merge(self._gather(jobs), horizon)
+        old = self._old_cycle_jobs(merged, horizon)
+        if old:
+            self._merge(self._gather(old), horizon)
+        self.unreachable = {d: why for d, why in self.unreachable.items() if d in by_deployment}
         self.cache.watermark = now
         if stale:
             self.cache.listed_at = mono
+        if self._last_failure is not None and by_deployment and all(
+                d in self.unreachable for d in by_deployment):
+            last, self._last_failure = self._last_failure, None
+            raise last
+
+    def _list_job(self, deployment: str, names: list[str], kind: str, start: datetime,
+                  **filters: datetime) -> Callable[[], Listed]:
+        """One deployment's listing as a job for a thread: it parses page by page into
+        its own list (the cache is the main thread's)."""
+        fleet: Any = self.api
+        group = frozenset(names)
+        desired = self.desired
+
+        def job() -> Listed:
+            listed = Listed(deployment, group, kind, start, desired)
+            try:
+                listed.runs.extend(parse_runs(
+                    fleet.iter_runs_of(deployment, names, **filters), group))
+            except ReconcilerError as exc:
+                listed.error = exc
+                listed.runs.clear()
+            return listed
+        return job
+
+    def _gather(self, jobs: Mapping[str, Callable[[], Listed]]) -> list[Listed]:
+        """Run `jobs` (deployment -> listing) concurrently and return every listing that
+        has ended: these, and any left behind by an earlier pass. Waits for all of them
+        except, in the loop, one still running when the others have ended and as long
+        again has passed (a deployment hanging to its timeout adds nothing to the others'
+        passes), and except deployments already unreachable (their retry runs behind)."""
+        if not self.concurrent_listing:
+            return [job() for _, job in sorted(jobs.items())]
+        if jobs and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=MAX_LISTING_THREADS,
+                                            thread_name_prefix="list")
+        for deployment, job in jobs.items():
+            assert self._pool is not None
+            self._inflight[deployment] = self._pool.submit(job)
+        waited = {self._inflight[d] for d in jobs if d not in self.unreachable} or {
+            self._inflight[d] for d in jobs}
+        if not self.leave_behind:
+            waited = set(self._inflight.values())
+        began, deadline = time.monotonic(), None
+        pending = waited
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            if self.leave_behind and deadline is None:
+                deadline = time.monotonic() + max(LEAVE_BEHIND_AFTER,
+                                                  time.monotonic() - began)
+        ended = sorted(d for d, f in self._inflight.items() if f.done())
+        return [self._inflight.pop(d).result() for d in ended]
+
+    def _merge(self, listings: list[Listed], horizon: datetime) -> list[Listed]:
+        """Merge ended listings (main thread); returns the relists that succeeded."""
+        relisted = []
+        for listed in listings:
+            deployment = listed.deployment
+            if listed.desired is not self.desired:
+                self._watermarks.pop(deployment, None)  # asked for another graph
+                continue
+            if listed.error is not None:
+                text = str(listed.error)
+                why = text if text.startswith(f"deployment {deployment}:") \
+                    else f"deployment {deployment}: {text}"
+                if deployment not in self.unreachable:
+                    event("deployment unreachable: its pipelines wait, the others go on",
+                          logging.WARNING, deployment=deployment, error=why)
+                self.unreachable[deployment] = why
+                self._last_failure = listed.error
+                if listed.kind == "relist":
+                    self._watermarks.pop(deployment, None)  # relist it when it is back
+                continue
+            if listed.kind == "relist":
+                self.cache.replace_group(listed.runs, listed.group)
+                relisted.append(listed)
+            else:
+                self.cache.absorb_runs(listed.runs)
+            if listed.kind != "old-cycles":
+                self._watermarks[deployment] = listed.start
+            if self.unreachable.pop(deployment, None) is not None:
+                event("deployment answers again", deployment=deployment)
+        return relisted
+
+    def _old_cycle_jobs(self, relisted: list[Listed], horizon: datetime
+                        ) -> dict[str, Callable[[], Listed]]:
+        """`relist`'s second half for each deployment just relisted: its non-roots' runs
+        of cycles open although older than the window. Asked once every deployment is
+        merged: the roots may run in another one."""
+        if not relisted:
+            return {}
+        assert self.desired is not None
+        graph = self.desired.graph
+        old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
+                             if r.logical_date is not None and r.logical_date < horizon
+                             and not graph.pipelines[r.dag_id].depends_on})
+        jobs: dict[str, Callable[[], Listed]] = {}
+        for listed in relisted:
+            others = sorted(d for d in listed.group if graph.pipelines[d].depends_on)
+            if not others or not old_cycles:
+                continue
+            jobs[listed.deployment] = self._old_cycles_job(listed, others, old_cycles)
+        return jobs
+
+    def _old_cycles_job(self, listed: Listed, others: list[str],
+                        cycles: list[datetime]) -> Callable[[], Listed]:
+        jobs = [self._list_job(listed.deployment, others, "old-cycles", listed.start,
+                               logical_date_gte=c, logical_date_lte=c) for c in cycles]
+
+        def job() -> Listed:
+            out = Listed(listed.deployment, frozenset(others), "old-cycles", listed.start,
+                         listed.desired)
+            for one in jobs:
+                part = one()
+                if part.error is not None:
+                    out.error, out.runs = part.error, []
+                    break
+                out.runs.extend(part.runs)
+            return out
+        return job
+
+    @property
+    def late(self) -> frozenset[str]:
+        """Deployments whose listing is still under way (left behind by `_gather`): the
+        loop defers their actions until it has ended."""
+        return frozenset(self._inflight)
+
+    def close(self) -> None:
+        """Stop the listing threads (a listing under way ends by its own deadline)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._inflight.clear()
 
     def _observe_moved(self, horizon: datetime) -> None:
         """The earlier runs of pipelines moved to another deployment, from the one they
@@ -394,24 +561,6 @@ class Observer:
                 event("runs of pipelines moved away cannot be read", logging.WARNING,
                       deployment=deployment, pipelines=",".join(sorted(names)),
                       error=str(exc))
-
-    def _relist_old_cycles(self, deployment: str, group: frozenset[str],
-                           horizon: datetime) -> None:
-        """`relist`'s second half for one deployment: its non-roots' runs of cycles open
-        although older than the window (the roots may run in another deployment)."""
-        assert self.desired is not None
-        graph = self.desired.graph
-        roots = {d for d, p in graph.pipelines.items() if not p.depends_on}
-        old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
-                             if r.logical_date is not None and r.logical_date < horizon
-                             and r.dag_id in roots})
-        others = sorted(d for d in group if graph.pipelines[d].depends_on)
-        fleet: Any = self.api
-        for cycle in old_cycles:
-            if others:
-                self.cache.absorb(fleet.iter_runs_of(deployment, others,
-                                                     logical_date_gte=cycle,
-                                                     logical_date_lte=cycle), group)
 
     def _listing(self, dag_ids: Iterable[str],
                  **filters: datetime) -> Iterable[dict[str, Any]]:

@@ -66,8 +66,10 @@ class Recorder:
 
     def record(self, result: Plan, runs: Mapping[tuple[str, str], DagRun]) -> int:
         """Mirror what changed; returns the number of keys written."""
-        if result is self._recorded:
-            return 0  # a reused plan was recorded already
+        last = self._recorded
+        if last is not None and result.statuses is last.statuses \
+                and result.cycles is last.cycles:
+            return 0  # a reused plan (or one with only its actions held back) was recorded
         if self.mirror is None:
             self.load()
         assert self.mirror is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import State, iso, run_id_for
 from reconciler.service.loop import Reconciler
 from reconciler.service.sync import sync
-from tests.fakes.fake_airflow import FakeAirflow
+from tests.fakes.fake_airflow import FakeAirflow, Request
 from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.helpers import example_repo, git
 
@@ -109,22 +110,38 @@ def open_cycle(af2: FakeAirflow, cycle: datetime = CYCLE) -> None:
 
 
 def converge(r: Reconciler, *fakes: FakeAirflow, passes: int = 15) -> None:
+    """Passes until one does nothing and no deployment's listing is still under way (the
+    loop does not wait for the retry of one that was unreachable)."""
     for _ in range(passes):
         report = r.run_pass()
         finished = sum(f.finish_all() for f in fakes)
         if not report.actions and finished == 0:
-            return
+            if not r.observer.late:
+                return
+            time.sleep(0.1)
     raise AssertionError("did not converge")
+
+
+def logged(fake: FakeAirflow, first: int, route_part: str) -> list[Request]:
+    """The requests since log entry `first` whose route contains `route_part`, once there
+    is one: the fake logs a request after answering it, so the client may see the answer
+    a moment before the log shows it."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [q for q in fake.log[first:] if route_part in q.route]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
 
 
 def run_ids(fake: FakeAirflow, dag_id: str) -> list[str]:
     return sorted(r.run_id for r in fake.runs(dag_id))
 
 
-def statuses(r: Reconciler) -> dict[str, tuple[State, str]]:
+def statuses(r: Reconciler, cycle: datetime = CYCLE) -> dict[str, tuple[State, str]]:
     assert r.observer.desired is not None
     result = r.held_back(r.plan(r.observer.observe(refresh=False)))
-    return {s.dag_id: (s.state, s.message) for s in result.statuses if s.cycle == CYCLE}
+    return {s.dag_id: (s.state, s.message) for s in result.statuses if s.cycle == cycle}
 
 
 def test_one_graph_runs_each_pipeline_once_in_its_own_airflow(
@@ -194,6 +211,64 @@ def test_a_deployment_down_holds_back_only_its_pipelines_and_nothing_runs_twice(
     assert af2.duplicate_triggers() == {}
     assert af3.duplicate_triggers() == {}
     assert af2.clear_count("06_pipeline", run_id_for(CYCLE)) == 0
+
+
+def test_the_deployments_are_listed_at_once_not_one_after_another(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    converge(r, af2, af3)
+    # Each deployment's next listing answers only after 1 s: listed one after another,
+    # af3's listing would arrive a second after af2's.
+    first2, first3 = len(af2.log), len(af3.log)
+    for fake, route in ((af2, "GET /api/v1/dags/~/dagRuns"),
+                        (af3, "GET /api/v2/dags/~/dagRuns")):
+        fake.fail_next(1, "hang", 1.0, route=route)
+    assert r.run_pass().actions == []
+    arrivals = [min(q.at for q in logged(fake, first, "dagRuns"))
+                for fake, first in ((af2, first2), (af3, first3))]
+    assert abs(arrivals[0] - arrivals[1]) < 0.9
+    assert r.observer.unreachable == {}
+
+
+def test_a_hanging_deployment_is_left_behind_and_adds_nothing_to_the_others_passes(
+        store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
+    open_cycle(af2)
+    r = reconciler(store, af2)
+    converge(r, af2, af3)
+    # af3 stops answering (each request hangs past the client's 2 s timeout) while a
+    # new cycle's root ends in af2: 06 (af2) waits for the fan-out, which is af3's.
+    af3.fail_next(DOWN, "hang", 4.0)
+    later = CYCLE - timedelta(hours=1)
+    open_cycle(af2, later)
+    before3 = len(af3.log)
+    r.run_pass()
+    # The pass did not wait for af3's listing: it is still under way, af3's actions
+    # (the fan-out) wait for it, and its pipelines' statuses are as last seen.
+    assert r.observer.late == {"af3"}
+    assert not [q for q in af3.log[before3:] if q.route.startswith("POST")]
+    assert not any("unreachable" in why for _, why in statuses(r, later).values())
+    # A pass meanwhile serves af2 and does not wait for af3's listing either.
+    before2 = len(af2.log)
+    r.run_pass()
+    assert logged(af2, before2, "dagRuns")
+    assert r.observer.late == {"af3"}
+    # Once af3's listing has failed (its deadline), af3 is unreachable: held back.
+    deadline = time.monotonic() + 20
+    while r.observer.late and time.monotonic() < deadline:
+        time.sleep(0.1)
+        r.run_pass()
+    assert "af3" in r.observer.unreachable
+    assert statuses(r, later)["02_pipeline"][1].startswith("deployment af3 unreachable (")
+    af3.clear_faults()
+    converge(r, af2, af3, passes=40)
+    assert r.observer.unreachable == {}
+    for cycle in (CYCLE, later):
+        for dag_id in AF3_DAGS:
+            assert run_ids(af3, dag_id).count(run_id_for(cycle)) == 1
+        assert run_ids(af2, "06_pipeline").count(run_id_for(cycle)) == 1
+    assert af2.duplicate_triggers() == {}
+    assert af3.duplicate_triggers() == {}
 
 
 def test_credentials_refused_by_one_deployment_hold_back_only_its_pipelines(

@@ -295,6 +295,9 @@ class World:
         replica.reconciler = Reconciler(SimStore(self.store, self, replica),  # type: ignore[arg-type]
                                         api, self.settings, holder=replica.holder,
                                         clock=self.time.reconciler)
+        # Deployments are listed in turn, not on threads: the replay of a seed must not
+        # depend on thread timing (the merge is the same: in the main thread, in order).
+        replica.reconciler.observer.concurrent_listing = False
         self.replicas.append(replica)
         return replica
 
