@@ -66,6 +66,9 @@ class AirflowFleet:
         deployment it left: a clear or a read of that run goes there."""
         self._lock = threading.Lock()
         self._retired_requests = 0
+        self._alias_memo: dict[str, tuple[list[str], Graph | None, dict[str, str]]] = {}
+        self._groups_memo: tuple[frozenset[str], Graph | None, dict[str, list[str]]] | None \
+            = None
 
     # --- routing ----------------------------------------------------------------------
 
@@ -131,10 +134,17 @@ class AirflowFleet:
         return list(self._in_use)
 
     def groups(self, names: Iterable[str]) -> dict[str, list[str]]:
-        """`names` by the deployment each runs in."""
+        """`names` by the deployment each runs in. The observer asks with the same
+        frozenset on every pass: its answer is kept for the graph (the lists are then the
+        same objects, so `_aliases` keeps its own too)."""
+        graph, memo = self._graph, self._groups_memo
+        if memo is not None and memo[0] is names and memo[1] is graph:
+            return memo[2]
         out: dict[str, list[str]] = {}
         for name in names:
             out.setdefault(self.where(name)[0], []).append(name)
+        if isinstance(names, frozenset):
+            self._groups_memo = (names, graph, out)
         return out
 
     def client(self, deployment: str) -> Any:
@@ -182,7 +192,7 @@ class AirflowFleet:
         """The runs of `names`, all in `deployment`, page by page when its client can.
         `moved`: the pipelines run elsewhere now and these are their earlier runs, which
         later calls of the same run are routed back to (`where_run`)."""
-        aliases = {self.where(n)[1]: n for n in names}
+        aliases = self._aliases(deployment, names)
         given = {"updated_at_gte": updated_at_gte, "logical_date_gte": logical_date_gte,
                  "logical_date_lte": logical_date_lte}
         filters = {k: v for k, v in given.items() if v is not None}
@@ -199,6 +209,18 @@ class AirflowFleet:
                 item["dag_id"] = name
                 self._seen_in[(name, str(item.get("dag_run_id")))] = (deployment, dag_id)
             yield item
+
+    def _aliases(self, deployment: str, names: Iterable[str]) -> dict[str, str]:
+        """dag_id -> name for `names`; the observer asks with the same list on every pass
+        (one deployment's pipelines), so that one is built once per graph, not per pass
+        (50,000 lookups on a quiet pass)."""
+        graph, memo = self._graph, self._alias_memo.get(deployment)
+        if memo is not None and memo[0] is names and memo[1] is graph:
+            return memo[2]
+        aliases = {self.where(n)[1]: n for n in names}
+        if isinstance(names, list):  # a fresh iterable may be a one-off: not kept
+            self._alias_memo[deployment] = (names, graph, aliases)
+        return aliases
 
     def iter_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,

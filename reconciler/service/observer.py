@@ -334,7 +334,7 @@ class Observer:
         stale = (self.cache.listed_at is None
                  or mono - self.cache.listed_at >= self.settings.relist_interval)
         by_deployment = self._by_deployment(dag_ids)
-        if len(by_deployment) > 1:
+        if by_deployment:  # declared deployments, one or several
             self._observe_deployments(by_deployment, horizon, now, mono, stale)
         else:
             self.unreachable = {}

@@ -128,3 +128,22 @@ def test_a_deployment_not_declared_is_unusable_and_named() -> None:
     f, _ = fleet()
     with pytest.raises(DeploymentUnusable, match="deployment af9: not declared"):
         f.client("af9")
+
+
+def test_the_grouping_kept_between_passes_follows_a_new_graph() -> None:
+    made, stubs = fleet()
+    names = frozenset({"root", "cleanup", "cleanup_af3"})
+    first = made.groups(names)
+    assert made.groups(names) is first  # the same graph: kept, not rebuilt
+    assert {d: sorted(n) for d, n in first.items()} == {"af2": ["cleanup", "root"],
+                                                         "af3": ["cleanup_af3"]}
+    # A new head moves the root to af3.
+    made.configure(Graph([Pipeline("root", deployment="af3"),
+                          Pipeline("cleanup", depends_on=("root",)),
+                          Pipeline("cleanup", depends_on=("root",), deployment="af3",
+                                   name="cleanup_af3")], [AF2, AF3]))
+    moved = {d: sorted(n) for d, n in made.groups(names).items()}
+    assert moved == {"af2": ["cleanup"], "af3": ["cleanup_af3", "root"]}
+    listed = list(made.iter_runs_of("af3", made.groups(names)["af3"]))
+    assert sorted(r["dag_id"] for r in listed) == ["cleanup_af3", "root"]
+    assert stubs["af3"] is made.client("af3")
