@@ -66,7 +66,8 @@ class AirflowFleet:
         deployment it left: a clear or a read of that run goes there."""
         self._lock = threading.Lock()
         self._retired_requests = 0
-        self._alias_memo: dict[str, tuple[list[str], Graph | None, dict[str, str]]] = {}
+        self._alias_memo: dict[str, tuple[list[str], Graph | None, dict[str, str],
+                                          frozenset[str]]] = {}
         self._groups_memo: tuple[frozenset[str], Graph | None, dict[str, list[str]]] | None \
             = None
 
@@ -192,13 +193,13 @@ class AirflowFleet:
         """The runs of `names`, all in `deployment`, page by page when its client can.
         `moved`: the pipelines run elsewhere now and these are their earlier runs, which
         later calls of the same run are routed back to (`where_run`)."""
-        aliases = self._aliases(deployment, names)
+        aliases, ids = self._aliases(deployment, names)
         given = {"updated_at_gte": updated_at_gte, "logical_date_gte": logical_date_gte,
                  "logical_date_lte": logical_date_lte}
         filters = {k: v for k, v in given.items() if v is not None}
         client = self._call(deployment, lambda c: c)
-        listing = (client.iter_runs(list(aliases), **filters) if hasattr(client, "iter_runs")
-                   else client.list_runs(list(aliases), **filters))
+        listing = (client.iter_runs(ids, **filters) if hasattr(client, "iter_runs")
+                   else client.list_runs(sorted(ids), **filters))
         for item in listing:
             if not moved:
                 yield self._named(deployment, item)
@@ -210,17 +211,20 @@ class AirflowFleet:
                 self._seen_in[(name, str(item.get("dag_run_id")))] = (deployment, dag_id)
             yield item
 
-    def _aliases(self, deployment: str, names: Iterable[str]) -> dict[str, str]:
-        """dag_id -> name for `names`; the observer asks with the same list on every pass
-        (one deployment's pipelines), so that one is built once per graph, not per pass
-        (50,000 lookups on a quiet pass)."""
+    def _aliases(self, deployment: str, names: Iterable[str]
+                 ) -> tuple[dict[str, str], frozenset[str]]:
+        """dag_id -> name for `names`, and those dag_ids as a set (taken as it is by the
+        client). The observer asks with the same list on every pass (one deployment's
+        pipelines), so those are built once per graph, not per pass (50,000 lookups and
+        a copy on a quiet pass)."""
         graph, memo = self._graph, self._alias_memo.get(deployment)
         if memo is not None and memo[0] is names and memo[1] is graph:
-            return memo[2]
+            return memo[2], memo[3]
         aliases = {self.where(n)[1]: n for n in names}
+        ids = frozenset(aliases)
         if isinstance(names, list):  # a fresh iterable may be a one-off: not kept
-            self._alias_memo[deployment] = (names, graph, aliases)
-        return aliases
+            self._alias_memo[deployment] = (names, graph, aliases, ids)
+        return aliases, ids
 
     def iter_runs(self, dag_ids: Iterable[str] | None = None, *,
                   updated_at_gte: datetime | None = None,

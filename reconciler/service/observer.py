@@ -228,7 +228,9 @@ class Observer:
         go on, and the loop holds back the actions of these)."""
         self._moved: tuple[tuple[Any, int], dict[str, set[str]]] | None = None
         """(graph, ledger version) -> deployment left -> pipelines moved from it."""
-        self._groups: tuple[frozenset[str], dict[str, list[str]]] | None = None
+        self._groups: tuple[frozenset[str], dict[str, list[str]],
+                            dict[str, frozenset[str]]] | None = None
+        """The graph's names -> (by deployment, the same as sets), kept per graph."""
         self._watermarks: dict[str, datetime] = {}
         """Per deployment: Airflow's clock when its last listing started."""
         self.concurrent_listing = True
@@ -349,7 +351,8 @@ class Observer:
         if not getattr(self.api, "declares", False):
             return {}
         if self._groups is None or self._groups[0] is not dag_ids:
-            self._groups = (dag_ids, self.api.groups(dag_ids))  # type: ignore[attr-defined]
+            groups = self.api.groups(dag_ids)  # type: ignore[attr-defined]
+            self._groups = (dag_ids, groups, {d: frozenset(n) for d, n in groups.items()})
         return self._groups[1]
 
     def _observe_all(self, dag_ids: frozenset[str], horizon: datetime, now: datetime,
@@ -409,7 +412,8 @@ class Observer:
         """One deployment's listing as a job for a thread: it parses page by page into
         its own list (the cache is the main thread's)."""
         fleet: Any = self.api
-        group = frozenset(names)
+        kept = self._groups[2].get(deployment) if self._groups is not None else None
+        group = kept if kept is not None and len(kept) == len(names) else frozenset(names)
         desired = self.desired
 
         def job() -> Listed:
