@@ -66,7 +66,10 @@ class IndexedFake(FakeAirflow):
     """The fake, with its selection memoised while its runs do not change (the benchmark
     changes nothing after the set-up), `updated_at_gte` listings answered by bisection, and
     each run's JSON encoded once (a GET page is the join of its runs' JSON), so a relist
-    costs this process what it costs the reconciler, not the fake's encoding as well."""
+    costs this process what it costs the reconciler, not the fake's encoding as well.
+    Connections are kept alive, as Airflow's API server (uvicorn) keeps them."""
+
+    keep_alive = True
 
     def __init__(self, dag_ids: list[str], maximum_page_limit: int,
                  encode_once: bool = True) -> None:
