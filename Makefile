@@ -102,7 +102,8 @@ playground: install $(if $(filter 2,$(AIRFLOW)),airflow2-venv,airflow-venv)
 
 # The figures of the README: 50,000 pipelines x 3 open cycles (validate, sync, plan, the
 # loop on the fake Airflow and a real etcd), then the example graph on a real Airflow:
-# the reconciler side by side with partitioned assets. Not part of `make test`.
+# the reconciler side by side with partitioned assets, then a wide fan-out (W = 10, 50,
+# 200) and 100 roots every minute side by side with assets. Not part of `make test`.
 bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_validate.py
 	$(VENV)/bin/python benchmarks/bench_sync.py
@@ -111,6 +112,10 @@ bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_diff.py
 	$(VENV)/bin/python benchmarks/bench_latency.py
 	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/python benchmarks/bench_vs_assets.py
+	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/python benchmarks/bench_fanout.py \
+	    --database postgres
+	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/python benchmarks/bench_fanout.py \
+	    --many-roots --database postgres
 	$(VENV)/bin/python benchmarks/bench_failover.py
 
 clean:
