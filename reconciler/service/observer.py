@@ -17,6 +17,7 @@ leaves the last good graph in force).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -48,6 +49,14 @@ WATERMARK_OVERLAP = timedelta(seconds=3)
 updated in the same instant as the previous answer is never missed. The watermark is
 Airflow's clock read from its `Date` header, truncated to the second (up to 1 s early)
 and moved on locally since: the overlap covers both."""
+
+EAGER_CHECK_BUDGET = 2.0
+"""Seconds a pass spends at most on the eager check (`check_tasks`)."""
+
+
+class _OutOfTime(Exception):
+    """The eager check's budget is spent."""
+
 
 MAX_LISTING_THREADS = 16
 """Deployments listed at once (more wait for a thread)."""
@@ -622,7 +631,10 @@ class Observer:
     def check_tasks(self, now: datetime) -> int:
         """For runs with a task-level event: are all their tasks done? (`GET
         .../taskInstances`, one request per such run). Marks the cached run with
-        `tasks_done_at`; returns how many runs became eager-done."""
+        `tasks_done_at`; returns how many runs became eager-done. Best effort, within
+        `EAGER_CHECK_BUDGET` seconds: what is not asked in time, or not answered (an API
+        server drowning in requests), waits for the next pass, and the pass goes on (the
+        listing sees those runs end anyway); it never holds every trigger back."""
         with self._events_lock:
             pending, self._task_events = self._task_events, set()
         if not self.settings.eager or self.desired is None or not pending:
@@ -630,16 +642,29 @@ class Observer:
         graph = self.desired.graph
         feeds = {u for p in graph.pipelines.values() for u in p.depends_on}
         found = 0
-        for n, (dag_id, run_id) in enumerate(sorted(pending)):
+        began = self.clock.monotonic()
+        ordered = sorted(pending)
+        deadline_of = getattr(self.api, "deadline_of", None)
+        for n, (dag_id, run_id) in enumerate(ordered):
             run = self.cache.runs.get((dag_id, run_id))
             if dag_id not in feeds or run is None or run.state != "running" \
                     or run.tasks_done_at is not None:
                 continue
+            left = EAGER_CHECK_BUDGET - (self.clock.monotonic() - began)
             try:
-                tis = self.api.task_instances(dag_id, run_id)
-            except Exception:
+                if left <= 0:
+                    raise _OutOfTime
+                with deadline_of(left) if deadline_of is not None else contextlib.nullcontext():
+                    tis = self.api.task_instances(dag_id, run_id)
+            except (ReconcilerError, _OutOfTime) as exc:
                 with self._events_lock:  # ask again on the next pass
-                    self._task_events.update(sorted(pending)[n:])
+                    self._task_events.update(ordered[n:])
+                event("eager check put off to the next pass", logging.INFO,
+                      runs=len(ordered) - n, why=str(exc) or "out of time")
+                break
+            except BaseException:
+                with self._events_lock:
+                    self._task_events.update(ordered[n:])
                 raise
             done = tasks_done_at(tis, now)
             if done is not None:
