@@ -60,7 +60,15 @@ for _folder in (REPO, REPO / "scripts", REPO / "benchmarks"):
     sys.path.insert(0, str(_folder))
 
 from airflow_env import AirflowProcess, free_port  # noqa: E402
-from bench_vs_assets import AIRFLOW_DEFAULT_IDLE_SLEEP, Rest, Run, _interrupt, _s, stats  # noqa: E402
+from bench_vs_assets import (  # noqa: E402
+    AIRFLOW_DEFAULT_IDLE_SLEEP,
+    Rest,
+    Run,
+    _interrupt,
+    _s,
+    stats,
+    tear_down,
+)
 from postgres_env import PostgresProcess, start_postgres  # noqa: E402
 
 from reconciler.adapters.airflow import AirflowClient, AirflowUnavailable  # noqa: E402
@@ -662,20 +670,6 @@ def _median(values: list[float] | None) -> str:
 # ---- main ----------------------------------------------------------------------------
 
 
-def stop_group(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM the process group we started, then SIGKILL what is left."""
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, nargs="+", default=[10, 50, 200],
@@ -752,17 +746,7 @@ def main() -> None:
         print(f"  reconciler log: {lines} lines; airflow: stopped components "
               f"{airflow.stopped_components() or 'none'}")
     finally:
-        stop_group(reconciler)
-        if airflow is not None:
-            airflow.stop()
-        if postgres is not None:
-            postgres.stop()
-        if etcd is not None:
-            etcd.stop()
-        if args.keep:
-            print(f"  work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(reconciler, airflow, postgres, etcd, work, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -317,6 +317,38 @@ def report(cycles: list[Cycle], args: argparse.Namespace, problems: list[str],
               "reconciler run ids, every task on its first try)")
 
 
+def stop_group(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def tear_down(reconciler: subprocess.Popen[bytes] | None, airflow: AirflowProcess | None,
+              postgres: PostgresProcess | None, etcd: EtcdServer | None, work: Path, *,
+              keep: bool) -> None:
+    """Stop what a side-by-side bench started, each by its own handle, and remove its
+    work directory unless asked to keep it."""
+    stop_group(reconciler)
+    if airflow is not None:
+        airflow.stop()
+    if postgres is not None:
+        postgres.stop()
+    if etcd is not None:
+        etcd.stop()
+    if keep:
+        print(f"  work directory kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -414,25 +446,7 @@ def main() -> None:
         if stalled:
             print(f"  {stalled}")
     finally:
-        if reconciler is not None and reconciler.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(reconciler.pid, signal.SIGTERM)
-            try:
-                reconciler.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(reconciler.pid, signal.SIGKILL)
-                reconciler.wait(10)
-        if airflow is not None:
-            airflow.stop()
-        if postgres is not None:
-            postgres.stop()
-        if etcd is not None:
-            etcd.stop()
-        if args.keep:
-            print(f"  work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(reconciler, airflow, postgres, etcd, work, keep=args.keep)
 
 
 if __name__ == "__main__":

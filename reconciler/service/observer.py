@@ -395,18 +395,19 @@ class Observer:
                 continue  # still listing since an earlier pass
             watermark = self._watermarks.get(deployment)
             start = fleet.server_now_of(deployment) or now
+            group = self._groups[2][deployment] if self._groups else frozenset(names)
             if stale or watermark is None:
-                jobs[deployment] = self._list_job(deployment, names, "relist", start,
+                jobs[deployment] = self._list_job(deployment, names, group, "relist", start,
                                                   updated_at_gte=horizon)
             else:
                 jobs[deployment] = self._list_job(
-                    deployment, names, "since", start,
+                    deployment, names, group, "since", start,
                     updated_at_gte=watermark - WATERMARK_OVERLAP)
         self._last_failure = None
-        merged = self._merge(self._gather(jobs), horizon)
+        merged = self._merge(self._gather(jobs))
         old = self._old_cycle_jobs(merged, horizon)
         if old:
-            self._merge(self._gather(old), horizon)
+            self._merge(self._gather(old))
         self.unreachable = {d: why for d, why in self.unreachable.items() if d in by_deployment}
         self.cache.watermark = now
         if stale:
@@ -416,13 +417,12 @@ class Observer:
             last, self._last_failure = self._last_failure, None
             raise last
 
-    def _list_job(self, deployment: str, names: list[str], kind: str, start: datetime,
-                  **filters: datetime) -> Callable[[], Listed]:
-        """One deployment's listing as a job for a thread: it parses page by page into
-        its own list (the cache is the main thread's)."""
+    def _list_job(self, deployment: str, names: list[str], group: frozenset[str],
+                  kind: str, start: datetime, **filters: datetime) -> Callable[[], Listed]:
+        """One deployment's listing of `names` (as the set `group`) as a job for a
+        thread: it parses page by page into its own list (the cache is the main
+        thread's)."""
         fleet: Any = self.api
-        kept = self._groups[2].get(deployment) if self._groups is not None else None
-        group = kept if kept is not None and len(kept) == len(names) else frozenset(names)
         desired = self.desired
 
         def job() -> Listed:
@@ -450,9 +450,10 @@ class Observer:
         for deployment, job in jobs.items():
             assert self._pool is not None
             self._inflight[deployment] = self._pool.submit(job)
-        waited = {self._inflight[d] for d in jobs if d not in self.unreachable} or {
-            self._inflight[d] for d in jobs}
-        if not self.leave_behind:
+        if self.leave_behind:
+            waited = {self._inflight[d] for d in jobs if d not in self.unreachable} or {
+                self._inflight[d] for d in jobs}
+        else:
             waited = set(self._inflight.values())
         began, deadline = time.monotonic(), None
         pending = waited
@@ -467,7 +468,7 @@ class Observer:
         ended = sorted(d for d, f in self._inflight.items() if f.done())
         return [self._inflight.pop(d).result() for d in ended]
 
-    def _merge(self, listings: list[Listed], horizon: datetime) -> list[Listed]:
+    def _merge(self, listings: list[Listed]) -> list[Listed]:
         """Merge ended listings (main thread); returns the relists that succeeded."""
         relisted = []
         for listed in listings:
@@ -507,9 +508,7 @@ class Observer:
             return {}
         assert self.desired is not None
         graph = self.desired.graph
-        old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
-                             if r.logical_date is not None and r.logical_date < horizon
-                             and not graph.pipelines[r.dag_id].depends_on})
+        old_cycles = self._old_open_cycles(horizon)
         jobs: dict[str, Callable[[], Listed]] = {}
         for listed in relisted:
             others = sorted(d for d in listed.group if graph.pipelines[d].depends_on)
@@ -520,11 +519,12 @@ class Observer:
 
     def _old_cycles_job(self, listed: Listed, others: list[str],
                         cycles: list[datetime]) -> Callable[[], Listed]:
-        jobs = [self._list_job(listed.deployment, others, "old-cycles", listed.start,
+        group = frozenset(others)
+        jobs = [self._list_job(listed.deployment, others, group, "old-cycles", listed.start,
                                logical_date_gte=c, logical_date_lte=c) for c in cycles]
 
         def job() -> Listed:
-            out = Listed(listed.deployment, frozenset(others), "old-cycles", listed.start,
+            out = Listed(listed.deployment, group, "old-cycles", listed.start,
                          listed.desired)
             for one in jobs:
                 part = one()
@@ -575,6 +575,15 @@ class Observer:
                       deployment=deployment, pipelines=",".join(sorted(names)),
                       error=str(exc))
 
+    def _old_open_cycles(self, horizon: datetime) -> list[datetime]:
+        """The cycles of roots' runs in the cache older than the window: their other
+        runs are listed by logical date (a backfill, a weekly root)."""
+        assert self.desired is not None
+        pipelines = self.desired.graph.pipelines
+        return sorted({r.logical_date for r in self.cache.runs.values()
+                       if r.logical_date is not None and r.logical_date < horizon
+                       and not pipelines[r.dag_id].depends_on})
+
     def _listing(self, dag_ids: Iterable[str],
                  **filters: datetime) -> Iterable[dict[str, Any]]:
         # Page by page when the client can: each page is parsed into DagRuns and dropped
@@ -590,9 +599,7 @@ class Observer:
                                dag_ids, now, mono)
         assert self.desired is not None
         graph = self.desired.graph
-        old_cycles = sorted({r.logical_date for r in self.cache.runs.values()
-                             if r.logical_date is not None and r.logical_date < horizon
-                             and not graph.pipelines[r.dag_id].depends_on})
+        old_cycles = self._old_open_cycles(horizon)
         others = sorted(d for d, p in graph.pipelines.items() if p.depends_on)
         for cycle in old_cycles:
             if others:
@@ -656,16 +663,14 @@ class Observer:
                     raise _OutOfTime
                 with deadline_of(left) if deadline_of is not None else contextlib.nullcontext():
                     tis = self.api.task_instances(dag_id, run_id)
-            except (ReconcilerError, _OutOfTime) as exc:
+            except BaseException as exc:
                 with self._events_lock:  # ask again on the next pass
                     self._task_events.update(ordered[n:])
+                if not isinstance(exc, ReconcilerError | _OutOfTime):
+                    raise
                 event("eager check put off to the next pass", logging.INFO,
                       runs=len(ordered) - n, why=str(exc) or "out of time")
                 break
-            except BaseException:
-                with self._events_lock:
-                    self._task_events.update(ordered[n:])
-                raise
             done = tasks_done_at(tis, now)
             if done is not None:
                 self.cache.put(replace(run, tasks_done_at=done))

@@ -17,7 +17,6 @@ from reconciler.core.state import DagRun
 from reconciler.service.observer import Listed, Observer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-HORIZON = NOW - timedelta(days=2)
 
 
 def run(dag_id: str, run_id: str = "r1") -> DagRun:
@@ -92,7 +91,7 @@ def test_merging_replaces_a_relisted_deployment_and_records_its_watermark(
         observer: Observer) -> None:
     observer.cache.absorb_runs([run("a", "old"), run("b", "kept")])
     observer.unreachable = {"d1": "deployment d1: refused"}
-    relisted = observer._merge([listed(observer, "d1", run("a", "new"))], HORIZON)
+    relisted = observer._merge([listed(observer, "d1", run("a", "new"))])
     assert set(observer.cache.runs) == {("a", "new"), ("b", "kept")}
     assert observer._watermarks["d1"] == NOW
     assert observer.unreachable == {}
@@ -104,12 +103,12 @@ def test_a_failed_listing_keeps_the_runs_as_last_seen_and_names_the_deployment(
     observer.cache.absorb_runs([run("a", "seen")])
     observer._watermarks["d1"] = NOW - timedelta(minutes=1)
     failure = AirflowUnavailable("connection refused")
-    observer._merge([listed(observer, "d1", error=failure)], HORIZON)
+    observer._merge([listed(observer, "d1", error=failure)])
     assert set(observer.cache.runs) == {("a", "seen")}
     assert observer.unreachable["d1"].startswith("deployment d1: ")
     assert "d1" not in observer._watermarks  # a failed relist: relisted when it is back
     observer._watermarks["d1"] = NOW
-    observer._merge([listed(observer, "d1", kind="since", error=failure)], HORIZON)
+    observer._merge([listed(observer, "d1", kind="since", error=failure)])
     assert observer._watermarks["d1"] == NOW  # a failed increment: listed from there
 
 
@@ -117,8 +116,7 @@ def test_a_listing_that_outlived_its_graph_is_dropped(observer: Observer) -> Non
     observer.cache.absorb_runs([run("a", "seen")])
     observer._watermarks["d1"] = NOW
     old_graph = object()
-    relisted = observer._merge([listed(observer, "d1", run("a", "new"), desired=old_graph)],
-                               HORIZON)
+    relisted = observer._merge([listed(observer, "d1", run("a", "new"), desired=old_graph)])
     assert relisted == []
     assert set(observer.cache.runs) == {("a", "seen")}
     assert "d1" not in observer._watermarks  # listed afresh for the graph in force
