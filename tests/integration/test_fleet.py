@@ -110,13 +110,14 @@ def open_cycle(af2: FakeAirflow, cycle: datetime = CYCLE) -> None:
 
 
 def converge(r: Reconciler, *fakes: FakeAirflow, passes: int = 15) -> None:
-    """Passes until one does nothing and no deployment's listing is still under way (the
-    loop does not wait for the retry of one that was unreachable)."""
+    """Passes until one does nothing, no deployment's listing is still under way (the
+    loop does not wait for the retry of one that was unreachable) and none is unreachable:
+    a retry begun before its fault was cleared may end after it, failed."""
     for _ in range(passes):
         report = r.run_pass()
         finished = sum(f.finish_all() for f in fakes)
         if not report.actions and finished == 0:
-            if not r.observer.late:
+            if not r.observer.late and not r.observer.unreachable:
                 return
             time.sleep(0.1)
     raise AssertionError("did not converge")
