@@ -10,9 +10,16 @@ PostgreSQL takes many at once. The pacer learns it from the answers:
   handful of answers.
 - Then additive increase: +1 per window of fast answers.
 - Multiplicative decrease: a call that got no answer (timeout, 5xx, 429) or a slow answer
-  (above `slow_factor` x the smallest recent latency, plus `slack`) halves the limit
-  (floor 1), once per window: the other calls sent under the same limit saw the same
-  congestion, they do not halve it again.
+  halves the limit (floor 1), once per window: the other calls sent under the same limit
+  saw the same congestion, they do not halve it again.
+- Queueing is not congestion. An answer slower than `slow_factor` x the smallest recent
+  latency (plus `slack`) is *queued* when our own calls in flight explain it: an API
+  server that answers one call at a time answers the k-th of k sent together after k
+  service times. A queued answer holds the limit (Airflow takes no more width, and loses
+  none); only an answer slower than `slow_factor` x the baseline x the calls in flight
+  (plus `slack`) is slow. On a busy machine, PostgreSQL's API server answered 0.3-0.7 s
+  with 8 in flight against 0.05 s alone: counted as congestion, that halved the limit 49
+  times in one wide fan-out and queued 200 triggers at 1.7 a second.
 - A level that failed is probed again only after `patience` windows at the level below,
   which doubles each time the probe fails (up to `max_patience`): SQLite, which fails at
   2, costs one timeout now and then, not one per window.
@@ -71,14 +78,18 @@ class Pacer:
         """Taken when a call is sent; given back with its outcome."""
         return self.epoch
 
-    def answered(self, ticket: int, latency: float) -> Change | None:
+    def answered(self, ticket: int, latency: float, in_flight: int = 1) -> Change | None:
         """An answer came after `latency` seconds (any answer, a 404 too: Airflow was
-        not too busy to give it)."""
+        not too busy to give it) to a call sent with `in_flight` calls of ours in flight,
+        itself included."""
         baseline = self.baseline
         self._latencies.append(max(0.0, latency))
         if baseline is not None and latency > self.slow_factor * baseline + self.slack:
-            return self._decrease(ticket, f"slow answer ({latency:.2f} s, usually "
-                                          f"{baseline:.2f} s)")
+            if latency > self.slow_factor * baseline * max(1, in_flight) + self.slack:
+                return self._decrease(ticket, f"slow answer ({latency:.2f} s with "
+                                              f"{in_flight} in flight, usually "
+                                              f"{baseline:.2f} s alone)")
+            return None  # queued behind our own calls: hold
         self._good += 1
         if self._good >= self.limit:
             self._passed()

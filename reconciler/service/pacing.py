@@ -36,15 +36,16 @@ class Gate:
                 self._cond.wait()
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
-            return Slot(self, self.pacer.ticket())
+            return Slot(self, self.pacer.ticket(), self.in_flight)
 
-    def _end(self, ticket: int, latency: float | None, congested: str | None) -> None:
+    def _end(self, ticket: int, in_flight: int, latency: float | None,
+             congested: str | None) -> None:
         with self._cond:
             change = None
             if congested is not None:
                 change = self.pacer.congested(ticket, congested)
             elif latency is not None:
-                change = self.pacer.answered(ticket, latency)
+                change = self.pacer.answered(ticket, latency, in_flight)
             self.in_flight -= 1
             self._cond.notify_all()
         if change is not None and self.on_change is not None:
@@ -54,9 +55,12 @@ class Gate:
 class Slot:
     """One call's place in flight; ended once, by the first of its three ends."""
 
-    def __init__(self, gate: Gate, ticket: int) -> None:
+    def __init__(self, gate: Gate, ticket: int, in_flight: int) -> None:
         self._gate = gate
         self._ticket = ticket
+        self._in_flight = in_flight
+        """Our calls in flight when this one was sent, itself included: how long a queue
+        of ours it may have waited behind."""
         self._ended = False
 
     def answered(self, latency: float) -> None:
@@ -74,4 +78,4 @@ class Slot:
     def _end(self, latency: float | None, congested: str | None) -> None:
         if not self._ended:
             self._ended = True
-            self._gate._end(self._ticket, latency, congested)
+            self._gate._end(self._ticket, self._in_flight, latency, congested)

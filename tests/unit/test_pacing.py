@@ -83,6 +83,20 @@ def test_a_slow_answer_halves_and_noise_does_not() -> None:
     assert "slow answer" in change.why
 
 
+def test_an_answer_queued_behind_our_own_calls_holds_the_limit() -> None:
+    """A server that answers one call at a time answers the 4th of 4 sent together after
+    4 service times: that is queueing (hold), not congestion (halve)."""
+    p = Pacer(8, start=4)
+    answer(p, 1, latency=0.10)  # the baseline, alone
+    for _ in range(12):  # 2 x 0.10 x 4 + 0.25 = 1.05 explains 0.80 with 4 in flight
+        assert p.answered(p.ticket(), 0.80, in_flight=4) is None
+    assert p.limit == 4  # held: neither halved nor grown (12 fast answers would double it)
+    assert p.answered(p.ticket(), 0.80, in_flight=1) == Change(
+        4, 2, "slow answer (0.80 s with 1 in flight, usually 0.10 s alone)")
+    change = p.answered(p.ticket(), 1.10, in_flight=4)
+    assert change is not None and (change.old, change.new) == (2, 1)  # beyond the queue
+
+
 def test_a_level_that_failed_is_probed_with_growing_patience() -> None:
     """SQLite: 2 in flight always time out. The probes of 2 get rarer: 1, 2, 4, ...
     windows of fast answers at 1 between them, up to max_patience."""
@@ -147,3 +161,17 @@ def test_a_slot_ends_once_and_a_release_teaches_nothing() -> None:
     assert gate.in_flight == 0
     gate.slot().release()  # not sent: no answer, no change
     assert (gate.limit, gate.pacer.baseline, len(changes)) == (2, None, 1)
+
+
+def test_the_gate_tells_the_pacer_how_many_were_in_flight_when_each_call_went() -> None:
+    changes: list[Change] = []
+    gate = Gate(Pacer(4, start=4), changes.append)
+    gate.slot().answered(0.10)  # the baseline, alone
+    slots = [gate.slot() for _ in range(4)]  # sent together: 1, 2, 3 and 4 in flight
+    slots[3].answered(0.80)  # the last of four waited for the three before it: queued
+    assert changes == [] and gate.limit == 4
+    slots[0].answered(0.80)  # the first waited for nothing of ours: Airflow is slow
+    assert [(c.old, c.new) for c in changes] == [(4, 2)]
+    for s in slots[1:3]:
+        s.release()
+    assert gate.in_flight == 0
