@@ -116,6 +116,16 @@ def parse_runs(raw: Iterable[Mapping[str, Any]], dag_ids: Set[str]) -> Iterator[
 
 
 @dataclass(slots=True)
+class TaskCheck:
+    """What the eager reads found (possibly on a thread): runs whose tasks are all done,
+    by key, with their latest task end; the runs put off to the next pass, and why."""
+
+    done: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    put_off: list[tuple[str, str]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
 class Listed:
     """What one deployment's listing found, parsed on a thread of its own: the main
     thread merges it into the cache (nothing else touches the cache concurrently)."""
@@ -444,12 +454,8 @@ class Observer:
         passes), and except deployments already unreachable (their retry runs behind)."""
         if not self.concurrent_listing:
             return [job() for _, job in sorted(jobs.items())]
-        if jobs and self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=MAX_LISTING_THREADS,
-                                            thread_name_prefix="list")
         for deployment, job in jobs.items():
-            assert self._pool is not None
-            self._inflight[deployment] = self._pool.submit(job)
+            self._inflight[deployment] = self._submit(job)
         if self.leave_behind:
             waited = {self._inflight[d] for d in jobs if d not in self.unreachable} or {
                 self._inflight[d] for d in jobs}
@@ -534,6 +540,12 @@ class Observer:
                 out.runs.extend(part.runs)
             return out
         return job
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=MAX_LISTING_THREADS,
+                                            thread_name_prefix="list")
+        return self._pool.submit(fn, *args)
 
     @property
     def late(self) -> frozenset[str]:
@@ -642,21 +654,33 @@ class Observer:
         `EAGER_CHECK_BUDGET` seconds: what is not asked in time, or not answered (an API
         server drowning in requests), waits for the next pass, and the pass goes on (the
         listing sees those runs end anyway); it never holds every trigger back."""
+        asked = self._task_candidates()
+        return self._apply_task_check(self._ask_tasks(asked, now)) if asked else 0
+
+    def _task_candidates(self) -> list[tuple[str, str]]:
+        """The runs with a task-level event worth a read (taken off the pending set): a
+        run of a pipeline something depends on, running as last seen, not done yet."""
         with self._events_lock:
             pending, self._task_events = self._task_events, set()
         if not self.settings.eager or self.desired is None or not pending:
-            return 0
+            return []
         graph = self.desired.graph
         feeds = {u for p in graph.pipelines.values() for u in p.depends_on}
-        found = 0
+        asked = []
+        for key in sorted(pending):
+            run = self.cache.runs.get(key)
+            if key[0] in feeds and run is not None and run.state == "running" \
+                    and run.tasks_done_at is None:
+                asked.append(key)
+        return asked
+
+    def _ask_tasks(self, asked: list[tuple[str, str]], now: datetime) -> TaskCheck:
+        """Read the task instances of `asked` within the budget; touches no cache (it
+        may run on a thread beside the listing)."""
+        check = TaskCheck()
         began = self.clock.monotonic()
-        ordered = sorted(pending)
         deadline_of = getattr(self.api, "deadline_of", None)
-        for n, (dag_id, run_id) in enumerate(ordered):
-            run = self.cache.runs.get((dag_id, run_id))
-            if dag_id not in feeds or run is None or run.state != "running" \
-                    or run.tasks_done_at is not None:
-                continue
+        for n, (dag_id, run_id) in enumerate(asked):
             left = EAGER_CHECK_BUDGET - (self.clock.monotonic() - began)
             try:
                 if left <= 0:
@@ -664,17 +688,31 @@ class Observer:
                 with deadline_of(left) if deadline_of is not None else contextlib.nullcontext():
                     tis = self.api.task_instances(dag_id, run_id)
             except BaseException as exc:
-                with self._events_lock:  # ask again on the next pass
-                    self._task_events.update(ordered[n:])
-                if not isinstance(exc, ReconcilerError | _OutOfTime):
-                    raise
-                event("eager check put off to the next pass", logging.INFO,
-                      runs=len(ordered) - n, why=str(exc) or "out of time")
+                check.put_off = asked[n:]
+                check.error = exc
                 break
             done = tasks_done_at(tis, now)
             if done is not None:
+                check.done[(dag_id, run_id)] = done
+        return check
+
+    def _apply_task_check(self, check: TaskCheck) -> int:
+        """Main thread: mark the runs found done (still running in the cache: the listing
+        may have seen one end meanwhile); what was put off is asked on the next pass."""
+        found = 0
+        for key, done in check.done.items():
+            run = self.cache.runs.get(key)
+            if run is not None and run.state == "running" and run.tasks_done_at is None:
                 self.cache.put(replace(run, tasks_done_at=done))
                 found += 1
+        if check.put_off:
+            with self._events_lock:
+                self._task_events.update(check.put_off)
+            exc = check.error
+            if not isinstance(exc, ReconcilerError | _OutOfTime):
+                raise exc  # type: ignore[misc]
+            event("eager check put off to the next pass", logging.INFO,
+                  runs=len(check.put_off), why=str(exc) or "out of time")
         return found
 
     # --- the ledger ---
@@ -746,8 +784,22 @@ class Observer:
             # Before the runs: the ledger's transient dicts are then not held beside them.
             ledger = self.ledger.entries()
         if desired is not None and refresh:
-            self.observe_runs(now)
-            self.check_tasks(now)
+            # The eager reads go out beside the listing (they ask about runs already seen
+            # running), not after it: the event path waits for one round trip, not two.
+            asked = self._task_candidates()
+            reading = self._submit(self._ask_tasks, asked, now) \
+                if asked and self.concurrent_listing else None
+            try:
+                self.observe_runs(now)
+            except BaseException:
+                if reading is not None:
+                    reading.result()  # within the budget; nothing is left on a thread
+                with self._events_lock:  # asked again on the next pass
+                    self._task_events.update(asked)
+                raise
+            if asked:
+                check = reading.result() if reading is not None else self._ask_tasks(asked, now)
+                self._apply_task_check(check)
         return Observation(desired=desired, runs=MappingProxyType(self.cache.runs),
                            runs_version=self.cache.version,
                            ledger=ledger, ledger_version=self.ledger.version,

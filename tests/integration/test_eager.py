@@ -7,6 +7,7 @@ v1 layer with the v1 client)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -243,3 +244,33 @@ def test_every_page_of_a_wide_mapped_task_is_read_before_the_eager_trigger(
     r.observer.on_event(store.event_key("05_pipeline", RUN),
                         json.dumps({"kind": "task"}).encode())
     assert [a.dag_id for a in r.run_pass().actions] == ["06_pipeline"]
+
+
+def test_the_task_instance_read_goes_out_beside_the_listing_not_after_it(
+        store: EtcdStore, fake: TaskFake) -> None:
+    """The event path waits for one round trip, not two: the listing's answer is held
+    until the task-instance read has arrived, which it does only if both are in flight."""
+    r = reconciler(store, fake)
+    up_to_05_running(r, fake)
+    fake.tis[("05_pipeline", RUN)] = [ti("extract", "success")]
+    read_arrived = threading.Event()
+    listing_saw_read: list[bool] = []
+
+    def hold_the_listing(request: Any) -> None:
+        if request.route.endswith("/taskInstances"):
+            read_arrived.set()
+        elif "dagRuns" in request.route and request.run_id is None and \
+                not request.route.startswith("POST /api/v2/dags/{dag_id}/dagRuns"):
+            listing_saw_read.append(read_arrived.wait(3))
+
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    fake.before_reply = hold_the_listing
+    try:
+        report = r.run_pass()
+    finally:
+        fake.before_reply = None
+    assert listing_saw_read
+    assert all(listing_saw_read), listing_saw_read
+    assert [a.dag_id for a in report.actions] == ["06_pipeline"]
+    assert "eager" in report.actions[0].reason
