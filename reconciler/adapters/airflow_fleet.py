@@ -19,6 +19,7 @@ all at once, so it can go on with the others (observer.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -261,6 +262,21 @@ class AirflowFleet:
             deployment, lambda c: c.task_instances(real, run_id))
         return result
 
+    def task_instances_of(self, runs: Iterable[tuple[str, str]]
+                          ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """`task_instances` of many runs: one batch per deployment, in deployment order
+        (names in, names out)."""
+        by_deployment: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}
+        for name, run_id in runs:
+            deployment, real = self.where_run(name, run_id)
+            by_deployment.setdefault(deployment, {})[(real, run_id)] = (name, run_id)
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for deployment, names in sorted(by_deployment.items()):
+            found: dict[tuple[str, str], list[dict[str, Any]]] = self._call(
+                deployment, functools.partial(_task_instances_of, list(names)))
+            out.update({names[key]: tis for key, tis in found.items() if key in names})
+        return out
+
     def trigger(self, dag_id: str, run_id: str, logical_date: datetime,
                 conf: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         deployment, real = self.where(dag_id)
@@ -390,3 +406,7 @@ def settings_for(declaration: Deployment, base: AirflowSettings,
     return replace(base, url=declaration.url, api=declaration.api, username=username,
                    password=password, token=token, token_file=token_file)
 
+
+def _task_instances_of(runs: list[tuple[str, str]], client: Any
+                       ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    return client.task_instances_of(runs)

@@ -68,6 +68,8 @@ from reconciler.core.state import iso
 V1 = "/api/v1"
 UPDATED_AT_FILTER = (2, 6)
 """The first Airflow with `updated_at_gte` on the run listing."""
+TASK_BATCH_PAGING = (2, 10)
+"""The first Airflow whose task-instance batch form takes `page_offset`/`page_limit`."""
 BASIC_AUTH_BACKEND = "airflow.api.auth.backend.basic_auth"
 """What `[api] auth_backends` must list on Airflow 2 (AIRFLOW__API__AUTH_BACKENDS)."""
 SET_BASIC_AUTH = ("AIRFLOW__API__AUTH_BACKENDS=airflow.api.auth.backend.basic_auth,"
@@ -124,6 +126,9 @@ class AirflowV1Client(AirflowClient):
         release = _release(airflow_version)
         self.updated_at_filter = release is None or release >= UPDATED_AT_FILTER
         """The run listing filters on `updated_at` (2.6+); else `_changed_since`."""
+        self.batch_task_instances = release is None or release >= TASK_BATCH_PAGING
+        """The task-instance batch form takes `page_offset`/`page_limit` (2.10+); before,
+        task instances are read run by run (an untold version finds out on its 400)."""
 
     @property
     def session(self) -> requests.Session:

@@ -24,6 +24,9 @@ name and detail below was checked against a real `airflow standalone` (docs/airf
 - clear `POST .../dagRuns/{run_id}/clear`: `dry_run` defaults to true (answers the task
   instances, changes nothing); with false the run answers `queued` with `start_date`,
   `end_date` null and a new `queued_at` (a `running` run stays `running`).
+- task instances (`tis`, set by a test): `GET .../dagRuns/{run_id}/taskInstances` paged
+  like the run listing, and `POST /dags/~/dagRuns/~/taskInstances/list` with `dag_ids`
+  and `dag_run_ids` filtering apart and `page_offset`/`page_limit` (not capped).
 - `GET /monitor/health` and `GET /version` without auth (and `/api/v1/...`: 404, removed
   in Airflow 3); `PATCH /dags/{id}` `{"is_paused"}`.
 
@@ -72,6 +75,9 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 MAX_PAGE = 100  # [api] maximum_page_limit's default
+TASK_BATCH_KEYS = {"dag_ids", "dag_run_ids", "task_ids", "state", "page_offset",
+                   "page_limit", "order_by"}
+"""What the fake's task-instance batch takes (Airflow's has more filters; extras: 422)."""
 FALLBACK_PAGE = 50  # [api] fallback_page_limit
 BATCH_PAGE = 100  # DAGRunsBatchBody.page_limit default
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.~:+-]+$")  # [scheduler] allowed_run_id_pattern
@@ -230,6 +236,11 @@ class FakeAirflow:
         self.max_writes_in_flight = 0
         """The most writes ever handled at once."""
         self.stalled_writes = 0
+        self.tis: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        """(dag_id, run_id) -> its task instances, as a test sets them (`task_id`,
+        `map_index`, `state`, `end_date`): answered by `GET .../taskInstances` and by the
+        batch `POST /dags/~/dagRuns/~/taskInstances/list`, with `dag_id` and
+        `dag_run_id` added."""
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -607,6 +618,9 @@ class FakeAirflow:
             return self._list(h, query, None)
         if dag_id == "~" and rest == ["dagRuns", "list"] and method == "POST":
             return self._batch(h, body)
+        if dag_id == "~" and rest == ["dagRuns", "~", "taskInstances", "list"] \
+                and method == "POST":
+            return self._task_batch(h, body)
         if not rest and method == "PATCH":
             if dag_id not in self.dag_ids:
                 return self._reply(h, 404, {"detail": f"Dag with id: {dag_id} was not found"})
@@ -626,9 +640,41 @@ class FakeAirflow:
                                                       f"run_id: `{rest[1]}` was not found"})
             if method == "GET" and len(rest) == 2:
                 return self._reply(h, 200, run.to_api())
+            if method == "GET" and rest[2:] == ["taskInstances"]:
+                # paged as Airflow does: `limit` capped at [api] maximum_page_limit
+                tis = self._tis_of(dag_id, rest[1])
+                limit = min(int(query.get("limit", ["50"])[0]), self.maximum_page_limit)
+                offset = int(query.get("offset", ["0"])[0])
+                return self._reply(h, 200, {"task_instances": tis[offset:offset + limit],
+                                            "total_entries": len(tis)})
             if method == "POST" and rest[2:] == ["clear"]:
                 return self._clear(h, run, body)
         return self._reply(h, 404, {"detail": "Not Found"})
+
+    def _tis_of(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return [{**ti, "dag_id": dag_id, "dag_run_id": run_id}
+                for ti in self.tis.get((dag_id, run_id), [])]
+
+    def _task_batch(self, h: BaseHTTPRequestHandler, body: Any) -> None:
+        """`dag_ids` and `dag_run_ids` filter apart (Airflow's two IN clauses: every run
+        of those ids in any of those DAGs); `page_offset`, `page_limit` (default 100, not
+        capped)."""
+        if not isinstance(body, dict) or set(body) - TASK_BATCH_KEYS:
+            unknown = sorted(set(body) - TASK_BATCH_KEYS) if isinstance(body, dict) else []
+            return self._reply(h, 422, {"detail": [{"type": "extra_forbidden",
+                                                    "loc": ["body", *unknown[:1]],
+                                                    "msg": "Extra inputs are not permitted"}]})
+        dag_ids, run_ids = body.get("dag_ids"), body.get("dag_run_ids")
+        with self._lock:
+            keys = sorted(k for k in self._runs
+                          if (dag_ids is None or k[0] in dag_ids)
+                          and (run_ids is None or k[1] in run_ids))
+            tis = [ti for k in keys for ti in self._tis_of(*k)]
+        offset = int(body.get("page_offset") or 0)
+        asked = body.get("page_limit")
+        limit = 100 if asked is None else int(asked)
+        return self._reply(h, 200, {"task_instances": tis[offset:offset + limit],
+                                    "total_entries": len(tis)})
 
     def _trigger(self, h: BaseHTTPRequestHandler, dag_id: str, body: Any, user: str) -> None:
         if dag_id not in self.dag_ids:

@@ -29,6 +29,8 @@ rewritten back. What differs, as checked on a real 2.11.2 standalone (DESIGN sec
 - `version` before "2.6" (`FakeAirflowV1(..., version="2.5.3")`): the GET listing has no
   `updated_at_gte`/`_lte` and answers 400 to them, as connexion's strict validation does;
   its `state` (repeated) and `end_date_gte` filters work on every version.
+- `POST /api/v1/dags/~/dagRuns/~/taskInstances/list` (the task-instance batch): before
+  "2.10" its form has no `page_offset`/`page_limit` and answers 400 to them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ ORDER_BY_V1 = {"id": "id", "state": "state", "dag_id": "dag_id",
 BATCH_KEYS_V1 = {"page_offset", "page_limit", "dag_ids", "states", "execution_date_gte",
                  "execution_date_lte", "start_date_gte", "start_date_lte", "end_date_gte",
                  "end_date_lte", "order_by"}
+TASK_BATCH_KEYS_V1 = {"dag_ids", "dag_run_ids", "task_ids", "state", "pool", "queue",
+                      "execution_date_gte", "execution_date_lte", "start_date_gte",
+                      "start_date_lte", "end_date_gte", "end_date_lte", "duration_gte",
+                      "duration_lte"}
+"""The task-instance batch form of 2.x; 2.10 added `page_offset` and `page_limit`."""
 NOT_FOUND_HTML = (b"<!DOCTYPE html><html><head><title>Airflow 404</title></head><body>"
                   b"<h1>Page cannot be found.</h1></body></html>")
 _TITLES = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
@@ -98,6 +105,7 @@ class FakeAirflowV1(FakeAirflow):
         self.version = version
         major, minor = (int(x) for x in version.split(".")[:2])
         self.updated_at_filter = (major, minor) >= (2, 6)
+        self.task_batch_paging = (major, minor) >= (2, 10)
         self._only: tuple[set[str] | None, datetime | None] = (None, None)
         self.basic_auth = basic_auth
         """`[api] auth_backends` lists basic auth (False: Airflow 2's default, session
@@ -191,6 +199,13 @@ class FakeAirflowV1(FakeAirflow):
                 return 400, f"Ordering with '{order}' is disallowed"
             body["order_by"] = order.replace(order.removeprefix("-"),
                                              ORDER_BY_V1[order.removeprefix("-")])
+            return query, body
+        if rest == ["~", "dagRuns", "~", "taskInstances", "list"] and method == "POST":
+            allowed = TASK_BATCH_KEYS_V1 | (
+                {"page_offset", "page_limit"} if self.task_batch_paging else set())
+            unknown = set(body) - allowed if isinstance(body, dict) else set()
+            if unknown:
+                return 400, str({k: ["Unknown field."] for k in sorted(unknown)})
             return query, body
         if len(rest) == 2 and rest[1] == "dagRuns" and method == "POST":
             return query, self._trigger_v2(body)

@@ -422,3 +422,27 @@ def test_an_answer_that_is_not_an_object_is_rejected_not_a_type_error(
         api.get_run("a", run_id_for(CYCLE))
     with pytest.raises(AirflowRejected, match="not an object"):
         api.unpause("a")
+
+
+# --- task instances in one batch ------------------------------------------------------------
+
+
+def test_the_task_instance_batch_keeps_only_the_runs_asked_and_reads_every_page(
+        fake: FakeAirflow) -> None:
+    """Airflow filters `dag_ids` and `dag_run_ids` apart: asking (a, r1) and (b, r2) also
+    lists (a, r2) and (b, r1), which are dropped; 250 task instances take 3 pages of 100;
+    a run without task instances maps to []."""
+    when = datetime.now(UTC).replace(microsecond=0)
+    for dag_id in ("a", "b"):
+        for n in (1, 2, 3):
+            fake.add_run(dag_id, f"r{n}", when - timedelta(hours=n))
+    fake.tis[("a", "r1")] = [{"task_id": "t", "map_index": i, "state": "success"}
+                             for i in range(250)]
+    fake.tis[("a", "r2")] = [{"task_id": "other", "map_index": -1, "state": "running"}]
+    fake.tis[("b", "r1")] = [{"task_id": "other", "map_index": -1, "state": "running"}]
+    found = client(fake.url).task_instances_of([("a", "r1"), ("b", "r2"), ("a", "r1")],
+                                               page_size=100)
+    assert set(found) == {("a", "r1"), ("b", "r2")}
+    assert [t["map_index"] for t in found[("a", "r1")]] == list(range(250))
+    assert found[("b", "r2")] == []
+    assert fake.requests["POST /api/v2/dags/~/dagRuns/~/taskInstances/list"] == 3

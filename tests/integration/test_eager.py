@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +35,15 @@ RUN = run_id_for(CYCLE)
 
 
 class TaskFake(FakeAirflow):
-    """The fake Airflow with `GET .../dagRuns/{run}/taskInstances` from `self.tis`."""
+    """The fake Airflow, whose task instances (`tis`) a test sets; `on_arrival` hears of
+    each request as it arrives (before the fake's lock, unlike `before_reply`)."""
 
-    def __init__(self, dag_ids: list[str]) -> None:
-        super().__init__(dag_ids)
-        self.tis: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    on_arrival: Callable[[str], None] | None = None
 
-    def _dags(self, h: Any, method: str, rest: list[str], query: dict[str, list[str]],
-              body: Any, user: str) -> None:
-        if len(rest) == 4 and rest[1] == "dagRuns" and rest[3] == "taskInstances":
-            key = (rest[0], rest[2])
-            if self.run(*key) is None:
-                return self._reply(h, 404, {"detail": "not found"})
-            tis = self.tis.get(key, [])
-            # paged as Airflow does: `limit` capped at [api] maximum_page_limit
-            limit = min(int(query.get("limit", ["50"])[0]), self.maximum_page_limit)
-            offset = int(query.get("offset", ["0"])[0])
-            return self._reply(h, 200, {"task_instances": tis[offset:offset + limit],
-                                        "total_entries": len(tis)})
-        return super()._dags(h, method, rest, query, body, user)
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        if self.on_arrival is not None:
+            self.on_arrival(h.path)
+        return super()._handle(h, method)
 
 
 class TaskFakeV1(TaskFake, FakeAirflowV1):
@@ -256,21 +247,80 @@ def test_the_task_instance_read_goes_out_beside_the_listing_not_after_it(
     read_arrived = threading.Event()
     listing_saw_read: list[bool] = []
 
-    def hold_the_listing(request: Any) -> None:
-        if request.route.endswith("/taskInstances"):
+    api = api_of(fake)
+    listings = {f"GET {api}/dags/~/dagRuns", f"POST {api}/dags/~/dagRuns/list"}
+
+    def note_the_read(path: str) -> None:
+        if "/taskInstances" in path:
             read_arrived.set()
-        elif "dagRuns" in request.route and request.run_id is None and \
-                not request.route.startswith("POST /api/v2/dags/{dag_id}/dagRuns"):
+
+    def hold_the_listing(request: Any) -> None:
+        if request.route in listings:
             listing_saw_read.append(read_arrived.wait(3))
 
     r.observer.on_event(store.event_key("05_pipeline", RUN),
                         json.dumps({"kind": "task"}).encode())
-    fake.before_reply = hold_the_listing
+    fake.on_arrival, fake.before_reply = note_the_read, hold_the_listing
     try:
         report = r.run_pass()
     finally:
-        fake.before_reply = None
+        fake.on_arrival = fake.before_reply = None
     assert listing_saw_read
     assert all(listing_saw_read), listing_saw_read
     assert [a.dag_id for a in report.actions] == ["06_pipeline"]
     assert "eager" in report.actions[0].reason
+
+
+FANOUT = ("02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline")
+
+
+def fan_out_running_with_every_task_done(r: Reconciler, fake: FakeAirflow,
+                                         store: EtcdStore) -> None:
+    """02-05 triggered and running, every task of each done, one task event each."""
+    r.run_pass()
+    for dag_id in FANOUT:
+        fake.advance(dag_id, RUN, "running")
+    r.run_pass()
+    for dag_id in FANOUT:
+        fake.tis[(dag_id, RUN)] = [ti("extract", "success"), ti("load", "success")]
+        r.observer.on_event(store.event_key(dag_id, RUN), json.dumps({"kind": "task"}).encode())
+    # what the batch may add and the client must drop: another DAG's run of the same id
+    fake.tis[("07_pipeline", RUN)] = [ti("extract", "running")]
+
+
+def test_the_task_events_of_several_runs_are_read_in_one_batch(
+        store: EtcdStore, fake: TaskFake) -> None:
+    r = reconciler(store, fake)
+    fan_out_running_with_every_task_done(r, fake, store)
+    api = api_of(fake)
+    batch = f"POST {api}/dags/~/dagRuns/~/taskInstances/list"
+    one = f"GET {api}/dags/{{dag_id}}/dagRuns/{{run_id}}/taskInstances"
+    before = fake.requests[one]
+    report = r.run_pass()
+    assert [a.dag_id for a in report.actions] == ["06_pipeline"]
+    assert "eager" in report.actions[0].reason
+    assert fake.requests[batch] == 1  # four runs, one request
+    assert fake.requests[one] == before
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_an_airflow_2_without_the_batch_paging_is_read_run_by_run(
+        store: EtcdStore, told: bool) -> None:
+    """2.9's batch form has no page_offset/page_limit: a client told the version never
+    sends the batch; one not told learns it from the 400, once, and reads run by run."""
+    with TaskFakeV1(EXAMPLE_DAGS, version="2.9.3") as fake:
+        fake.add_run("01_pipeline_init", f"scheduled__{CYCLE.isoformat()}", CYCLE,
+                     run_type="scheduled")
+        fake.finish_all()
+        api = AirflowV1Client(AirflowSettings(url=fake.url, username="admin",
+                                              password="secret-pw", timeout=2, retries=2),
+                              backoff_initial=0.01,
+                              airflow_version="2.9.3" if told else None)
+        r = Reconciler(store, api, LoopSettings(interval=0.05, lease_ttl=6), holder="r1")
+        fan_out_running_with_every_task_done(r, fake, store)
+        report = r.run_pass()
+        assert [a.dag_id for a in report.actions] == ["06_pipeline"]
+        batch = "POST /api/v1/dags/~/dagRuns/~/taskInstances/list"
+        assert fake.requests[batch] == (0 if told else 1)
+        assert fake.requests["GET /api/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances"] == 4
+        assert api.batch_task_instances is False

@@ -120,6 +120,7 @@ def route_of(method: str, path: str) -> str:
 TRIGGER = "POST /api/v2/dags/{dag_id}/dagRuns"
 CLEAR = "POST /api/v2/dags/{dag_id}/dagRuns/{run_id}/clear"
 TASKS = "GET /api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+TASKS_BATCH = "POST /api/v2/dags/~/dagRuns/~/taskInstances/list"
 LISTINGS = {"GET /api/v2/dags/~/dagRuns", "POST /api/v2/dags/~/dagRuns/list"}
 
 
@@ -308,6 +309,10 @@ class SimSession(requests.Session):
             parts = [unquote(p) for p in path.split("?")[0].strip("/").split("/")]
             handler.status, answer = world.task_instances(parts[3], parts[5],
                                                           self.deployment)
+            handler.wfile.write(json.dumps(answer).encode())
+        elif route == TASKS_BATCH:
+            handler.status, answer = world.task_instance_batch(
+                json.loads(body or b"{}"), self.deployment)
             handler.wfile.write(json.dumps(answer).encode())
         else:
             self.fake._serve(handler, method)  # type: ignore[arg-type]

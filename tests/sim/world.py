@@ -381,6 +381,24 @@ class World:
             if not replica.dead and not replica.cut and r is not None:
                 r.observer.on_event(key, value)
 
+    def task_instance_batch(self, body: Any, deployment: str = ""
+                            ) -> tuple[int, dict[str, Any]]:
+        """The answer of POST .../taskInstances/list: the task of every run whose DAG is
+        in `dag_ids` and whose id is in `dag_run_ids` (filtered apart, as Airflow does),
+        paged by `page_offset`/`page_limit`."""
+        if not isinstance(body, dict):
+            return 422, {"detail": "the body is not an object"}
+        dag_ids, run_ids = set(body.get("dag_ids") or ()), set(body.get("dag_run_ids") or ())
+        tis = []
+        for run in sorted(self.fake_of(deployment).runs(), key=lambda r: (r.dag_id, r.run_id)):
+            if run.dag_id in dag_ids and run.run_id in run_ids:
+                status, one = self.task_instances(run.dag_id, run.run_id, deployment)
+                if status == 200:
+                    tis.extend({**ti, "dag_id": run.dag_id, "dag_run_id": run.run_id}
+                               for ti in one["task_instances"])
+        offset, limit = int(body.get("page_offset") or 0), int(body.get("page_limit") or 100)
+        return 200, {"task_instances": tis[offset:offset + limit], "total_entries": len(tis)}
+
     def task_instances(self, dag_id: str, run_id: str, deployment: str = ""
                        ) -> tuple[int, dict[str, Any]]:
         """The answer of GET .../taskInstances: one task, done or not."""
