@@ -719,3 +719,45 @@ def hold_back(result: Plan, unreachable: Mapping[str, str],
                                 st.run_id, st.waiting_for, st.blocked_by, st.commit)
         statuses.append(st)
     return Plan(actions, tuple(statuses), result.cycles)
+
+
+def hold_moved(result: Plan, ledger: Mapping[tuple[datetime, str], LedgerEntry],
+               unreadable: Mapping[str, str], deployment_of: Callable[[str], str]) -> Plan:
+    """The plan without the triggers of pipelines whose ledger entry for that cycle is in
+    a deployment they left that cannot be read now (`unreadable`: deployment -> why).
+    The plan triggers where the pipeline runs now because it sees no run; but a run of
+    that cycle may be in the deployment left, unseen (a clear sent there, a trigger whose
+    answer was lost): a second run in another Airflow is not idempotent. The trigger
+    waits until the deployment left answers; its listing then shows the run, or shows
+    there is none. (A confirmed entry is never triggered again: `_satisfied`.)"""
+    if not unreadable or not result.actions:
+        return result
+    held: dict[tuple[datetime, str], tuple[LedgerEntry, str]] = {}
+    for a in result.actions:
+        if a.kind is not ActionKind.TRIGGER:
+            continue
+        entry = ledger.get((a.cycle, a.dag_id))
+        if entry is not None and entry.deployment is not None \
+                and entry.deployment in unreadable \
+                and entry.deployment != deployment_of(a.dag_id):
+            held[(a.cycle, a.dag_id)] = (entry, deployment_of(a.dag_id))
+    if not held:
+        return result
+    actions = tuple(a for a in result.actions if (a.cycle, a.dag_id) not in held)
+    statuses: list[PipelineStatus] = []
+    for st in result.statuses:
+        found = held.get((st.cycle, st.dag_id))
+        if found is not None and st.state is State.TRIGGERING:
+            entry, now_in = found
+            left = entry.deployment
+            assert left is not None
+            why = unreadable[left].removeprefix(f"deployment {left}: ")
+            st = PipelineStatus(
+                st.dag_id, st.cycle, State.WAITING, Reason.WAITING_FOR,
+                f"its {entry.action.value} of {entry.run_id} ({entry.state.value}) was "
+                f"sent to deployment {left}, which it has left since and which cannot be "
+                f"read now ({why}): a run of this cycle may be there, so it is not "
+                f"triggered in {now_in} until {left} answers",
+                st.run_id, st.waiting_for, st.blocked_by, st.commit)
+        statuses.append(st)
+    return Plan(actions, tuple(statuses), result.cycles)

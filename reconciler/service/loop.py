@@ -34,7 +34,7 @@ from typing import Any
 from reconciler.adapters.clock import SystemClock
 from reconciler.core.errors import disposition
 from reconciler.core.heap import gc_paused
-from reconciler.core.plan import hold_back, plan
+from reconciler.core.plan import hold_back, hold_moved, plan
 from reconciler.core.settings import LoopSettings
 from reconciler.core.state import Action, Plan
 from reconciler.service.executor import Executor, Outcome
@@ -200,18 +200,27 @@ class Reconciler:
         seen, and a slow deployment's calls would only hold the executor's threads)."""
         where = getattr(self.api, "where", None)
         late, unreachable = self.observer.late, self.observer.unreachable
-        if where is None or not (late or unreachable):
+        unread = self.observer.moved_unread
+        if where is None or not (late or unreachable or unread):
             return result
         held = result
-        if unreachable:
-            inputs = tuple(sorted(unreachable.items()))
+        if unreachable or unread:
+            inputs = (tuple(sorted(unreachable.items())), tuple(sorted(unread.items())),
+                      self.ledger.version)
             if self._held is not None and self._held[0] is result \
                     and self._held[1] == inputs:
                 # The same plan held back the same way: the same statuses, so the
                 # recorder skips them (not 50,000 compared on every pass while one is down).
                 held = self._held[2]
             else:
-                held = hold_back(result, unreachable, lambda name: where(name)[0])
+                def deployment_of(name: str) -> str:
+                    return str(where(name)[0])
+                # A trigger of a moved pipeline whose last call went to a deployment it
+                # left, which cannot be read now, waits (the run may be there).
+                held = hold_moved(result, self.ledger.entries(),
+                                  {**unread, **unreachable}, deployment_of)
+                if unreachable:
+                    held = hold_back(held, unreachable, deployment_of)
                 self._held = (result, inputs, held)
         if late:  # the statuses stay the same object (the recorder sees no change)
             held = replace(held, actions=tuple(

@@ -247,6 +247,9 @@ class Observer:
         go on, and the loop holds back the actions of these)."""
         self._moved: tuple[tuple[Any, int], dict[str, set[str]]] | None = None
         """(graph, ledger version) -> deployment left -> pipelines moved from it."""
+        self.moved_unread: dict[str, str] = {}
+        """Deployment left -> why the runs of the pipelines moved from it could not be
+        read on the last look (a trigger of theirs waits: core/plan.py `hold_moved`)."""
         self._groups: tuple[frozenset[str], dict[str, list[str]],
                             dict[str, frozenset[str]]] | None = None
         """The graph's names -> (by deployment, the same as sets), kept per graph."""
@@ -564,8 +567,9 @@ class Observer:
         """The earlier runs of pipelines moved to another deployment, from the one they
         left (the ledger records where each run is): a cycle a pipeline already ran there
         is seen as run, so it is not run again where it runs now. A deployment left that
-        cannot be reached is logged; the plan then counts a confirmed entry of it as done
-        (core/plan.py), never runs it twice."""
+        cannot be reached is logged and named in `moved_unread`: the plan counts a
+        confirmed entry of it as done, and a trigger of a pipeline whose entry is there
+        waits for it (core/plan.py `hold_moved`), never runs it twice."""
         fleet: Any = self.api
         entries = self.ledger.entries()
         key = (self.desired, self.ledger.version)
@@ -577,6 +581,7 @@ class Observer:
                         and entry.deployment != fleet.where(name)[0]:
                     moved.setdefault(entry.deployment, set()).add(name)
             self._moved = (key, moved)
+        unread: dict[str, str] = {}
         for deployment, names in sorted(self._moved[1].items()):
             try:
                 self.cache.absorb(fleet.iter_runs_of(deployment, sorted(names), moved=True,
@@ -586,6 +591,8 @@ class Observer:
                 event("runs of pipelines moved away cannot be read", logging.WARNING,
                       deployment=deployment, pipelines=",".join(sorted(names)),
                       error=str(exc))
+                unread[deployment] = str(exc)
+        self.moved_unread = unread
 
     def _old_open_cycles(self, horizon: datetime) -> list[datetime]:
         """The cycles of roots' runs in the cache older than the window: their other
@@ -649,11 +656,12 @@ class Observer:
 
     def check_tasks(self, now: datetime) -> int:
         """For runs with a task-level event: are all their tasks done? (`GET
-        .../taskInstances`, one request per such run). Marks the cached run with
-        `tasks_done_at`; returns how many runs became eager-done. Best effort, within
-        `EAGER_CHECK_BUDGET` seconds: what is not asked in time, or not answered (an API
-        server drowning in requests), waits for the next pass, and the pass goes on (the
-        listing sees those runs end anyway); it never holds every trigger back."""
+        .../taskInstances` for one such run, one batch listing for several). Marks the
+        cached run with `tasks_done_at`; returns how many runs became eager-done. Best
+        effort, within `EAGER_CHECK_BUDGET` seconds: what is not asked in time, or not
+        answered (an API server drowning in requests), waits for the next pass, and the
+        pass goes on (the listing sees those runs end anyway); it never holds every
+        trigger back."""
         asked = self._task_candidates()
         return self._apply_task_check(self._ask_tasks(asked, now)) if asked else 0
 
@@ -680,6 +688,21 @@ class Observer:
         check = TaskCheck()
         began = self.clock.monotonic()
         deadline_of = getattr(self.api, "deadline_of", None)
+        batch = getattr(self.api, "task_instances_of", None)
+        if batch is not None and len(asked) > 1:
+            # Many runs (roots ending together, a wide fan-out's last tasks): one listing.
+            try:
+                with deadline_of(EAGER_CHECK_BUDGET) if deadline_of is not None \
+                        else contextlib.nullcontext():
+                    found = batch(asked)
+            except BaseException as exc:
+                check.put_off, check.error = list(asked), exc
+                return check
+            for key in asked:
+                done = tasks_done_at(found.get(key, ()), now)
+                if done is not None:
+                    check.done[key] = done
+            return check
         for n, (dag_id, run_id) in enumerate(asked):
             left = EAGER_CHECK_BUDGET - (self.clock.monotonic() - began)
             try:

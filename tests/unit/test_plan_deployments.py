@@ -8,12 +8,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from reconciler.core.graph import Deployment, Graph, Pipeline
-from reconciler.core.plan import hold_back, plan
+from reconciler.core.plan import hold_back, hold_moved, plan
 from reconciler.core.state import (
     ActionKind,
     DagRun,
     Fingerprint,
     LedgerEntry,
+    LedgerState,
     State,
     run_id_for,
 )
@@ -89,3 +90,33 @@ def test_hold_back_drops_the_actions_of_an_unreachable_deployment_and_says_why()
     # Another deployment down changes nothing here; nothing down is the plan itself.
     assert hold_back(result, {"af2x": "down"}, where).actions == result.actions
     assert hold_back(result, {}, where) is result
+
+
+def test_a_moved_pipelines_trigger_waits_while_its_unconfirmed_entry_cannot_be_read(
+        ) -> None:
+    """b's last trigger (its answer lost: an intent, or failed) went to af2, which b has
+    left and which cannot be read: the plan's trigger in af3 waits, saying why; it goes
+    out once af2 answers (its listing then shows the run, or that there is none)."""
+    where = {"root": "af2", "b": "af3", "c": "af2"}.__getitem__
+    for state in (LedgerState.INTENT, LedgerState.FAILED):
+        entry = LedgerEntry(run_id=run_id_for(CYCLE), action=ActionKind.TRIGGER,
+                            fingerprint=Fingerprint(()), commit="c0", at=CYCLE,
+                            state=state, deployment="af2")
+        ledger = {(CYCLE, "b"): entry}
+        result = plan(graph("af3"), [root_run()], ledger, NOW, window=WINDOW)
+        assert [(a.kind, a.dag_id) for a in result.actions] == [(ActionKind.TRIGGER, "b")]
+        held = hold_moved(result, ledger, {"af2": "deployment af2: answered 503"}, where)
+        assert held.actions == ()
+        status = held.status("b", CYCLE)
+        assert status is not None
+        assert status.state is State.WAITING
+        assert f"its trigger of {run_id_for(CYCLE)} ({state.value}) was sent to " \
+               "deployment af2" in status.message
+        assert "(answered 503)" in status.message
+        assert "not triggered in af3 until af2 answers" in status.message
+        assert hold_moved(result, ledger, {}, where) is result  # af2 answers: it goes out
+        assert hold_moved(result, ledger, {"af3": "down"}, where) is result  # not where it was
+        same = {(CYCLE, "b"): LedgerEntry(run_id=entry.run_id, action=entry.action,
+                                          fingerprint=entry.fingerprint, commit="c0",
+                                          at=CYCLE, state=state, deployment="af3")}
+        assert hold_moved(result, same, {"af3": "down"}, where) is result  # hold_back's
