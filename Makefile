@@ -109,6 +109,7 @@ bench: install airflow-venv
 	$(VENV)/bin/python benchmarks/bench_sync.py
 	$(VENV)/bin/python benchmarks/bench_plan.py
 	$(VENV)/bin/python benchmarks/bench_loop.py
+	$(VENV)/bin/python benchmarks/bench_event_path.py
 	$(VENV)/bin/python benchmarks/bench_diff.py
 	$(VENV)/bin/python benchmarks/bench_latency.py
 	AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(VENV)/bin/python benchmarks/bench_vs_assets.py

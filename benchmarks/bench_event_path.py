@@ -85,31 +85,12 @@ the event finds the loop waiting out its interval, as after a quiet spell)."""
 
 
 class EventFake(FakeAirflow):
-    """The fake Airflow with `GET .../dagRuns/{run_id}/taskInstances` from `self.tis` (as
-    tests/integration/test_eager.py's TaskFake), connections kept alive as Airflow's API
-    server keeps them. Not bench_loop's IndexedFake: its memo assumes the runs never
-    change after the set-up, and here they change all the time (7 DAGs x a few cycles:
-    the plain scan costs nothing)."""
+    """The fake Airflow (its task instances from `self.tis`), connections kept alive as
+    Airflow's API server keeps them. Not bench_loop's IndexedFake: its memo assumes the
+    runs never change after the set-up, and here they change all the time (7 DAGs x a
+    few cycles: the plain scan costs nothing)."""
 
     keep_alive = True
-
-    def __init__(self, dag_ids: list[str]) -> None:
-        super().__init__(dag_ids)
-        self.tis: dict[tuple[str, str], list[dict[str, Any]]] = {}
-
-    def _dags(self, h: Any, method: str, rest: list[str], query: dict[str, list[str]],
-              body: Any, user: str) -> None:
-        if method == "GET" and len(rest) == 4 and rest[1] == "dagRuns" \
-                and rest[3] == "taskInstances":
-            key = (rest[0], rest[2])
-            if self.run(*key) is None:
-                return self._reply(h, 404, {"detail": "not found"})
-            tis = self.tis.get(key, [])
-            limit = min(int(query.get("limit", ["50"])[0]), self.maximum_page_limit)
-            offset = int(query.get("offset", ["0"])[0])
-            return self._reply(h, 200, {"task_instances": tis[offset:offset + limit],
-                                        "total_entries": len(tis)})
-        return super()._dags(h, method, rest, query, body, user)
 
 
 def ti(task_id: str, state: str | None) -> dict[str, Any]:

@@ -247,6 +247,7 @@ class Observer:
         go on, and the loop holds back the actions of these)."""
         self._moved: tuple[tuple[Any, int], dict[str, set[str]]] | None = None
         """(graph, ledger version) -> deployment left -> pipelines moved from it."""
+        self._feeds_of: tuple[Desired, frozenset[str]] | None = None
         self.moved_unread: dict[str, str] = {}
         """Deployment left -> why the runs of the pipelines moved from it could not be
         read on the last look (a trigger of theirs waits: core/plan.py `hold_moved`)."""
@@ -672,8 +673,7 @@ class Observer:
             pending, self._task_events = self._task_events, set()
         if not self.settings.eager or self.desired is None or not pending:
             return []
-        graph = self.desired.graph
-        feeds = {u for p in graph.pipelines.values() for u in p.depends_on}
+        feeds = self._feeds()
         asked = []
         for key in sorted(pending):
             run = self.cache.runs.get(key)
@@ -681,6 +681,16 @@ class Observer:
                     and run.tasks_done_at is None:
                 asked.append(key)
         return asked
+
+    def _feeds(self) -> frozenset[str]:
+        """The pipelines something depends on, built once per graph (an event pass must
+        not walk 50,000 pipelines before its reads go out)."""
+        assert self.desired is not None
+        if self._feeds_of is None or self._feeds_of[0] is not self.desired:
+            graph = self.desired.graph
+            self._feeds_of = (self.desired, frozenset(
+                u for p in graph.pipelines.values() for u in p.depends_on))
+        return self._feeds_of[1]
 
     def _ask_tasks(self, asked: list[tuple[str, str]], now: datetime) -> TaskCheck:
         """Read the task instances of `asked` within the budget; touches no cache (it

@@ -102,6 +102,30 @@ def test_the_batch_listing_ignores_updated_at_gte_and_the_quiet_pass_is_one_get(
          f"median, {costs[-2] * 1000:.0f} ms p90 (20 passes)")
 
 
+def test_the_task_instance_batch_reads_what_one_read_per_run_reads(
+        airflow2_server: Any) -> None:
+    """2.10+ pages its task-instance batch form: `task_instances_of` sends one POST
+    .../taskInstances/list for several runs and answers, per run, what the per-run GET
+    does."""
+    api = AirflowV1Client(settings(airflow2_server), airflow_version="2.11.2")
+    runs = []
+    for dag_id in ("05_pipeline", "07_pipeline"):
+        cycle = new_cycle()
+        api.trigger(dag_id, f"e2e_batch__{iso(cycle)}", cycle, {})
+        runs.append((dag_id, f"e2e_batch__{iso(cycle)}"))
+    eventually(lambda: all((api.get_run(*key) or {}).get("state") in ("success", "failed")
+                           for key in runs), 180, "both runs ended")
+    before = api.request_count
+    batch = api.task_instances_of(runs)
+    assert api.request_count - before == 1
+    assert api.batch_task_instances
+    for key in runs:
+        def shape(tis: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+            return sorted((t["task_id"], t.get("map_index", -1), t["state"]) for t in tis)
+        assert batch[key], key
+        assert shape(batch[key]) == shape(api.task_instances(*key)), key
+
+
 def test_doctor_reads_airflow_2_dags(bench2: Bench) -> None:
     done = subprocess.run([sys.executable, "-m", "reconciler", "doctor", "--output", "json"],
                           env=bench2.env(), capture_output=True, text=True, timeout=60)

@@ -87,3 +87,26 @@ def test_a_teardown_must_end_too(api: AirflowClient) -> None:
     # the work had ended while the teardown still ran: not done yet at that point
     assert any(done is None and any(t["task_id"] == "work" and t["state"] == "success"
                                     for t in tis) for _, tis, done in seen)
+
+
+def test_the_batch_reads_what_one_read_per_run_reads(api: AirflowClient) -> None:
+    """`task_instances_of` (one POST .../taskInstances/list for several runs) answers,
+    per run, exactly what `GET .../dagRuns/{run_id}/taskInstances` does."""
+    runs = []
+    for dag_id in ("eager_mapped", "eager_branch"):
+        eventually(lambda d=dag_id: any(x["dag_id"] == d for x in api.list_dags()), 120,
+                   f"{dag_id} parsed")
+        cycle = new_cycle()
+        run_id = f"eager_batch__{cycle.isoformat()}"
+        api.trigger(dag_id, run_id, cycle, {})
+        runs.append((dag_id, run_id))
+    eventually(lambda: all((api.get_run(*key) or {}).get("state") in ("success", "failed")
+                           for key in runs), 150, "both runs ended")
+    batch = api.task_instances_of(runs)
+    assert api.batch_task_instances  # answered as a batch, not run by run
+    assert set(batch) == set(runs)
+    for key in runs:
+        def shape(tis: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+            return sorted((t["task_id"], t["map_index"], t["state"]) for t in tis)
+        assert shape(batch[key]) == shape(api.task_instances(*key)), key
+    assert len(batch[runs[0]]) >= 3  # the mapped task's indexes are all there
