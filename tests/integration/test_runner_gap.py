@@ -8,21 +8,18 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.store import EtcdStore
-from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.service.loop import PassReport, Reconciler
 from reconciler.service.observability import Health
 from reconciler.service.runner import MIN_GAP, Runner
-from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
-from tests.helpers import EXAMPLE_DAGS, example_repo
+from tests.helpers import EXAMPLE_DAGS
 
 
 class RecordingClock(SystemClock):
@@ -39,23 +36,14 @@ class RecordingClock(SystemClock):
 
 
 @pytest.fixture
-def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
-    s = EtcdStore(etcd_settings)
-    assert sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="t",
-                now=datetime.now(UTC) - timedelta(days=60)).ok
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def running(store: EtcdStore) -> Iterator[tuple[Runner, RecordingClock, list[float]]]:
+def running(example_store: EtcdStore) -> Iterator[tuple[Runner, RecordingClock, list[float]]]:
     """A runner with a long interval on its own thread; yields it, its clock and the
     monotonic start of every pass."""
     with FakeAirflow(EXAMPLE_DAGS) as fake:
         api = AirflowClient(AirflowSettings(url=fake.url, username="admin",
                                             password="secret-pw", timeout=2, retries=2))
         clock = RecordingClock()
-        r = Reconciler(store, api, LoopSettings(interval=30, lease_ttl=6), holder="r1",
+        r = Reconciler(example_store, api, LoopSettings(interval=30, lease_ttl=6), holder="r1",
                        clock=clock)
         runner = Runner(r, Health())
         starts: list[float] = []
