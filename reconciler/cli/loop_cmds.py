@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from reconciler.core.settings import (
     LoopSettings,
     parse_duration,
 )
-from reconciler.core.state import Plan, iso
+from reconciler.core.state import LedgerEntry, Plan, iso
 from reconciler.core.words import counted
 
 STOP_GRACE = 8.0
@@ -264,16 +264,25 @@ def airflow_fleet(airflow: AirflowSettings, *, deadline: float,
     return AirflowFleet(_airflow_client(airflow, deadline=deadline, wait=wait), connect)
 
 
-def held_back(result: Plan, unreachable: Mapping[str, str], api: Any) -> Plan:
+def held_back(result: Plan, observer: Any, api: Any,
+              ledger: Mapping[tuple[datetime, str], LedgerEntry]) -> Plan:
     """A one-shot command's plan as the loop would act on it: nothing of a deployment
-    that cannot be reached, whose pipelines say so (core/plan.py hold_back)."""
-    from reconciler.core.plan import hold_back
+    that cannot be reached, whose pipelines say so, and no trigger of a moved pipeline
+    whose last call went to a deployment it left that cannot be read (core/plan.py
+    hold_back, hold_moved)."""
+    from reconciler.core.plan import hold_back, hold_moved
 
-    if not unreachable:
+    unreachable: Mapping[str, str] = observer.unreachable
+    unread: Mapping[str, str] = observer.moved_unread
+    if not unreachable and not unread:
         return result
     for _, why in sorted(unreachable.items()):
         click.echo(f"warning: {why} (its pipelines are shown as last seen)", err=True)
-    return hold_back(result, unreachable, lambda name: api.where(name)[0])
+
+    def deployment_of(name: str) -> str:
+        return str(api.where(name)[0])
+    result = hold_moved(result, ledger, {**unread, **unreachable}, deployment_of)
+    return hold_back(result, unreachable, deployment_of) if unreachable else result
 
 
 def _airflow_client(airflow: AirflowSettings, *, deadline: float,
@@ -348,7 +357,7 @@ def _fresh_plan(etcd: EtcdSettings, airflow: AirflowSettings, window: timedelta
             click.echo(f"warning: unreadable value at {key}: {why} (skipped)", err=True)
         result = plan(seen.desired.graph, seen.runs.values(), ledger, seen.now,
                       window=window, since=seen.desired.since, commit=seen.desired.commit)
-        return held_back(result, observer.unreachable, api), seen.desired.commit
+        return held_back(result, observer, api, ledger), seen.desired.commit
     except ReconcilerError as exc:
         fail(str(exc))
     finally:

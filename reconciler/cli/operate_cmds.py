@@ -147,10 +147,11 @@ def _live(store: Any, etcd: EtcdSettings, airflow: AirflowSettings,
     if seen.desired is None:
         fail_if_quarantined(observer)
         nothing_synced(etcd)
-    result = held_back(plan(seen.desired.graph, seen.runs.values(), observer.read_ledger(),
+    ledger = observer.read_ledger()
+    result = held_back(plan(seen.desired.graph, seen.runs.values(), ledger,
                             seen.now, window=window, since=seen.desired.since,
                             commit=seen.desired.commit, suspended=seen.suspended),
-                       observer.unreachable, api)
+                       observer, api, ledger)
     paused = {d["dag_id"] for d in api.list_dags(skip=observer.unreachable)
               if d.get("is_paused")}
     out = []

@@ -450,46 +450,49 @@ def test_a_moved_pipeline_is_not_run_again_while_the_deployment_it_left_is_down(
 
 
 def test_a_moved_pipeline_whose_trigger_answer_was_lost_where_it_was_waits_for_that_one(
-        repo: Path, store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow) -> None:
-    """05's trigger in af2 takes effect but its answer is lost; 05 moves to af3 and af2
-    goes down before any listing has shown that run. A trigger in af3 would be a second
-    run of the cycle in another Airflow: it waits until af2 answers, then the run is seen
+        repo: Path, store: EtcdStore, af2: FakeAirflow, af3: FakeAirflow,
+        etcd_settings: EtcdSettings) -> None:
+    """05's trigger in af3 takes effect but its answer is lost; 05 moves to af2 and af3
+    goes down before any listing has shown that run. A trigger in af2 would be a second
+    run of the cycle in another Airflow: it waits until af3 answers, then the run is seen
     there and nothing runs twice. (Found by the fault simulation, seed 6025.)"""
-    move_05(repo, store, "af2")
     r = Reconciler(store, fleet(af2), LoopSettings(interval=0.05, lease_ttl=6,
                                                    call_deadline=1.0), holder="r1")
-    trigger = "POST /api/v1/dags/{dag_id}/dagRuns"
+    trigger = "POST /api/v2/dags/{dag_id}/dagRuns"
 
     def lose_the_answer(request: Request) -> None:
         if request.route == trigger and request.dag_id == "05_pipeline":
-            af2.before_reply = None
+            af3.before_reply = None
             time.sleep(2.5)  # past the action's deadline: the answer is lost
 
     open_cycle(af2, CYCLE)
-    af2.before_reply = lose_the_answer
+    af3.before_reply = lose_the_answer
     try:
         report = r.run_pass()
     finally:
-        af2.before_reply = None
+        af3.before_reply = None
     assert [o.result for o in report.outcomes if o.action.dag_id == "05_pipeline"] == [
         "failed"]
-    assert run_ids(af2, "05_pipeline") == [run_id_for(CYCLE)]  # it took effect
-    move_05(repo, store, "af3")
+    assert run_ids(af3, "05_pipeline") == [run_id_for(CYCLE)]  # it took effect
+    move_05(repo, store, "af2")
     r.observer.head_dirty.set()
-    af2.fail_next(DOWN, "503")
+    af3.fail_next(DOWN, "503")
     for _ in range(3):
         assert "05_pipeline" not in [a.dag_id for a in r.run_pass().actions]
-        af3.finish_all()
-    assert af3.runs("05_pipeline") == []
+    assert af2.runs("05_pipeline") == []
     state = statuses(r)["05_pipeline"]
     assert state[0] is State.WAITING
-    assert "deployment af2, which it has left since" in state[1]
-    assert "not triggered in af3 until af2 answers" in state[1]
-    af2.clear_faults()
+    assert "deployment af3, which it has left since" in state[1]
+    assert "not triggered in af2 until af3 answers" in state[1]
+    # The dry run (a fresh process: the root's run is listed in af2, which answers).
+    proc = cli(etcd_settings, af2, "plan", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert "05_pipeline" not in [a["dag_id"] for a in json.loads(proc.stdout)["actions"]]
+    af3.clear_faults()
     converge(r, af2, af3)
-    assert af3.runs("05_pipeline") == []
-    assert run_ids(af2, "05_pipeline") == [run_id_for(CYCLE)]
-    assert run_ids(af2, "06_pipeline") == [run_id_for(CYCLE)]  # 06 followed on af2's 05
+    assert af2.runs("05_pipeline") == []
+    assert run_ids(af3, "05_pipeline") == [run_id_for(CYCLE)]
+    assert run_ids(af2, "06_pipeline") == [run_id_for(CYCLE)]  # 06 followed on af3's 05
     assert af2.duplicate_triggers() == {}
     assert af3.duplicate_triggers() == {}
 
