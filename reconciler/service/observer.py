@@ -666,20 +666,28 @@ class Observer:
         asked = self._task_candidates()
         return self._apply_task_check(self._ask_tasks(asked, now)) if asked else 0
 
-    def _task_candidates(self) -> list[tuple[str, str]]:
+    def _task_candidates(self, *, keep_unseen: bool = False) -> list[tuple[str, str]]:
         """The runs with a task-level event worth a read (taken off the pending set): a
-        run of a pipeline something depends on, running as last seen, not done yet."""
+        run of a pipeline something depends on, running as last seen, not done yet.
+        `keep_unseen`: the events of runs not (yet) seen running stay pending (asked
+        before the listing, whose runs may include them)."""
         with self._events_lock:
             pending, self._task_events = self._task_events, set()
         if not self.settings.eager or self.desired is None or not pending:
             return []
         feeds = self._feeds()
-        asked = []
+        asked, unseen = [], []
         for key in sorted(pending):
             run = self.cache.runs.get(key)
-            if key[0] in feeds and run is not None and run.state == "running" \
-                    and run.tasks_done_at is None:
+            if key[0] not in feeds or (run is not None and run.tasks_done_at is not None):
+                continue
+            if run is not None and run.state == "running":
                 asked.append(key)
+            elif keep_unseen:
+                unseen.append(key)
+        if unseen:
+            with self._events_lock:
+                self._task_events.update(unseen)
         return asked
 
     def _feeds(self) -> frozenset[str]:
@@ -747,6 +755,24 @@ class Observer:
             event("eager check put off to the next pass", logging.INFO,
                   runs=len(check.put_off), why=str(exc) or "out of time")
         return found
+
+    def _observe_runs_and_tasks(self, now: datetime) -> None:
+        """The listing, and beside it (not after it: the event path then waits for one
+        round trip, not two) the eager reads of runs already seen running; then the
+        reads of runs the listing has just shown running."""
+        asked = self._task_candidates(keep_unseen=True)
+        reading = self._submit(self._ask_tasks, asked, now) if asked else None
+        try:
+            self.observe_runs(now)
+        except BaseException:
+            if reading is not None:
+                reading.result()  # within the budget; nothing is left on a thread
+            with self._events_lock:  # asked again on the next pass
+                self._task_events.update(asked)
+            raise
+        if reading is not None:
+            self._apply_task_check(reading.result())
+        self.check_tasks(now)
 
     # --- the ledger ---
 
@@ -817,22 +843,11 @@ class Observer:
             # Before the runs: the ledger's transient dicts are then not held beside them.
             ledger = self.ledger.entries()
         if desired is not None and refresh:
-            # The eager reads go out beside the listing (they ask about runs already seen
-            # running), not after it: the event path waits for one round trip, not two.
-            asked = self._task_candidates()
-            reading = self._submit(self._ask_tasks, asked, now) \
-                if asked and self.concurrent_listing else None
-            try:
+            if self.concurrent_listing:
+                self._observe_runs_and_tasks(now)
+            else:  # the simulation: one call at a time, in a fixed order
                 self.observe_runs(now)
-            except BaseException:
-                if reading is not None:
-                    reading.result()  # within the budget; nothing is left on a thread
-                with self._events_lock:  # asked again on the next pass
-                    self._task_events.update(asked)
-                raise
-            if asked:
-                check = reading.result() if reading is not None else self._ask_tasks(asked, now)
-                self._apply_task_check(check)
+                self.check_tasks(now)
         return Observation(desired=desired, runs=MappingProxyType(self.cache.runs),
                            runs_version=self.cache.version,
                            ledger=ledger, ledger_version=self.ledger.version,

@@ -324,3 +324,22 @@ def test_an_airflow_2_without_the_batch_paging_is_read_run_by_run(
         assert fake.requests[batch] == (0 if told else 1)
         assert fake.requests["GET /api/v1/dags/{dag_id}/dagRuns/{run_id}/taskInstances"] == 4
         assert api.batch_task_instances is False
+
+
+def test_an_event_of_a_run_the_listing_first_shows_running_is_read_in_the_same_pass(
+        store: EtcdStore, fake: TaskFake) -> None:
+    """A short upstream: queued at the last look, then started and every task done before
+    the next pass. Its event is not dropped for being asked before the listing: the read
+    follows once the listing shows the run running."""
+    r = reconciler(store, fake)
+    r.run_pass()  # 02-05 triggered, queued as far as the loop knows
+    for dag_id in ("02_pipeline", "03_pipeline", "04_pipeline"):
+        fake.advance(dag_id, RUN, "running")
+        fake.advance(dag_id, RUN, "success")
+    fake.advance("05_pipeline", RUN, "running")  # not seen running by the loop yet
+    fake.tis[("05_pipeline", RUN)] = [ti("extract", "success"), ti("load", "success")]
+    r.observer.on_event(store.event_key("05_pipeline", RUN),
+                        json.dumps({"kind": "task"}).encode())
+    report = r.run_pass()
+    assert [a.dag_id for a in report.actions] == ["06_pipeline"]
+    assert "eager" in report.actions[0].reason
