@@ -23,9 +23,30 @@ start), the join started (its first task start); also the join's own edge (lates
 end -> join start). B is checked for exactly one run per pipeline and cycle, with the
 reconciler's run id.
 
-Many roots (`--many-roots`): 100 roots x 3 downstreams each per family, all 200 roots
-triggered together at the start of every minute for `--minutes`; the lag root last task
-end -> downstream first task start, per family and per minute (does it grow?).
+Many roots (`--many-roots`): 100 roots x 3 downstreams each per family, every one of the
+200 roots scheduled by Airflow's own cron, as deployed: `schedule="* * * * *"`, catchup
+off, a start date a minute before the files were written, paused at creation (A's
+downstreams stay on their root's asset, B's have no schedule: the reconciler triggers
+them). The bench unpauses the 200 roots in one request once Airflow's next run of every
+root is the minute just begun (within its first 40 s: with catchup off, a paused DAG's
+next run is the latest minute begun as of its file's last parse, so an earlier unpause
+would give a stale minute and the current one back to back). After `--minutes` it pauses
+them again, once Airflow can make no more run of those minutes and every root run of them
+has ended (Airflow does not schedule a paused DAG's runs: an earlier pause would strand
+them; the runs of later minutes made meanwhile are counted apart), and waits for the
+downstreams to drain. Roots' runs are Airflow's `scheduled__<logical date>` runs, and a
+cycle is the root's logical date, the minute it was due, in both families (B: the
+reconciler keys a cycle by it; A: a downstream run belongs to the latest run of its root
+whose task ended before the downstream run was queued). Reported per family: root end ->
+downstream first task start (per minute: does it grow?), root due -> root queued (does
+the scheduler keep up?), root queued -> root start, the roots Airflow did not run in
+their minute, exactly once for B, runs per DAG and cycle for A.
+
+Measured (10 min, PostgreSQL, load 15-24, not drained; README "Many roots"): Airflow's
+cron did not keep up (root due -> queued median A 76.5 s, B 89.7 s; roots not run in
+their minute A 669, B 451 of 1000); B's lag root end -> downstream start 513.7 s median,
+798.5 p90, growing 265 -> 769 s over the first four minutes; exactly once held; no A
+downstream of the measured minutes had started by the report, so no B/A.
 
 The DAG files and the pipeline files are generated into a temporary directory; one short
 task per DAG. Airflow keeps its defaults for everything that bounds this (printed with the
@@ -48,7 +69,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -81,6 +101,7 @@ from tests.helpers import git  # noqa: E402
 
 NAMESPACE = "bench-fanout"
 MANY_ROOTS, MANY_DOWNSTREAMS = 100, 3
+ROOT_TAG = "bench-fanout-root"  # --many-roots: the roots on Airflow's cron
 AIRFLOW_DEFAULTS = {
     # The bench Airflow of scripts/airflow_env.py is tuned for tests; these bound a fan-out,
     # so they go back to Airflow's own defaults.
@@ -103,11 +124,17 @@ from airflow.sdk import DAG, Asset, AssetAll, task
 
 UPSTREAMS = {upstreams!r}
 ASSETS = {{d: Asset(name=f"fanout_{{d}}", uri=f"file://fanout/{{d}}") for d in UPSTREAMS}}
+CRON = {cron!r}  # roots on Airflow's cron, paused until the bench unpauses them
+CRON_START = datetime.fromisoformat({cron_start!r})
 
 for _dag_id, _ups in UPSTREAMS.items():
-    _schedule = AssetAll(*(ASSETS[u] for u in _ups)) if _ups else None
-    with DAG(dag_id=_dag_id, schedule=_schedule, start_date=datetime(2025, 1, 1, tzinfo=UTC),
-             catchup=False, is_paused_upon_creation=False, tags=["bench-fanout"]) as _dag:
+    _cron = _dag_id in CRON
+    _schedule = ("* * * * *" if _cron else AssetAll(*(ASSETS[u] for u in _ups)) if _ups
+                 else None)
+    with DAG(dag_id=_dag_id, schedule=_schedule,
+             start_date=CRON_START if _cron else datetime(2025, 1, 1, tzinfo=UTC),
+             catchup=False, is_paused_upon_creation=_cron,
+             tags=["bench-fanout", {root_tag!r}] if _cron else ["bench-fanout"]) as _dag:
 
         @task(outlets=[ASSETS[_dag_id]])
         def work() -> None:
@@ -121,9 +148,15 @@ from datetime import UTC, datetime
 
 from airflow.sdk import DAG, task
 
+CRON = {cron!r}  # roots on Airflow's cron, paused until the bench unpauses them
+CRON_START = datetime.fromisoformat({cron_start!r})
+
 for _dag_id in {dag_ids!r}:
-    with DAG(dag_id=_dag_id, schedule=None, start_date=datetime(2025, 1, 1, tzinfo=UTC),
-             catchup=False, is_paused_upon_creation=False, tags=["bench-fanout"]) as _dag:
+    _cron = _dag_id in CRON
+    with DAG(dag_id=_dag_id, schedule="* * * * *" if _cron else None,
+             start_date=CRON_START if _cron else datetime(2025, 1, 1, tzinfo=UTC),
+             catchup=False, is_paused_upon_creation=_cron,
+             tags=["bench-fanout", {root_tag!r}] if _cron else ["bench-fanout"]) as _dag:
 
         @task
         def work() -> None:
@@ -168,13 +201,25 @@ def many_roots_graph(family: str) -> Graph:
     return Graph(family, ups)
 
 
-def write_dags(folder: Path, a_graphs: list[Graph], b_graphs: list[Graph]) -> None:
-    """One file per family: Airflow parses one module of 400 DAGs far faster than 400."""
+def write_dags(folder: Path, a_graphs: list[Graph], b_graphs: list[Graph],
+               cron: bool = False) -> None:
+    """One file per family: Airflow parses one module of 400 DAGs far faster than 400.
+
+    `cron` (--many-roots): every root is scheduled by Airflow itself, `* * * * *`, catchup
+    off, a start date a minute before now, paused at creation and tagged ROOT_TAG (the
+    bench unpauses and pauses them all in one request); the other DAGs are as without it
+    (A: on their upstreams' assets; B: no schedule, the reconciler triggers them)."""
     folder.mkdir(parents=True)
+    start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+    common = {"cron_start": start.isoformat(), "root_tag": ROOT_TAG}
     upstreams = {d: ups for g in a_graphs for d, ups in g.upstreams.items()}
-    (folder / "fanout_assets.py").write_text(ASSET_FILE.format(upstreams=upstreams))
+    a_cron = sorted(r for g in a_graphs for r in g.roots) if cron else []
+    (folder / "fanout_assets.py").write_text(
+        ASSET_FILE.format(upstreams=upstreams, cron=a_cron, **common))
     dag_ids = [d for g in b_graphs for d in g.dag_ids]
-    (folder / "fanout_plain.py").write_text(PLAIN_FILE.format(dag_ids=dag_ids))
+    b_cron = sorted(r for g in b_graphs for r in g.roots) if cron else []
+    (folder / "fanout_plain.py").write_text(
+        PLAIN_FILE.format(dag_ids=dag_ids, cron=b_cron, **common))
 
 
 def pipelines_repo(path: Path, b_graphs: list[Graph]) -> Path:
@@ -303,16 +348,32 @@ def group(runs: Iterable[Run], key_of: KeyOf) -> dict[tuple[str, str], list[Run]
     return out
 
 
+def bench_root_run_id(key: str) -> str:
+    """The fan-out's roots: the run id the bench triggers them with."""
+    return f"bench__{key}"
+
+
+def scheduled_root_run_id(key: str) -> str:
+    """--many-roots: Airflow's own scheduled run of a root on its cron (CronTriggerTimetable:
+    `scheduled__` and the logical date, which is the minute it was due)."""
+    return f"scheduled__{key}"
+
+
 def exactly_once(graph: Graph, keys: list[str], runs: dict[tuple[str, str], list[Run]],
-                 unfinished: set[str]) -> tuple[list[str], int]:
-    """B: one run per pipeline and cycle, the reconciler's run id (roots: ours). Returns
-    the problems, and how many runs of `unfinished` cycles (Airflow stopped, a timeout)
-    were not made yet: not run is not run twice."""
+                 unfinished: set[str], root_run_id: Callable[[str], str] = bench_root_run_id,
+                 skip: Iterable[tuple[str, str]] = ()) -> tuple[list[str], int]:
+    """B: one run per pipeline and cycle, the reconciler's run id (roots: `root_run_id`).
+    Returns the problems, and how many runs of `unfinished` cycles (Airflow stopped, a
+    timeout) were not made yet: not run is not run twice. `skip`: (dag_id, key) not
+    checked (--many-roots: the pipelines of a root Airflow did not run in that minute)."""
     problems, not_yet = [], 0
+    skipped = set(skip)
     for key in keys:
         logical = parse_time(key)
         assert logical is not None
         for dag_id in graph.dag_ids:
+            if (dag_id, key) in skipped:
+                continue
             found = runs.get((dag_id, key), [])
             if not found and key in unfinished:
                 not_yet += 1
@@ -321,7 +382,7 @@ def exactly_once(graph: Graph, keys: list[str], runs: dict[tuple[str, str], list
                 problems.append(f"{dag_id} {key}: {len(found)} runs "
                                 f"{[r.run_id for r in found]}")
                 continue
-            expected = (f"bench__{key}" if not graph.upstreams[dag_id]
+            expected = (root_run_id(key) if not graph.upstreams[dag_id]
                         else run_id_for(logical))
             if found[0].run_id != expected:
                 problems.append(f"{dag_id} {key}: run id {found[0].run_id}, not {expected}")
@@ -506,7 +567,8 @@ def _ratio(b: float, a: float) -> str:
     return f"{b / a:.2f}" if a > 0 else "-"
 
 
-def print_exactly_once(checked: tuple[list[str], int], expected: int) -> None:
+def print_exactly_once(checked: tuple[list[str], int], expected: int,
+                       roots: str = "the bench's") -> None:
     problems, not_yet = checked
     unfinished = (f"; {not_yet} not run yet, in cycles that did not finish" if not_yet
                   else "")
@@ -517,72 +579,182 @@ def print_exactly_once(checked: tuple[list[str], int], expected: int) -> None:
             print(f"    {p}")
     else:
         print(f"  B: exactly once: {expected - not_yet} of {expected} pipeline-cycles have "
-              "one run with the reconciler's run id (roots: the bench's), no duplicate, "
+              f"one run with the reconciler's run id (roots: {roots}), no duplicate, "
               f"none missing{unfinished}")
 
 
 # ---- many roots ----------------------------------------------------------------------
 
 
+def rest_call(rest: Rest, method: str, path: str, body: Any = None) -> Any:
+    """One request with a fresh token on 401, again after a timeout or a 5xx (pausing and
+    listing are idempotent)."""
+    for attempt in range(6):
+        try:
+            status, answer = rest.airflow.request(method, path, body, rest.token, timeout=60)
+        except OSError:  # a timeout, a refused connection: ask again
+            if attempt == 5:
+                raise
+            time.sleep(1)
+            continue
+        if status == 401:
+            rest.token = rest.airflow.token()
+            continue
+        if status >= 500 and attempt < 5:
+            time.sleep(1)
+            continue
+        if status != 200:
+            raise RuntimeError(f"{method} {path} answered {status}: {answer}")
+        return answer
+    raise RuntimeError(f"{method} {path}: no answer after 6 attempts")
+
+
+def root_dags(rest: Rest) -> list[dict[str, Any]]:
+    """The DAGs tagged ROOT_TAG, as `GET /api/v2/dags` answers them (all pages)."""
+    dags: list[dict[str, Any]] = []
+    while True:
+        page = rest_call(rest, "GET", f"/api/v2/dags?tags={ROOT_TAG}&limit=100"
+                                      f"&offset={len(dags)}&order_by=dag_id")
+        dags.extend(page["dags"])
+        if not page["dags"] or len(dags) >= page["total_entries"]:
+            return dags
+
+
+def set_roots_paused(rest: Rest, paused: bool, expected: int) -> None:
+    """Pause or unpause every root in one request (the DAGs tagged ROOT_TAG)."""
+    answer = rest_call(rest, "PATCH", f"/api/v2/dags?tags={ROOT_TAG}&dag_id_pattern=~"
+                                      "&update_mask=is_paused&limit=1", {"is_paused": paused})
+    if answer.get("total_entries") != expected:
+        raise RuntimeError(f"{'pausing' if paused else 'unpausing'} the roots matched "
+                           f"{answer.get('total_entries')} DAGs, not {expected}")
+
+
+def unpause_roots(rest: Rest, roots: list[str], reconciler: subprocess.Popen[bytes],
+                  airflow: AirflowProcess, within: float = 40.0) -> tuple[datetime, float]:
+    """Unpause every root when Airflow's next run of each is the minute just begun, within
+    its first `within` seconds; returns that minute and the seconds into it.
+
+    With catchup off, Airflow's next run of a DAG is the latest minute already begun as of
+    the last parse of its file (the DAG processor parses paused DAGs too, every 30 s here),
+    and an unpaused DAG whose next run is due gets it at once. Unpaused with a next run of
+    an older minute, a root would get that stale run and the current minute's right after
+    it; so the bench waits for a parse after the minute began. The first minute's runs are
+    created at the unpause (those seconds late), the next ones when due."""
+    deadline = time.monotonic() + 600
+    wanted = set(roots)
+    seen = ""
+    while time.monotonic() < deadline:
+        if reconciler.poll() is not None:
+            raise SystemExit(f"reconciler run exited {reconciler.returncode}")
+        if airflow.stopped_components():
+            raise SystemExit(f"Airflow's {', '.join(airflow.stopped_components())} stopped")
+        minute = datetime.now(UTC).replace(second=0, microsecond=0)
+        if _s(datetime.now(UTC) - minute) <= within:
+            dags = {d["dag_id"]: d for d in root_dags(rest) if d["dag_id"] in wanted}
+            nexts = {parse_time(d.get("next_dagrun_run_after")) for d in dags.values()}
+            seen = f"{len(dags)} roots, next runs {sorted(map(str, nexts))[:3]}"
+            into = _s(datetime.now(UTC) - minute)
+            if len(dags) == len(wanted) and nexts == {minute} and into <= within:
+                set_roots_paused(rest, False, len(wanted))
+                return minute, _s(datetime.now(UTC) - minute)
+        time.sleep(2)
+    raise SystemExit(f"Airflow's next run of the roots was not the current minute for 600 s "
+                     f"({seen})")
+
+
+def stop_roots(api: AirflowClient, rest: Rest, roots: list[str], first: datetime,
+               last: datetime, timeout: float, reconciler: subprocess.Popen[bytes],
+               airflow: AirflowProcess) -> tuple[datetime, bool]:
+    """After the last minute, pause the roots once Airflow can make no more run of the
+    measured minutes (every root's next run is later) and every root run of them has
+    ended: the scheduler neither starts a paused DAG's queued run nor schedules its tasks,
+    so pausing at once would strand the roots still waiting. Runs of later minutes made
+    meanwhile are counted apart; returns when the pause came, and whether in time."""
+    wanted = set(roots)
+
+    def done() -> bool:
+        behind = [d["dag_id"] for d in root_dags(rest) if d["dag_id"] in wanted
+                  and d.get("next_dagrun_logical_date") is not None
+                  and (parse_time(d["next_dagrun_logical_date"]) or last) <= last]
+        open_runs = [r for r in api.list_runs(roots, logical_date_gte=first,
+                                              logical_date_lte=last)
+                     if r.get("state") in ("queued", "running")]
+        return not behind and not open_runs
+
+    in_time = wait_for(done, timeout, reconciler, airflow, every=5)
+    set_roots_paused(rest, True, len(roots))
+    return datetime.now(UTC), in_time
+
+
 def run_many_roots(args: argparse.Namespace, api: AirflowClient, rest: Rest,
-                   reconciler: subprocess.Popen[bytes], airflow: AirflowProcess,
-                   base: datetime) -> None:
+                   reconciler: subprocess.Popen[bytes], airflow: AirflowProcess) -> None:
     graphs = {f: many_roots_graph(f) for f in ("A", "B")}
-    keys: dict[str, list[str]] = {"A": [], "B": []}
-    starts: list[tuple[datetime, str]] = []
-    roots = [(f, r) for pair in zip(graphs["A"].roots, graphs["B"].roots, strict=True)
-             for f, r in zip(("A", "B"), pair, strict=True)]  # A and B interleaved
+    roots = [r for g in graphs.values() for r in g.roots]
     started = time.monotonic()
-    first_minute = (int(time.time()) // 60 + 1) * 60
-    loads = []
-    # Four POSTs in flight: 200 one after the other would spill past the minute.
-    with ThreadPoolExecutor(4 if args.database == "postgres" else 1) as pool:
-        for m in range(args.minutes):
-            time.sleep(max(0.0, first_minute + 60 * m - time.time()))
-            if reconciler.poll() is not None:
-                raise SystemExit(f"reconciler run exited {reconciler.returncode}")
+    since = datetime.now(UTC) - timedelta(minutes=2)
+    first, unpaused_into = unpause_roots(rest, roots, reconciler, airflow)
+    last = first + timedelta(minutes=args.minutes - 1)
+    keys = [iso(first + timedelta(minutes=m)) for m in range(args.minutes)]
+    print(f"  {len(roots)} roots unpaused {unpaused_into:.1f} s into {keys[0]}, load "
+          f"{load_average()}", file=sys.stderr, flush=True)
+    loads = [os.getloadavg()[0]]
+    for m in range(1, args.minutes + 1):
+        time.sleep(max(0.0, _s(first + timedelta(minutes=m) - datetime.now(UTC))))
+        if reconciler.poll() is not None:
+            raise SystemExit(f"reconciler run exited {reconciler.returncode}")
+        if m < args.minutes:
             loads.append(os.getloadavg()[0])
-            key = {"A": f"mr-{m:02d}", "B": iso(base + timedelta(minutes=m))}
-            keys["A"].append(key["A"])
-            keys["B"].append(key["B"])
-            starts.append((datetime.now(UTC), key["A"]))
-            t0 = time.monotonic()
-            list(pool.map(lambda fr, key=key: trigger_root(rest, fr[0], fr[1], key[fr[0]]),
-                          roots))
-            print(f"  minute {m + 1}/{args.minutes}: {len(roots)} roots triggered in "
-                  f"{time.monotonic() - t0:.1f} s, load {load_average()}",
-                  file=sys.stderr, flush=True)
-    since = datetime.now(UTC) - timedelta(seconds=60 * args.minutes + 120)
+        with contextlib.suppress(AirflowUnavailable):
+            made = api.list_runs(roots, logical_date_gte=first + timedelta(minutes=m - 1),
+                                 logical_date_lte=first + timedelta(minutes=m - 1))
+            print(f"  minute {m}/{args.minutes}: Airflow made {len(made)} of {len(roots)} "
+                  f"root runs, load {load_average()}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + args.drain_timeout
+    stopped = ""
+    try:
+        paused_at, paused_in_time = stop_roots(api, rest, roots, first, last,
+                                               args.drain_timeout, reconciler, airflow)
+    except AirflowStopped as exc:
+        paused_at, paused_in_time, stopped = datetime.now(UTC), False, f"STOPPED EARLY: {exc}"
+    print(f"  roots paused at {paused_at:%H:%M:%S}{'' if paused_in_time else ' (timeout)'}",
+          file=sys.stderr, flush=True)
+    downstream = {d for g in graphs.values() for d, ups in g.upstreams.items() if ups}
+    b_roots, measured = set(graphs["B"].roots), set(keys)
     idle_checks: list[bool] = []
 
     def drained() -> bool:
-        """Nothing queued or running twice in a row (A's asset events may coalesce, so the
-        number of runs to expect is not known)."""
-        busy = any(r.get("state") in ("queued", "running") and r.get("dag_id") in every
-                   for r in api.list_runs(updated_at_gte=since))
-        idle_checks.append(not busy)
+        """No downstream run queued or running, and every B root run of the measured
+        minutes that succeeded has its downstreams' runs ended (the reconciler may be slow
+        to trigger them), twice in a row; a paused root's later runs stay as they are."""
+        runs = [Run.from_api(r) for r in api.list_runs(updated_at_gte=since)]
+        busy = any(r.state in ("queued", "running") and r.dag_id in downstream for r in runs)
+        ended = {(r.dag_id, b_key(r)) for r in runs if r.state in ("success", "failed")}
+        owed = [(f"{r.dag_id}_d{i}", b_key(r)) for r in runs
+                if r.dag_id in b_roots and r.state == "success" and b_key(r) in measured
+                for i in range(MANY_DOWNSTREAMS)]
+        idle_checks.append(not busy and all(o in ended for o in owed))
         return idle_checks[-2:] == [True, True]
 
-    every = {d for g in graphs.values() for d in g.dag_ids}
-    stopped = ""
-    try:
-        drained_ok = wait_for(drained, args.drain_timeout, reconciler, airflow, every=10)
-    except AirflowStopped as exc:
-        drained_ok, stopped = False, f"STOPPED EARLY: {exc}"
-    report_many_roots(args, graphs, keys, starts, api, rest, loads,
-                      time.monotonic() - started, drained_ok)
+    drained_ok = False
+    if not stopped:
+        try:
+            drained_ok = wait_for(drained, max(0.0, deadline - time.monotonic()), reconciler,
+                                  airflow, every=15)
+        except AirflowStopped as exc:
+            stopped = f"STOPPED EARLY: {exc}"
+    report_many_roots(args, graphs, keys, api, rest, loads, time.monotonic() - started,
+                      drained_ok, unpaused_into, paused_at)
     if stopped:
         print(f"  {stopped}")
 
 
-def a_many_roots_key(graph: Graph, starts: list[tuple[datetime, str]], runs: list[Run]
-                     ) -> KeyOf:
-    """A's roots by trigger time (a_key); a downstream run belongs to the latest run of its
-    root whose task ended before it was queued (its asset event made it)."""
-    root_key = a_key(starts)
+def a_many_roots_key(graph: Graph, runs: list[Run]) -> KeyOf:
+    """A's roots by their logical date, the minute Airflow's cron made them for (b_key); a
+    downstream run belongs to the latest run of its root whose task ended before it was
+    queued (its asset event made it)."""
     ends: dict[str, list[tuple[datetime, str]]] = {}
     for run in runs:
-        cycle = root_key(run) if not graph.upstreams[run.dag_id] else None
+        cycle = b_key(run) if not graph.upstreams[run.dag_id] else None
         if cycle is not None and run.last_task_end is not None:
             ends.setdefault(run.dag_id, []).append((run.last_task_end, cycle))
     for pairs in ends.values():
@@ -591,7 +763,7 @@ def a_many_roots_key(graph: Graph, starts: list[tuple[datetime, str]], runs: lis
     def key(run: Run) -> str | None:
         ups = graph.upstreams[run.dag_id]
         if not ups:
-            return root_key(run)
+            return b_key(run)
         queued = run.queued_at
         return next((k for end, k in reversed(ends.get(ups[0], []))
                      if queued is not None and end <= queued), None)
@@ -599,37 +771,52 @@ def a_many_roots_key(graph: Graph, starts: list[tuple[datetime, str]], runs: lis
     return key
 
 
-def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph],
-                      keys: dict[str, list[str]], starts: list[tuple[datetime, str]],
+def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: list[str],
                       api: AirflowClient, rest: Rest, loads: list[float], elapsed: float,
-                      drained: bool) -> None:
+                      drained: bool, unpaused_into: float, paused_at: datetime) -> None:
     print(f"\nbench_fanout --many-roots: {MANY_ROOTS} roots x {MANY_DOWNSTREAMS} "
-          f"downstreams per family, all {2 * MANY_ROOTS} roots triggered together every "
-          f"minute for {args.minutes} min, {args.database}, {elapsed:.0f} s"
+          f"downstreams per family, all {2 * MANY_ROOTS} roots on Airflow's cron "
+          f"(* * * * *) for {args.minutes} min from {keys[0]} (unpaused {unpaused_into:.1f} s "
+          f"into that minute, paused at {paused_at:%H:%M:%S}), {args.database}, "
+          f"{elapsed:.0f} s"
           f"{'' if drained else ' (NOT drained: some runs unfinished at the timeout)'}; "
           f"load average (1 min) at the minutes' starts {min(loads):.2f}-{max(loads):.2f}, "
           f"now {load_average()}")
     lag: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
+    root_late: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
     root_wait: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
+    not_run: dict[str, dict[int, list[str]]] = {"A": {}, "B": {}}
     missing: dict[str, int] = {"A": 0, "B": 0}
+    extra: dict[str, int] = {"A": 0, "B": 0}
     runs: dict[str, dict[tuple[str, str], list[Run]]] = {}
     for family, g in graphs.items():
         listed = read_runs(api, rest, g.dag_ids)
-        key_of = a_many_roots_key(g, starts, listed) if family == "A" else b_key
+        key_of = a_many_roots_key(g, listed) if family == "A" else b_key
         runs[family] = group(listed, key_of)
-        for m, key in enumerate(keys[family]):
+        wanted = set(keys)
+        extra[family] = sum(1 for r in listed if not g.upstreams[r.dag_id]
+                            and b_key(r) not in wanted)
+        for m, key in enumerate(keys):
+            due = parse_time(key)
+            assert due is not None
             for root in g.roots:
-                roots = runs[family].get((root, key), [])
-                if len(roots) != 1 or roots[0].last_task_end is None:
-                    missing[family] += MANY_DOWNSTREAMS
+                found = runs[family].get((root, key), [])
+                if not found:
+                    not_run[family].setdefault(m, []).append(root)
                     continue
-                r, root_end = roots[0], roots[0].last_task_end
+                r = found[0]
+                if r.queued_at:
+                    root_late[family].setdefault(m, []).append(_s(r.queued_at - due))
                 if r.first_task_start and r.queued_at:
                     root_wait[family].setdefault(m, []).append(
                         _s(r.first_task_start - r.queued_at))
+                root_end = r.last_task_end
+                if len(found) != 1 or root_end is None:
+                    missing[family] += MANY_DOWNSTREAMS
+                    continue
                 for d in range(MANY_DOWNSTREAMS):
-                    found = runs[family].get((f"{root}_d{d}", key), [])
-                    start = min((s for s in (f.first_task_start for f in found)
+                    down = runs[family].get((f"{root}_d{d}", key), [])
+                    start = min((s for s in (f.first_task_start for f in down)
                                  if s is not None), default=None)
                     if start is None:
                         missing[family] += 1
@@ -641,6 +828,7 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph],
     print(f"  {'seconds':<40} {'n':>5}  {'A median':>8} {'p90':>7} {'max':>7}  "
           f"{'B median':>8} {'p90':>7} {'max':>7}  {'B/A med':>7} {'p90':>5}")
     for title, per_minute in (("root end -> downstream start", lag),
+                              ("root due -> root queued", root_late),
                               ("root queued -> root start", root_wait)):
         for span, minutes in spans:
             values = {f: [v for m in minutes for v in per_minute[f].get(m, [])] for f in "AB"}
@@ -652,14 +840,32 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph],
             print(f"  {title + ', ' + span:<40} {n:>5}  {cells[0]}  {cells[1]}  {ratio}")
     print("  per minute, median root end -> downstream start (A | B): " + ", ".join(
         f"{_median(lag['A'].get(m))}|{_median(lag['B'].get(m))}" for m in range(args.minutes)))
-    print(f"  downstream runs that did not start: A {missing['A']}, B {missing['B']} "
-          f"(of {MANY_ROOTS * MANY_DOWNSTREAMS * args.minutes} each; for A, a root's asset "
-          "events that one downstream run consumed together count once)")
+    print("  per minute, median root due -> root queued (A | B): " + ", ".join(
+        f"{_median(root_late['A'].get(m))}|{_median(root_late['B'].get(m))}"
+        for m in range(args.minutes)))
+    total_not_run = {f: sum(len(v) for v in not_run[f].values()) for f in "AB"}
+    print(f"  roots Airflow did not run in their minute: A {total_not_run['A']}, "
+          f"B {total_not_run['B']} (of {MANY_ROOTS * args.minutes} each); per minute "
+          "(A | B): " + ", ".join(f"{len(not_run['A'].get(m, []))}|"
+                                  f"{len(not_run['B'].get(m, []))}"
+                                  for m in range(args.minutes))
+          + f"; scheduled root runs outside the {args.minutes} minutes: A {extra['A']}, "
+            f"B {extra['B']}")
+    print(f"  downstream runs that did not start, of the roots that ran: A {missing['A']}, "
+          f"B {missing['B']} (for A, a root's asset events that one downstream run "
+          "consumed together count once)")
     print(f"  A runs per DAG and cycle: "
-          f"{runs_per_pipeline(graphs['A'], keys['A'], runs['A'])}")
-    unfinished = set() if drained else set(keys["B"])
-    print_exactly_once(exactly_once(graphs["B"], keys["B"], runs["B"], unfinished),
-                       len(keys["B"]) * len(graphs["B"].dag_ids))
+          f"{runs_per_pipeline(graphs['A'], keys, runs['A'])}")
+    g = graphs["B"]
+    skip = [(d, keys[m]) for m, lost in not_run["B"].items() for root in lost
+            for d in [root] + [f"{root}_d{i}" for i in range(MANY_DOWNSTREAMS)]]
+    unfinished = set() if drained else set(keys)
+    print_exactly_once(exactly_once(g, keys, runs["B"], unfinished,
+                                    root_run_id=scheduled_root_run_id, skip=skip),
+                       len(keys) * len(g.dag_ids) - len(skip),
+                       roots="Airflow's scheduled runs")
+    if skip:
+        print(f"  B: {len(skip)} pipeline-cycles of roots Airflow did not run not checked")
 
 
 def _median(values: list[float] | None) -> str:
@@ -676,8 +882,9 @@ def main() -> None:
                         help="fan-out widths W, one after the other in the same Airflow")
     parser.add_argument("--cycles", type=int, default=5, help="cycles per family and width")
     parser.add_argument("--many-roots", action="store_true",
-                        help=f"{MANY_ROOTS} roots x {MANY_DOWNSTREAMS} downstreams, all "
-                             "triggered every minute, instead of the fan-out")
+                        help=f"{MANY_ROOTS} roots x {MANY_DOWNSTREAMS} downstreams per "
+                             "family, every root on Airflow's cron (* * * * *), instead of "
+                             "the fan-out")
     parser.add_argument("--minutes", type=int, default=10, help="--many-roots: minutes")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                         help="Airflow's metadata database (sqlite: standalone's default)")
@@ -705,7 +912,7 @@ def main() -> None:
     reconciler: subprocess.Popen[bytes] | None = None
     try:
         dags = work / "dags"
-        write_dags(dags, a_graphs, b_graphs)
+        write_dags(dags, a_graphs, b_graphs, cron=args.many_roots)
         shutil.copytree(REPO / "examples" / "plugins", work / "plugins")
         repo = pipelines_repo(work / "repo", b_graphs)
         etcd = EtcdServer(work / "etcd").start()
@@ -739,7 +946,7 @@ def main() -> None:
         base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=6)
         time.sleep(3)  # the reconciler's first pass (leadership, relist) before the roots
         if args.many_roots:
-            run_many_roots(args, api, rest, reconciler, airflow, base)
+            run_many_roots(args, api, rest, reconciler, airflow)
         else:
             run_fanout(args, api, rest, reconciler, airflow, base)
         lines = (work / "reconciler.log").read_text(errors="replace").count("\n")
