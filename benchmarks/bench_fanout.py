@@ -793,6 +793,7 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: 
         listed = read_runs(api, rest, g.dag_ids)
         key_of = a_many_roots_key(g, listed) if family == "A" else b_key
         runs[family] = group(listed, key_of)
+        print_downstream_census(family, g, listed, key_of, set(keys))
         wanted = set(keys)
         extra[family] = sum(1 for r in listed if not g.upstreams[r.dag_id]
                             and b_key(r) not in wanted)
@@ -866,6 +867,27 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: 
                        roots="Airflow's scheduled runs")
     if skip:
         print(f"  B: {len(skip)} pipeline-cycles of roots Airflow did not run not checked")
+
+
+def print_downstream_census(family: str, graph: Graph, listed: list[Run], key_of: KeyOf,
+                            measured: set[str]) -> None:
+    """How a family's downstream runs stand when the report reads Airflow: their states,
+    how many have a started task and how many the keying puts in a measured minute (a
+    downstream figure missing for a family says here whether its runs did not start or
+    were not matched to their root's minute)."""
+    down = [r for r in listed if graph.upstreams[r.dag_id]]
+    states: dict[str, int] = {}
+    for r in down:
+        states[r.state] = states.get(r.state, 0) + 1
+    started = sum(1 for r in down if r.first_task_start is not None)
+    keyed = [key_of(r) for r in down]
+    in_minutes = sum(1 for k in keyed if k in measured)
+    by_state = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    print(f"  {family} downstream runs listed: {len(down)} ({by_state}); "
+          f"with a started task {started}; keyed to a measured minute {in_minutes}, to "
+          f"another {sum(1 for k in keyed if k is not None and k not in measured)}, to none "
+          f"{sum(1 for k in keyed if k is None)}; queued_at missing "
+          f"{sum(1 for r in down if r.queued_at is None)}")
 
 
 def _median(values: list[float] | None) -> str:

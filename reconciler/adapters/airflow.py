@@ -108,6 +108,13 @@ class AirflowNotFound(AirflowError, NeedsHuman):
     """404: the DAG (or run) is not in Airflow."""
 
 
+class AirflowDagAway(AirflowError, RetryLater):
+    """A trigger answered 404 for a DAG this deployment has taken runs of from us: most
+    likely its file is being parsed again (or its parse was killed for the timeout, which
+    takes the DAG away until the next parse). Retried at the normal backoff a few times
+    before it counts as `AirflowNotFound` (a human's)."""
+
+
 class AirflowConflict(AirflowError, NeedsHuman):
     """409 that is not our own run: another run already holds that logical date (or our
     run id is taken by a run of another logical date). `existing` is that run, if found."""

@@ -39,7 +39,9 @@ from datetime import datetime
 from typing import Any
 
 from reconciler.adapters.airflow import (
+    AirflowDagAway,
     AirflowError,
+    AirflowNotFound,
     AirflowRejected,
     AirflowUnavailable,
     restarted,
@@ -60,6 +62,11 @@ from reconciler.service.ledger import Ledger
 from reconciler.service.observability import Metrics, event
 from reconciler.service.pacing import Gate, Slot
 from reconciler.service.ports import AirflowApi, Clock
+
+DAG_AWAY_TRIES = 4
+"""A trigger's 404 for a DAG that took runs here before is retried this many times at the
+normal backoff (about a minute in all at the default interval: Airflow parses a file again
+every 30 s) before it waits for a human (30 s between tries)."""
 
 FAILPOINT_ENV = "RECONCILER_FAILPOINT"
 """Test-only (as etcd's gofail): `after-intent:<kind>:<dag_id>` kills the process between
@@ -101,6 +108,10 @@ class Executor:
         self.interval = interval
         self.failpoint = os.environ.get(FAILPOINT_ENV, "") if failpoint is None else failpoint
         self._retry_after: dict[tuple[datetime, str], tuple[float, int]] = {}
+        self._ran_here: set[tuple[str | None, str]] = set()
+        """(deployment, dag_id) that Airflow answered with a run of ours in this process."""
+        self._ran_here_read = False
+        """Whether the ledger's confirmed entries (another replica's runs) were added to it."""
         self._pool: ThreadPoolExecutor | None = None
         self._stall_hinted = False
         self.pacer = Pacer(self.concurrency)
@@ -230,6 +241,7 @@ class Executor:
             # and the next pass adopts the run.
             return Outcome(action, "failed", run=run, error=exc)
         self._retry_after.pop((action.cycle, action.dag_id), None)
+        self._ran_here.add((action.deployment, action.dag_id))
         if self.metrics is not None:
             self.metrics.actions.labels(action.kind.value, "ok").inc()
         event(result, action=action.kind.value, dag_id=action.dag_id, cycle=iso(action.cycle),
@@ -278,6 +290,7 @@ class Executor:
                 write_failed: bool = True) -> Outcome:
         key = (action.cycle, action.dag_id)
         failures = self._retry_after.get(key, (0.0, 0))[1] + 1
+        exc = self._dag_away(action, exc, failures)
         how = disposition(exc, failures, interval=self.interval)
         self._retry_after[key] = (self.clock.monotonic() + how.delay, failures)
         if self.metrics is not None:
@@ -293,6 +306,27 @@ class Executor:
             except StoreError:
                 entry = None  # the intent stays: the next pass decides from Airflow's state
         return Outcome(action, "failed", entry=entry, error=exc)
+
+
+    def _dag_away(self, action: Action, exc: ReconcilerError, failures: int
+                  ) -> ReconcilerError:
+        """A trigger's 404 for a DAG that ran here before: most likely Airflow is parsing
+        its file again (a parse killed for the timeout takes the DAG away until the next
+        one), so the first few tries wait the normal backoff, not a human's 30 s."""
+        if (not isinstance(exc, AirflowNotFound) or action.kind is not ActionKind.TRIGGER
+                or failures > DAG_AWAY_TRIES or not self._ran_before(action)):
+            return exc
+        return AirflowDagAway(f"{exc} (it took runs here before: its file is most likely "
+                              f"being parsed again; try {failures} of {DAG_AWAY_TRIES} at "
+                              f"the normal backoff)")
+
+    def _ran_before(self, action: Action) -> bool:
+        if not self._ran_here_read:
+            # This replica may be new: the ledger's confirmed entries are runs taken too.
+            self._ran_here_read = True
+            self._ran_here.update((e.deployment, key[1])
+                                  for key, e in self.ledger.entries().items() if e.confirmed)
+        return (action.deployment, action.dag_id) in self._ran_here
 
 
 def _congestion(exc: AirflowError) -> str | None:

@@ -15,9 +15,9 @@ import pytest
 
 from reconciler.adapters.airflow import AirflowNotFound, AirflowRejected, AirflowUnavailable
 from reconciler.adapters.store import NotLeader, StoreUnavailable
-from reconciler.core.errors import LostLeadership
+from reconciler.core.errors import HUMAN_BACKOFF, LostLeadership
 from reconciler.core.state import Action, ActionKind, Fingerprint, LedgerState, iso
-from reconciler.service.executor import Executor
+from reconciler.service.executor import DAG_AWAY_TRIES, Executor
 from reconciler.service.ledger import Ledger
 from reconciler.service.observability import Metrics
 from tests.fakes.clock import FakeClock
@@ -340,10 +340,10 @@ class OutageStore(MemoryStore):
         super().put_ledger(holder, cycle, dag_id, entry)
 
 
-def trigger_action() -> Action:
-    return Action(kind=ActionKind.TRIGGER, dag_id="06_pipeline", cycle=CYCLE,
-                  run_id="reconciler__x", fingerprint=Fingerprint(), reason="upstreams done",
-                  commit="c")
+def trigger_action(cycle: datetime = CYCLE) -> Action:
+    return Action(kind=ActionKind.TRIGGER, dag_id="06_pipeline", cycle=cycle,
+                  run_id=f"reconciler__{iso(cycle)}", fingerprint=Fingerprint(),
+                  reason="upstreams done", commit="c")
 
 
 @pytest.mark.parametrize("good", [0, 1])
@@ -362,3 +362,73 @@ def test_memory_holds_the_unconfirmed_intent_whichever_ledger_write_fails(good: 
     assert remembered is not None
     assert remembered.state is LedgerState.INTENT
     assert api.calls.count(("trigger", "06_pipeline")) == good
+
+
+class GoneAirflow(ScriptedAirflow):
+    """Answers triggers 404 while `gone` (its DAG file's parse was killed, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gone = False
+
+    def trigger(self, dag_id: str, run_id: str, logical_date: datetime,
+                conf: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        if self.gone:
+            self.calls.append(("trigger-404", dag_id))
+            raise AirflowNotFound(f"DAG {dag_id!r} is not in Airflow")
+        return super().trigger(dag_id, run_id, logical_date, conf)
+
+
+def _delays_of_404s(ex: Executor, clock: FakeClock, tries: int) -> list[float]:
+    """Trigger the next cycle `tries` times while Airflow answers 404; the wait each
+    failure set before the next try (in the executor's own clock)."""
+    cycle = CYCLE + timedelta(hours=1)
+    delays = []
+    for _ in range(tries):
+        (outcome,) = ex.execute([trigger_action(cycle)])
+        assert outcome.result == "failed"
+        until, _failures = ex._retry_after[(cycle, "06_pipeline")]
+        delays.append(until - clock.monotonic())
+        clock.advance(until - clock.monotonic())
+    return delays
+
+
+def _gone_executor() -> tuple[Executor, MemoryStore, GoneAirflow, FakeClock]:
+    store, api, lease, clock = MemoryStore(), GoneAirflow(), Lease(), FakeClock()
+    ex = Executor(ledger_of(store), api, lease, clock,  # type: ignore[arg-type]
+                  call_deadline=3.0, concurrency=1, failpoint="", interval=2.0)
+    return ex, store, api, clock
+
+
+def test_a_404_for_a_dag_that_took_runs_here_is_retried_at_the_normal_backoff_first() -> None:
+    """Airflow's DAG processor kills a parse that outlasts its timeout and the file's DAGs
+    answer 404 until the next parse: a DAG that took a run of ours before gets its first
+    tries at the normal backoff, then the human's 30 s."""
+    ex, _store, api, clock = _gone_executor()
+    (first,) = ex.execute([trigger_action()])
+    assert first.result == "triggered"
+    api.gone = True
+    delays = _delays_of_404s(ex, clock, DAG_AWAY_TRIES + 2)
+    assert all(d < HUMAN_BACKOFF for d in delays[:DAG_AWAY_TRIES]), delays
+    assert all(d >= HUMAN_BACKOFF for d in delays[DAG_AWAY_TRIES:]), delays
+    api.gone = False
+    (back,) = ex.execute([trigger_action(CYCLE + timedelta(hours=1))])
+    assert back.result == "triggered"
+
+
+def test_a_404_for_a_dag_confirmed_only_in_the_ledger_counts_too() -> None:
+    """A new replica has sent nothing yet: the ledger's confirmed entries are its memory."""
+    ex, store, api, clock = _gone_executor()
+    ex.execute([trigger_action()])
+    fresh = Executor(ledger_of(store), api, Lease(), clock,  # type: ignore[arg-type]
+                     call_deadline=3.0, concurrency=1, failpoint="", interval=2.0)
+    api.gone = True
+    (delay,) = _delays_of_404s(fresh, clock, 1)
+    assert delay < HUMAN_BACKOFF
+
+
+def test_a_404_for_a_dag_never_run_here_waits_for_a_human() -> None:
+    ex, _store, api, clock = _gone_executor()
+    api.gone = True
+    (delay,) = _delays_of_404s(ex, clock, 1)
+    assert delay >= HUMAN_BACKOFF
