@@ -28,7 +28,8 @@ Once the faults have healed and the quiet steps ran, the end state (`check_final
   satisfied by its trigger rule, not excluded by `backfill: false`) has no run;
 - `stale-downstream`: its run's last execution started before the last end of an
   upstream it was started on (a re-run that never came; an upstream added to it later
-  does not count, as core/plan.py decides);
+  does not count, as core/plan.py decides). The end is the upstream's last task's end,
+  also for a user's re-run: one started after it ran on the upstream's final data;
 - `unfinished`: a run still queued or running after the quiet steps.
 
 Injected duplicate deliveries (the network's doing) are not held against the reconciler.
@@ -276,10 +277,11 @@ class Checker:
                 before = self.started_on.get((dag_id, cycle))
                 if before is None:
                     continue
-                mine = self._upstream_run(dag_id, cycle)
-                user = mine is not None and mine.by_user
-                ends = {u: self._end_of(u, cycle, closed=user) for u in p.depends_on
-                        if u in before}
+                # By the upstream's last task's end, a user's re-run too: one that started
+                # after every task of the upstream's execution had ended ran on its final
+                # data, whether the loop saw that (eager) or cleared it again on the
+                # closing end (allowed: `unneeded-clear` judges a user's run by that).
+                ends = {u: self._end_of(u, cycle) for u in p.depends_on if u in before}
                 newer = [u for u, e in ends.items() if e is not None and run.start_date
                          is not None and e > run.start_date]
                 if newer:
