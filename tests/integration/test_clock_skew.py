@@ -28,11 +28,10 @@ from reconciler.cli import main
 from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
 from reconciler.core.state import run_id_for
 from reconciler.service.loop import Reconciler
-from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.fakes.fake_airflow_v1 import FakeAirflowV1
 from tests.fixtures.replicas import clean_env
-from tests.helpers import EXAMPLE_DAGS, example_repo
+from tests.helpers import EXAMPLE_DAGS
 
 TIMESHIFT = Path(__file__).resolve().parents[1] / "timeshift"
 
@@ -51,12 +50,9 @@ class AheadClock(SystemClock):
 
 
 @pytest.fixture
-def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
-    s = EtcdStore(etcd_settings)
-    assert sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="test",
-                now=datetime.now(UTC) - timedelta(days=60)).ok
-    yield s
-    s.close()
+def store(example_store: EtcdStore) -> EtcdStore:
+    """The example graph synced (tests/fixtures/etcd.py)."""
+    return example_store
 
 
 GENERATIONS = ["v2", "v1", "v1-2.5"]

@@ -10,9 +10,8 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +19,14 @@ import pytest
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
-from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import run_id_for
 from reconciler.service.loop import Reconciler
 from reconciler.service.observability import Health
 from reconciler.service.runner import Runner
-from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.fakes.fake_airflow_v1 import FakeAirflowV1, api_of
-from tests.helpers import EXAMPLE_DAGS, example_repo
+from tests.helpers import EXAMPLE_DAGS
 
 CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 RUN = run_id_for(CYCLE)
@@ -56,12 +54,9 @@ def ti(task_id: str, state: str | None, map_index: int = -1) -> dict[str, Any]:
 
 
 @pytest.fixture
-def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
-    s = EtcdStore(etcd_settings)
-    assert sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="t",
-                now=datetime.now(UTC) - timedelta(days=60)).ok
-    yield s
-    s.close()
+def store(example_store: EtcdStore) -> EtcdStore:
+    """The example graph synced (tests/fixtures/etcd.py)."""
+    return example_store
 
 
 @pytest.fixture(params=["v2", "v1"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,13 +16,11 @@ from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
 from reconciler.core.pacing import Change
-from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import run_id_for
 from reconciler.service.loop import Reconciler
-from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow, Request
 from tests.fakes.fake_airflow_v1 import FakeAirflowV1
-from tests.helpers import example_repo
 
 DAGS = ["01_pipeline_init", "02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline",
         "06_pipeline", "07_pipeline"]
@@ -33,13 +30,9 @@ CYCLES = [NOW - timedelta(hours=h) for h in range(3)]
 
 
 @pytest.fixture
-def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
-    s = EtcdStore(etcd_settings)
-    result = sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="test",
-                  now=datetime.now(UTC) - timedelta(days=60))
-    assert result.ok, result
-    yield s
-    s.close()
+def store(example_store: EtcdStore) -> EtcdStore:
+    """The example graph synced (tests/fixtures/etcd.py)."""
+    return example_store
 
 
 @pytest.fixture(params=["v2", "v1"])

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from reconciler.adapters.airflow import AirflowClient
 from reconciler.adapters.airflow_v1 import AirflowV1Client
 from reconciler.adapters.store import EtcdStore
-from reconciler.core.settings import AirflowSettings, EtcdSettings, LoopSettings
+from reconciler.core.settings import AirflowSettings, LoopSettings
 from reconciler.core.state import State, run_id_for
 from reconciler.service.loop import PassReport, Reconciler
-from reconciler.service.sync import sync
 from tests.fakes.fake_airflow import FakeAirflow
 from tests.fakes.fake_airflow_v1 import FakeAirflowV1
-from tests.helpers import EXAMPLE_DAGS, example_repo
+from tests.helpers import EXAMPLE_DAGS
 
 CYCLE = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 ROOT = "01_pipeline_init"
@@ -29,12 +27,9 @@ EXTRACTS = ["02_pipeline", "03_pipeline", "04_pipeline", "05_pipeline"]
 
 
 @pytest.fixture
-def store(etcd_settings: EtcdSettings, tmp_path: Path) -> Iterator[EtcdStore]:
-    s = EtcdStore(etcd_settings)
-    assert sync(example_repo(tmp_path / "repo"), "HEAD", "pipelines", s, source="test",
-                now=datetime.now(UTC) - timedelta(days=60)).ok
-    yield s
-    s.close()
+def store(example_store: EtcdStore) -> EtcdStore:
+    """The example graph synced (tests/fixtures/etcd.py)."""
+    return example_store
 
 
 @pytest.fixture(params=["v2", "v1", "v1-2.5"])
