@@ -38,9 +38,11 @@ downstreams to drain. Roots' runs are Airflow's `scheduled__<logical date>` runs
 cycle is the root's logical date, the minute it was due, in both families (B: the
 reconciler keys a cycle by it; A: a downstream run belongs to the latest run of its root
 whose task ended before the downstream run was queued). Reported per family: root end ->
-downstream first task start (per minute: does it grow?), root due -> root queued (does
-the scheduler keep up?), root queued -> root start, the roots Airflow did not run in
-their minute, exactly once for B, runs per DAG and cycle for A.
+downstream first task start (per minute: does it grow?), root end -> downstream queued
+(for B the reconciler's part), root due -> root queued (does the scheduler keep up?),
+root queued -> root start, the roots Airflow did not run in their minute, exactly once
+for B, runs per DAG and cycle for A, and a census of each family's downstream runs
+(states, started, keyed to a measured minute).
 
 Measured (10 min, PostgreSQL, load 15-24, not drained; README "Many roots"): Airflow's
 cron did not keep up (root due -> queued median A 76.5 s, B 89.7 s; roots not run in
@@ -783,6 +785,7 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: 
           f"load average (1 min) at the minutes' starts {min(loads):.2f}-{max(loads):.2f}, "
           f"now {load_average()}")
     lag: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
+    lag_queued: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
     root_late: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
     root_wait: dict[str, dict[int, list[float]]] = {"A": {}, "B": {}}
     not_run: dict[str, dict[int, list[str]]] = {"A": {}, "B": {}}
@@ -817,6 +820,10 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: 
                     continue
                 for d in range(MANY_DOWNSTREAMS):
                     down = runs[family].get((f"{root}_d{d}", key), [])
+                    queued = min((q for q in (f.queued_at for f in down) if q is not None),
+                                 default=None)
+                    if queued is not None:
+                        lag_queued[family].setdefault(m, []).append(_s(queued - root_end))
                     start = min((s for s in (f.first_task_start for f in down)
                                  if s is not None), default=None)
                     if start is None:
@@ -829,6 +836,7 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: 
     print(f"  {'seconds':<40} {'n':>5}  {'A median':>8} {'p90':>7} {'max':>7}  "
           f"{'B median':>8} {'p90':>7} {'max':>7}  {'B/A med':>7} {'p90':>5}")
     for title, per_minute in (("root end -> downstream start", lag),
+                              ("root end -> downstream queued", lag_queued),
                               ("root due -> root queued", root_late),
                               ("root queued -> root start", root_wait)):
         for span, minutes in spans:
