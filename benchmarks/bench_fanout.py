@@ -797,8 +797,8 @@ def report_many_roots(args: argparse.Namespace, graphs: dict[str, Graph], keys: 
         listed = read_runs(api, rest, g.dag_ids)
         key_of = a_many_roots_key(g, listed) if family == "A" else b_key
         runs[family] = group(listed, key_of)
-        print_downstream_census(family, g, listed, key_of, set(keys))
         wanted = set(keys)
+        print_downstream_census(family, g, listed, key_of, wanted)
         extra[family] = sum(1 for r in listed if not g.upstreams[r.dag_id]
                             and b_key(r) not in wanted)
         for m, key in enumerate(keys):

@@ -307,7 +307,6 @@ class Executor:
                 entry = None  # the intent stays: the next pass decides from Airflow's state
         return Outcome(action, "failed", entry=entry, error=exc)
 
-
     def _dag_away(self, action: Action, exc: ReconcilerError, failures: int
                   ) -> ReconcilerError:
         """A trigger's 404 for a DAG that ran here before: most likely Airflow is parsing
