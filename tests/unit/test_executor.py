@@ -388,7 +388,7 @@ def _delays_of_404s(ex: Executor, clock: FakeClock, tries: int) -> list[float]:
         (outcome,) = ex.execute([trigger_action(cycle)])
         assert outcome.result == "failed"
         until, _failures = ex._retry_after[(cycle, "06_pipeline")]
-        delays.append(until - clock.monotonic())
+        delays.append(round(until - clock.monotonic(), 6))  # not 29.999999999999886
         clock.advance(until - clock.monotonic())
     return delays
 
